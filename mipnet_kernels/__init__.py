@@ -1,0 +1,38 @@
+"""mipnet_kernels: fused kernels for Multi-Instance Pose Networks (MIPNet, ICCV 2021).
+
+Every op is a ``torch.library`` custom op under ``torch.ops.mipnet`` with four backends
+(``cuda``, ``triton``, ``cpu``, ``reference``); see :mod:`mipnet_kernels._backends`.
+"""
+
+from . import _extension
+from ._backends import (
+    BACKENDS,
+    available_backends,
+    get_backend,
+    select,
+    set_backend,
+    use_backend,
+)
+from .keypoints import COCO_FLIP_PAIRS, COCO_SIGMAS, CROWDPOSE_FLIP_PAIRS, CROWDPOSE_SIGMAS
+from .ops import decode_heatmaps, flip_merge
+
+__version__ = "0.1.0"
+
+# Load the compiled kernels (registers torch.ops.mipnet_cpu / mipnet_cuda) and say once
+# what is missing.
+_extension.warn_if_missing()
+
+__all__ = [
+    "BACKENDS",
+    "COCO_FLIP_PAIRS",
+    "COCO_SIGMAS",
+    "CROWDPOSE_FLIP_PAIRS",
+    "CROWDPOSE_SIGMAS",
+    "available_backends",
+    "decode_heatmaps",
+    "flip_merge",
+    "get_backend",
+    "select",
+    "set_backend",
+    "use_backend",
+]
