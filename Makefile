@@ -1,0 +1,93 @@
+# mipnet_kernels — the two commands a new user runs:
+#   make bench   set everything up (venv, torch, build) and run the benchmark suite
+#   make test    set everything up and run the test suite (what CI runs, via .ci/run)
+# and, on a GPU machine (no internet there: uses the preinstalled python3 and torch):
+#   make gpu-check   build CUDA, run all tests on CUDA, compute-sanitizer, benchmarks,
+#                    raw results into benchmarks/results/<gpu-name>/
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+TRITON_VERSION ?= 3.9.0
+# USE_VENV=0 uses $(PYTHON) and whatever torch it has instead of a project venv.
+USE_VENV ?= 1
+ifeq ($(USE_VENV),1)
+PY := $(VENV)/bin/python
+else
+PY := $(PYTHON)
+endif
+PYTEST_ARGS ?=
+BENCH_JSON ?= benchmarks/out/results.json
+
+CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: help setup build test test-fast bench cuda-compile-check gpu-check sanitize info clean
+
+help:
+	@sed -n '1,7p' Makefile
+
+# ---------------------------------------------------------------- set-up
+$(VENV)/.stamp-deps: pyproject.toml
+	@if [ "$(USE_VENV)" = "1" ]; then \
+	  test -x $(PY) || $(PYTHON) -m venv $(VENV); \
+	  $(PY) -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v "is ignored" || true; \
+	  $(PY) -m pip install -q torch==$(TORCH_VERSION) triton==$(TRITON_VERSION) \
+	    numpy pybind11 ninja pytest pytest-benchmark pycocotools opencv-python-headless scipy \
+	    2>&1 | grep -v "is ignored" || true; \
+	  $(PY) -c "import torch, triton, pytest_benchmark" ; \
+	else mkdir -p $(VENV); fi
+	@touch $@
+
+setup: $(VENV)/.stamp-deps build
+
+# Rebuilt when a C++/CUDA source or setup.py changes (ninja makes it incremental).
+$(VENV)/.stamp-build: $(VENV)/.stamp-deps setup.py $(CSRC)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "is ignored" || true
+	$(PY) -c "from mipnet_kernels import _extension as e; ok, why = e.cpu_extension(); assert ok, why"
+	@touch $@
+
+build: $(VENV)/.stamp-build
+
+info: setup
+	$(PY) -m mipnet_kernels.info
+
+# ---------------------------------------------------------------- tests
+# Triton kernels run on CPU under the interpreter when there is no GPU (tests/conftest.py).
+test: setup
+	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+	$(PY) -m pytest benchmarks -q --benchmark-disable $(PYTEST_ARGS)
+
+# Compile every .cu with nvcc (no GPU needed): the CI gate for CUDA code.
+cuda-compile-check: setup
+	cmake -S . -B build-cuda-check -DMIPNET_CUDA_COMPILE_ONLY=ON \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+	  -DPython3_EXECUTABLE=$$(realpath $(PY)) > /dev/null
+	cmake --build build-cuda-check -j2
+
+# ---------------------------------------------------------------- benchmarks
+bench: setup
+	@mkdir -p $(dir $(BENCH_JSON))
+	$(PY) -m pytest benchmarks -q --benchmark-json=$(BENCH_JSON) $(PYTEST_ARGS)
+
+# ---------------------------------------------------------------- GPU machine
+GPU_LOG ?= benchmarks/out/gpu-check.log
+gpu-check:
+	@mkdir -p benchmarks/out
+	$(MAKE) USE_VENV=0 MIPNET_KERNELS_FORCE_CUDA=1 build
+	$(PYTHON) -m mipnet_kernels.info
+	$(PYTHON) -m pytest tests -q -rs $(PYTEST_ARGS)
+	$(MAKE) USE_VENV=0 sanitize
+	$(PYTHON) -m pytest benchmarks -q --benchmark-json=$(BENCH_JSON) --mipnet-results-dir=benchmarks/results
+
+# compute-sanitizer (memcheck, racecheck, initcheck, synccheck) over the CUDA kernels' tests.
+SANITIZE_TESTS ?= tests/test_decode.py tests/test_flip_merge.py
+sanitize:
+	for tool in memcheck racecheck initcheck synccheck; do \
+	  MIPNET_KERNELS_BACKEND=cuda compute-sanitizer --tool $$tool --error-exitcode 1 \
+	    $(PY) -m pytest $(SANITIZE_TESTS) -q -x -m cuda -k "not compile" || exit 1; \
+	done
+
+clean:
+	rm -rf build build-* *.egg-info mipnet_kernels/*.so $(VENV)/.stamp-build
