@@ -1,0 +1,1 @@
+"""pytest-benchmark suites of mipnet_kernels (``pytest benchmarks/``); see benchmarks/results/README.md."""

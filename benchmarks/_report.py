@@ -1,0 +1,309 @@
+"""Machine information and the human-readable results table of the benchmark suite.
+
+Used twice: by ``benchmarks/conftest.py`` at the end of a pytest run (from the benchmarks
+in memory) and by ``python -m benchmarks.report RESULTS.json`` (from a saved or
+committed pytest-benchmark JSON).  Both read the same fields, so the table printed after
+a run and the one rebuilt from its JSON are identical.
+
+Every benchmark of this suite stores in ``extra_info`` (see ``record_extra_info``):
+``op, mode, backend, device, device_name, shape, dtype, bytes_read, bytes_written,
+bytes_moved, timer`` and, after timing, ``time_median_s`` and ``gbps``; GPU rows also
+``copy_bandwidth_GBps`` and ``roofline_time_s`` (``bytes_moved`` at that bandwidth).
+The median shown is pytest-benchmark's ``stats.median`` (CUDA-event device time on GPU
+rows, ``perf_counter`` on CPU rows; see ``benchmarks/_timing.py``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable
+
+#: Targets of the decode issue (printed as PASS/FAIL per row).
+GPU_ROOFLINE_FACTOR = 2.0  # fused time <= 2x the time to move its bytes at copy bandwidth
+GPU_LAUNCH_FLOOR_S = 10e-6  # ... or under 10 us, where launch latency dominates
+GPU_MIN_SPEEDUP_VS_EAGER = 10.0  # decode: >= 10x faster than the eager reference
+CPU_QUARTER_MIN_SPEEDUP_VS_NUMPY = 20.0  # cpu backend, quarter mode, vs the NumPy anchor
+
+FUSED_GPU_BACKENDS = ("cuda", "triton")
+BACKEND_ORDER = {"cuda": 0, "triton": 1, "cpu": 2, "reference": 3, "numpy": 4}
+OP_ORDER = {"decode_heatmaps": 0, "flip_merge": 1}
+MODE_ORDER = {"argmax": 0, "quarter": 1, "dark": 2, "udp": 3}
+DEVICE_ORDER = {"cuda": 0, "cpu": 1}
+
+# Filled by the conftest when the GPU copy bandwidth has been measured in this process.
+COPY_BANDWIDTH: dict = {}
+# 1/5/15-minute load average when the session started (set by the conftest): other work
+# on the machine makes CPU timings (OpenMP barriers above all) noisy.
+LOADAVG_AT_START: list | None = None
+
+
+# --------------------------------------------------------------------------- machine info
+def slugify(text: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def _dist_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def nvidia_driver_version() -> str | None:
+    """The NVIDIA driver version (``nvidia-smi``, else ``/proc/driver/nvidia/version``)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout.strip().splitlines()
+        if out and out[0].strip():
+            return out[0].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+        m = re.search(r"Kernel Module\s+(?:for\s+\S+\s+)?([0-9][0-9.]+)", text)
+        if m:
+            return m.group(1)
+    except OSError:
+        pass
+    return None
+
+
+def collect_machine_info() -> dict:
+    """Versions and devices for the JSON's ``machine_info["mipnet"]``."""
+    import torch
+
+    info: dict = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cudnn": None,
+        "triton": _dist_version("triton", "pytorch-triton"),
+        "numpy": _dist_version("numpy"),
+        "opencv": _dist_version("opencv-python-headless", "opencv-python", "opencv-contrib-python"),
+        "pytest_benchmark": _dist_version("pytest-benchmark"),
+        "mipnet_kernels": None,
+        "cpu_name": cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_at_start": LOADAVG_AT_START,
+        "cuda_available": torch.cuda.is_available(),
+    }
+    try:
+        import mipnet_kernels
+        from mipnet_kernels import _backends
+
+        info["mipnet_kernels"] = mipnet_kernels.__version__
+        info["backends"] = _backends.available_backends()
+    except Exception as exc:  # noqa: BLE001 - only reporting
+        info["backends_error"] = repr(exc)
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        name = torch.cuda.get_device_name()
+        info.update(
+            gpu_name=name,
+            gpu_capability=f"{props.major}.{props.minor}",
+            gpu_sms=props.multi_processor_count,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            gpu_l2_bytes=getattr(props, "L2_cache_size", None),
+            driver=nvidia_driver_version(),
+            device_name=name,
+            device_slug=slugify(name),
+        )
+        try:
+            info["cudnn"] = torch.backends.cudnn.version()
+            info["cuda_driver_api"] = torch._C._cuda_getDriverVersion()  # e.g. 13000
+        except Exception:  # noqa: BLE001 - private API, only reporting
+            pass
+        if COPY_BANDWIDTH:
+            info["copy_bandwidth"] = dict(COPY_BANDWIDTH)
+    else:
+        info.update(device_name=info["cpu_name"], device_slug="cpu-" + slugify(info["cpu_name"]))
+    return info
+
+
+def save_results_copy(results_dir: str | os.PathLike, output_json: dict | None, json_path: str | None) -> Path:
+    """Write the run's JSON to ``results_dir/<device-slug>/<UTC time>_<commit>.json``."""
+    if output_json is None:
+        output_json = json.loads(Path(json_path).read_text())
+    mip = output_json.get("machine_info", {}).get("mipnet", {})
+    slug = mip.get("device_slug") or "unknown-device"
+    commit = (output_json.get("commit_info") or {}).get("id") or "nocommit"
+    dirty = "-dirty" if (output_json.get("commit_info") or {}).get("dirty") else ""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    dest = Path(results_dir) / slug / f"{stamp}_{str(commit)[:10]}{dirty}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if json_path is not None and Path(json_path).exists():
+        shutil.copyfile(json_path, dest)
+    else:
+        dest.write_text(json.dumps(output_json, indent=2, default=str))
+    return dest
+
+
+# --------------------------------------------------------------------------- table
+def _fmt_time(t: float | None) -> str:
+    if t is None:
+        return "-"
+    if t < 1e-3:
+        return f"{t * 1e6:.1f} us"
+    if t < 1.0:
+        return f"{t * 1e3:.2f} ms"
+    return f"{t:.2f} s"
+
+
+def _fmt_x(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.0f}x" if x >= 100 else f"{x:.1f}x" if x >= 10 else f"{x:.2f}x"
+
+
+def _rows(benchmarks: Iterable[dict]) -> list[dict]:
+    rows = []
+    for b in benchmarks:
+        ei = b.get("extra_info") or {}
+        if "op" not in ei:
+            continue  # not one of ours
+        stats = b.get("stats") or {}
+        t = stats.get("median", ei.get("time_median_s"))
+        if t is None:
+            continue
+        row = dict(ei)
+        row["time"] = float(t)
+        row["rounds"] = stats.get("rounds")
+        rows.append(row)
+    return rows
+
+
+def _target(row: dict) -> str:
+    t = row["time"]
+    if row["device"] == "cuda" and row["backend"] in FUSED_GPU_BACKENDS:
+        fails = []
+        roof = row.get("t_over_copy")
+        if roof is None:
+            fails.append("no copy bw")
+        elif not (roof <= GPU_ROOFLINE_FACTOR or t < GPU_LAUNCH_FLOOR_S):
+            fails.append(f"{roof:.1f}x copy")
+        if row["op"] == "decode_heatmaps":
+            sx = row.get("speedup_eager")
+            if sx is None:
+                fails.append("no eager row")
+            elif sx < GPU_MIN_SPEEDUP_VS_EAGER:
+                fails.append(f"eager {sx:.1f}x<10x")
+        return "PASS" if not fails else "FAIL: " + ", ".join(fails)
+    if row["device"] == "cpu" and row["backend"] == "cpu" and row.get("mode") == "quarter":
+        sx = row.get("speedup_numpy")
+        if sx is None:
+            return "n/a: no numpy row"
+        return "PASS" if sx >= CPU_QUARTER_MIN_SPEEDUP_VS_NUMPY else f"FAIL: numpy {sx:.1f}x<20x"
+    return ""
+
+
+def build_table(benchmarks: Iterable[dict], machine_info: dict | None = None) -> str:
+    """The readable table (one line per benchmark) plus a legend; '' when nothing to show."""
+    rows = _rows(benchmarks)
+    if not rows:
+        return ""
+    by_key: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        key = (r["op"], r.get("mode"), r["shape"], r["dtype"], r["device"])
+        by_key.setdefault(key, {})[r["backend"]] = r["time"]
+    for r in rows:
+        peers = by_key[(r["op"], r.get("mode"), r["shape"], r["dtype"], r["device"])]
+        r["speedup_eager"] = peers["reference"] / r["time"] if "reference" in peers and r["backend"] != "reference" else None
+        r["speedup_numpy"] = peers["numpy"] / r["time"] if "numpy" in peers and r["backend"] != "numpy" else None
+        r["gbps_now"] = r["bytes_moved"] / r["time"] / 1e9 if r["time"] > 0 else None
+        bw = r.get("copy_bandwidth_GBps")
+        fused = r["backend"] != "numpy"  # the anchor's time is host time, not a roofline question
+        r["t_over_copy"] = r["time"] / (r["bytes_moved"] / (bw * 1e9)) if bw and fused else None
+        r["target"] = _target(r)
+    rows.sort(key=lambda r: (
+        DEVICE_ORDER.get(r["device"], 9), OP_ORDER.get(r["op"], 9), r["shape"],
+        MODE_ORDER.get(r.get("mode"), 9), r["dtype"], BACKEND_ORDER.get(r["backend"], 9),
+    ))
+    header = ["op", "mode", "dev", "backend", "shape", "dtype", "median", "GB/s",
+              "x eager", "x numpy", "t/copy", "target"]
+    table = [header]
+    for r in rows:
+        table.append([
+            r["op"], r.get("mode") or "-", r["device"], r["backend"], r["shape"],
+            r["dtype"].replace("float", "fp"), _fmt_time(r["time"]),
+            f"{r['gbps_now']:.1f}" if r["gbps_now"] is not None else "-",
+            _fmt_x(r["speedup_eager"]), _fmt_x(r["speedup_numpy"]),
+            _fmt_x(r["t_over_copy"]) if r["t_over_copy"] is not None else "-",
+            r["target"],
+        ])
+    widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
+    right = {6, 7, 8, 9, 10}
+    out = []
+    for n, line in enumerate(table):
+        cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(line, widths))]
+        out.append(" | ".join(cells).rstrip())
+        if n == 0:
+            out.append("-+-".join("-" * w for w in widths))
+
+    mip = (machine_info or {}).get("mipnet", machine_info or {})
+    lines = []
+    devs = sorted({r["device_name"] for r in rows if r.get("device_name")})
+    lines.append("mipnet_kernels benchmarks on " + (" / ".join(devs) or "?"))
+    if mip:
+        lines.append(
+            f"torch {mip.get('torch')} (CUDA {mip.get('torch_cuda')}), triton {mip.get('triton')}, "
+            f"driver {mip.get('driver') or '-'}, {mip.get('cpu_threads')} CPU threads"
+        )
+        load = mip.get("loadavg_at_start")
+        if load is not None and mip.get("cpu_count"):
+            busy = load[0] > 0.5 * mip["cpu_count"]
+            lines.append(
+                f"load average at start {load[0]:.2f} on {mip['cpu_count']} CPUs"
+                + ("  <-- the machine was busy: CPU timings are noisy" if busy else "")
+            )
+    bws = sorted({r["copy_bandwidth_GBps"] for r in rows if r.get("copy_bandwidth_GBps")})
+    if bws:
+        lines.append(f"device copy bandwidth (read+write, 512 MiB D2D copy): {bws[0]:.0f} GB/s")
+    lines.append("")
+    lines.extend(out)
+    lines.append("")
+    timers = sorted({r.get("timer", "?") for r in rows})
+    lines.append(
+        "median: pytest-benchmark stats.median; timer per row: "
+        + ", ".join(timers)
+        + " (cuda_event_timer = device time between CUDA events, L2 flushed before each round"
+        " unless --mipnet-no-l2-flush; numpy rows on cuda include the .cpu() copy)."
+    )
+    lines.append(
+        "GB/s: bytes that must move / median (decode: read B*K*H*W once + write coords/scores;"
+        " flip_merge: read 2 maps + write 1).  x eager / x numpy: speed-up over the reference"
+        " backend / the NumPy anchor on the same device, shape and dtype."
+    )
+    lines.append(
+        "t/copy: median / (bytes at the measured copy bandwidth).  Targets: cuda/triton rows "
+        "t/copy <= 2x or < 10 us (decode also >= 10x eager); cpu quarter >= 20x numpy."
+    )
+    verdicts = [r["target"] for r in rows if r["target"]]
+    if verdicts:
+        n_pass = sum(v == "PASS" for v in verdicts)
+        lines.append(f"targets: {n_pass} PASS, {len(verdicts) - n_pass} not met, of {len(verdicts)} rows with a target")
+    return "\n".join(lines)

@@ -1,0 +1,15 @@
+// Defines the private CPU op namespace `mipnet_cpu` (torch.ops.mipnet_cpu.*).
+//
+// Only schemas live here; the kernels and their STABLE_TORCH_LIBRARY_IMPL(mipnet_cpu, CPU)
+// registration are in csrc/cpu/.  Built into mipnet_kernels/_C only (never the CUDA
+// extension, which defines its own `mipnet_cuda` namespace from the same schemas.h).
+// Uses PyTorch's stable ABI only, so one build serves torch >= 2.11.
+
+#include <torch/csrc/stable/library.h>
+
+#include "schemas.h"
+
+STABLE_TORCH_LIBRARY(mipnet_cpu, m) {
+  m.def(MIPNET_DECODE_HEATMAPS_SCHEMA);
+  m.def(MIPNET_FLIP_MERGE_SCHEMA);
+}

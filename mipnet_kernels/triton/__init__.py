@@ -1,0 +1,25 @@
+"""Triton kernels, one module per op (``decode``: heatmap decoding and the flip-test merge).
+
+Importing this package does not import ``triton``: the kernels' modules are loaded on first
+use, so ``TRITON_INTERPRET=1`` (which must be set before ``triton`` is imported) can still be
+set after ``import mipnet_kernels``.  The public ops in :mod:`mipnet_kernels.ops` route here
+when the ``triton`` backend is selected; these launchers are not part of the public API.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["decode_heatmaps_triton", "flip_merge_triton"]
+
+_LAZY = {
+    "decode_heatmaps_triton": "decode",
+    "flip_merge_triton": "decode",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

@@ -1,0 +1,356 @@
+"""Independent NumPy anchors for heatmap decoding and the flip test.
+
+Written from the published code of HRNet (Sun et al., CVPR 2019,
+``lib/core/inference.py`` / ``lib/utils/transforms.py``), DarkPose (Zhang et al., CVPR
+2020, ``lib/core/inference.py``) and MMPose 0.x (``mmpose/core/evaluation/top_down_eval.py``
+``_get_max_preds`` / ``post_dark_udp``).  This module deliberately does NOT import
+``mipnet_kernels``: it is the outside check of the op, and the baseline the benchmarks
+import ("the pipeline we beat"), so it keeps the original structure -- the per-joint
+Python loops included.
+
+Where the original code and our op differ on purpose:
+
+* HRNet/DarkPose ``get_max_preds`` zero the coordinates of a heatmap whose maximum is
+  <= 0 and MMPose's ``_get_max_preds`` sets them to -1; ``mipnet_kernels`` does neither
+  (the score tells the caller).  Compare only heatmaps with positive maxima.
+* HRNet's ``transform_preds`` builds the inverse affine from (center, scale); here the
+  ``[2, 3]`` heatmap -> image matrix is an input (``get_affine_transform`` is provided to
+  build it the HRNet way).
+* MMPose's ``post_dark_udp`` calls ``np.linalg.inv`` unconditionally (a singular matrix
+  raises) and ends with ``.squeeze()`` (which breaks for N == 1 or K == 1); here a reshape
+  replaces the squeeze.  DarkPose inverts the Hessian only when its determinant is non-zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+try:  # OpenCV is what the original code blurs with; the anchors need it for dark/udp.
+    import cv2
+except ImportError:  # pragma: no cover - opencv is a test dependency
+    cv2 = None
+
+
+def _require_cv2():
+    if cv2 is None:
+        raise ImportError("numpy_anchors: dark/udp anchors need opencv-python(-headless)")
+
+
+# --------------------------------------------------------------------------- affine (HRNet)
+def get_dir(src_point, rot_rad):
+    sn, cs = np.sin(rot_rad), np.cos(rot_rad)
+    src_result = [0, 0]
+    src_result[0] = src_point[0] * cs - src_point[1] * sn
+    src_result[1] = src_point[0] * sn + src_point[1] * cs
+    return src_result
+
+
+def get_3rd_point(a, b):
+    direct = a - b
+    return b + np.array([-direct[1], direct[0]], dtype=np.float32)
+
+
+def get_affine_transform(center, scale, rot, output_size, shift=np.array([0, 0], dtype=np.float32), inv=0):
+    """HRNet ``get_affine_transform``: image -> output (or output -> image with ``inv``), [2, 3] float64."""
+    _require_cv2()
+    if not isinstance(scale, np.ndarray) and not isinstance(scale, list):
+        scale = np.array([scale, scale])
+    scale_tmp = np.asarray(scale) * 200.0
+    src_w = scale_tmp[0]
+    dst_w = output_size[0]
+    dst_h = output_size[1]
+
+    rot_rad = np.pi * rot / 180
+    src_dir = get_dir([0, src_w * -0.5], rot_rad)
+    dst_dir = np.array([0, dst_w * -0.5], np.float32)
+
+    src = np.zeros((3, 2), dtype=np.float32)
+    dst = np.zeros((3, 2), dtype=np.float32)
+    src[0, :] = center + scale_tmp * shift
+    src[1, :] = center + src_dir + scale_tmp * shift
+    dst[0, :] = [dst_w * 0.5, dst_h * 0.5]
+    dst[1, :] = np.array([dst_w * 0.5, dst_h * 0.5]) + dst_dir
+    src[2:, :] = get_3rd_point(src[0, :], src[1, :])
+    dst[2:, :] = get_3rd_point(dst[0, :], dst[1, :])
+
+    if inv:
+        trans = cv2.getAffineTransform(np.float32(dst), np.float32(src))
+    else:
+        trans = cv2.getAffineTransform(np.float32(src), np.float32(dst))
+    return trans
+
+
+def affine_transform(pt, t):
+    new_pt = np.array([pt[0], pt[1], 1.0]).T
+    new_pt = np.dot(t, new_pt)
+    return new_pt[:2]
+
+
+def transform_preds(coords, trans):
+    """HRNet ``transform_preds`` with the [2, 3] matrix given instead of (center, scale)."""
+    target_coords = np.zeros(coords.shape)
+    for p in range(coords.shape[0]):
+        target_coords[p, 0:2] = affine_transform(coords[p, 0:2], trans)
+    return target_coords
+
+
+def box_to_center_scale(x, y, w, h, aspect_ratio=192.0 / 256.0, pixel_std=200.0, padding=1.25):
+    """HRNet ``COCODataset._xywh2cs``: box -> (center [2], scale [2]) with ``padding``."""
+    center = np.zeros((2), dtype=np.float32)
+    center[0] = x + w * 0.5
+    center[1] = y + h * 0.5
+    if w > aspect_ratio * h:
+        h = w * 1.0 / aspect_ratio
+    elif w < aspect_ratio * h:
+        w = h * aspect_ratio
+    scale = np.array([w * 1.0 / pixel_std, h * 1.0 / pixel_std], dtype=np.float32)
+    if center[0] != -1:
+        scale = scale * padding
+    return center, scale
+
+
+# --------------------------------------------------------------------------- HRNet
+def get_max_preds(batch_heatmaps):
+    """HRNet ``get_max_preds``: integer argmax (first maximum) and maxima.
+
+    Returns ``preds [N, K, 2]`` float32 (x, y) and ``maxvals [N, K, 1]``; coordinates of maps
+    with a maximum <= 0 are zeroed (HRNet's mask).
+    """
+    assert isinstance(batch_heatmaps, np.ndarray), "batch_heatmaps should be numpy.ndarray"
+    assert batch_heatmaps.ndim == 4, "batch_images should be 4-ndim"
+
+    batch_size = batch_heatmaps.shape[0]
+    num_joints = batch_heatmaps.shape[1]
+    width = batch_heatmaps.shape[3]
+    heatmaps_reshaped = batch_heatmaps.reshape((batch_size, num_joints, -1))
+    idx = np.argmax(heatmaps_reshaped, 2)
+    maxvals = np.amax(heatmaps_reshaped, 2)
+
+    maxvals = maxvals.reshape((batch_size, num_joints, 1))
+    idx = idx.reshape((batch_size, num_joints, 1))
+
+    preds = np.tile(idx, (1, 1, 2)).astype(np.float32)
+
+    preds[:, :, 0] = (preds[:, :, 0]) % width
+    preds[:, :, 1] = np.floor((preds[:, :, 1]) / width)
+
+    pred_mask = np.tile(np.greater(maxvals, 0.0), (1, 1, 2))
+    pred_mask = pred_mask.astype(np.float32)
+
+    preds *= pred_mask
+    return preds, maxvals
+
+
+def hrnet_get_final_preds(batch_heatmaps, affine=None, post_process=True):
+    """HRNet ``get_final_preds``: argmax, quarter offset (per-joint loop), then the affine.
+
+    ``affine``: ``[N, 2, 3]`` heatmap -> output matrices (HRNet builds them from center and
+    scale with ``get_affine_transform(..., inv=1)``), or None to stay in heatmap pixels.
+    Returns ``(preds [N, K, 2], maxvals [N, K, 1])``.
+    """
+    coords, maxvals = get_max_preds(batch_heatmaps)
+
+    heatmap_height = batch_heatmaps.shape[2]
+    heatmap_width = batch_heatmaps.shape[3]
+
+    # post-processing
+    if post_process:
+        for n in range(coords.shape[0]):
+            for p in range(coords.shape[1]):
+                hm = batch_heatmaps[n][p]
+                px = int(math.floor(coords[n][p][0] + 0.5))
+                py = int(math.floor(coords[n][p][1] + 0.5))
+                if 1 < px < heatmap_width - 1 and 1 < py < heatmap_height - 1:
+                    diff = np.array(
+                        [
+                            hm[py][px + 1] - hm[py][px - 1],
+                            hm[py + 1][px] - hm[py - 1][px],
+                        ]
+                    )
+                    coords[n][p] += np.sign(diff) * 0.25
+
+    preds = coords.copy()
+    if affine is None:
+        return preds, maxvals
+    preds = preds.astype(np.float64)
+    # Transform back
+    for i in range(coords.shape[0]):
+        preds[i] = transform_preds(coords[i], affine[i])
+    return preds, maxvals
+
+
+# --------------------------------------------------------------------------- DarkPose
+def darkpose_gaussian_blur(hm, kernel):
+    """DarkPose ``gaussian_blur``: zero-padded Gaussian blur, rescaled to keep each map's max.
+
+    Modifies ``hm`` (float32 [N, K, H, W]) in place and returns it.
+    """
+    _require_cv2()
+    border = (kernel - 1) // 2
+    batch_size = hm.shape[0]
+    num_joints = hm.shape[1]
+    height = hm.shape[2]
+    width = hm.shape[3]
+    for i in range(batch_size):
+        for j in range(num_joints):
+            origin_max = np.max(hm[i, j])
+            dr = np.zeros((height + 2 * border, width + 2 * border))
+            # (the original slices ``border:-border``, which is empty for kernel == 1)
+            dr[border: border + height, border: border + width] = hm[i, j].copy()
+            dr = cv2.GaussianBlur(dr, (kernel, kernel), 0)
+            hm[i, j] = dr[border: border + height, border: border + width].copy()
+            hm[i, j] *= origin_max / np.max(hm[i, j])
+    return hm
+
+
+def darkpose_taylor(hm, coord):
+    """DarkPose ``taylor``: one Newton step on the log-heatmap ``hm`` [H, W] from ``coord``."""
+    heatmap_height = hm.shape[0]
+    heatmap_width = hm.shape[1]
+    px = int(coord[0])
+    py = int(coord[1])
+    if 1 < px < heatmap_width - 2 and 1 < py < heatmap_height - 2:
+        dx = 0.5 * (hm[py][px + 1] - hm[py][px - 1])
+        dy = 0.5 * (hm[py + 1][px] - hm[py - 1][px])
+        dxx = 0.25 * (hm[py][px + 2] - 2 * hm[py][px] + hm[py][px - 2])
+        dxy = 0.25 * (hm[py + 1][px + 1] - hm[py - 1][px + 1] - hm[py + 1][px - 1] + hm[py - 1][px - 1])
+        dyy = 0.25 * (hm[py + 2 * 1][px] - 2 * hm[py][px] + hm[py - 2 * 1][px])
+        derivative = np.array([[dx], [dy]])
+        hessian = np.array([[dxx, dxy], [dxy, dyy]])
+        if dxx * dyy - dxy**2 != 0:
+            hessianinv = np.linalg.inv(hessian)
+            offset = -hessianinv @ derivative
+            offset = np.squeeze(np.array(offset.T), axis=0)
+            coord += offset
+    return coord
+
+
+def darkpose_get_final_preds(hm, affine=None, kernel=11):
+    """DarkPose ``get_final_preds``: argmax, blur, log, per-joint Taylor step, affine.
+
+    ``hm``: float32 [N, K, H, W] (copied, not modified).  Returns ``(preds, maxvals)``.
+    """
+    hm = np.array(hm, dtype=np.float32, copy=True)
+    coords, maxvals = get_max_preds(hm)
+
+    # post-processing
+    hm = darkpose_gaussian_blur(hm, kernel)
+    hm = np.maximum(hm, 1e-10)
+    hm = np.log(hm)
+    for n in range(coords.shape[0]):
+        for p in range(coords.shape[1]):
+            coords[n, p] = darkpose_taylor(hm[n][p], coords[n][p])
+
+    preds = coords.copy()
+    if affine is None:
+        return preds, maxvals
+    preds = preds.astype(np.float64)
+    # Transform back
+    for i in range(coords.shape[0]):
+        preds[i] = transform_preds(coords[i], affine[i])
+    return preds, maxvals
+
+
+# --------------------------------------------------------------------------- MMPose (UDP)
+def mmpose_get_max_preds(heatmaps):
+    """MMPose ``_get_max_preds``: argmax; coordinates of maps with max <= 0 become -1."""
+    assert isinstance(heatmaps, np.ndarray), "heatmaps should be numpy.ndarray"
+    assert heatmaps.ndim == 4, "batch_images should be 4-ndim"
+
+    N, K, _, W = heatmaps.shape
+    heatmaps_reshaped = heatmaps.reshape((N, K, -1))
+    idx = np.argmax(heatmaps_reshaped, 2).reshape((N, K, 1))
+    maxvals = np.amax(heatmaps_reshaped, 2).reshape((N, K, 1))
+
+    preds = np.tile(idx, (1, 1, 2)).astype(np.float32)
+    preds[:, :, 0] = preds[:, :, 0] % W
+    preds[:, :, 1] = preds[:, :, 1] // W
+
+    preds = np.where(np.tile(maxvals, (1, 1, 2)) > 0.0, preds, -1)
+    return preds, maxvals
+
+
+def mmpose_post_dark_udp(coords, batch_heatmaps, kernel=3):
+    """MMPose ``post_dark_udp``: blur (OpenCV default border) in place, clip, log, edge pad,
+    7-point gradient/Hessian, ``coords -= inv(H + eps*I) @ g``.
+
+    ``coords``: [N, K, 2] float; ``batch_heatmaps``: float32 [B, K, H, W] (modified in place,
+    as in MMPose).  Returns the refined ``coords``.
+    """
+    _require_cv2()
+    B, K, H, W = batch_heatmaps.shape
+    N = coords.shape[0]
+    assert B == 1 or B == N
+    for heatmaps in batch_heatmaps:
+        for heatmap in heatmaps:
+            cv2.GaussianBlur(heatmap, (kernel, kernel), 0, heatmap)
+    np.clip(batch_heatmaps, 0.001, 50, batch_heatmaps)
+    np.log(batch_heatmaps, batch_heatmaps)
+
+    batch_heatmaps_pad = np.pad(batch_heatmaps, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge").flatten()
+
+    index = coords[..., 0] + 1 + (coords[..., 1] + 1) * (W + 2)
+    index += (W + 2) * (H + 2) * np.arange(0, B * K).reshape(-1, K)
+    index = index.astype(int).reshape(-1, 1)
+    i_ = batch_heatmaps_pad[index]
+    ix1 = batch_heatmaps_pad[index + 1]
+    iy1 = batch_heatmaps_pad[index + W + 2]
+    ix1y1 = batch_heatmaps_pad[index + W + 3]
+    ix1_y1_ = batch_heatmaps_pad[index - W - 3]
+    ix1_ = batch_heatmaps_pad[index - 1]
+    iy1_ = batch_heatmaps_pad[index - 2 - W]
+
+    dx = 0.5 * (ix1 - ix1_)
+    dy = 0.5 * (iy1 - iy1_)
+    derivative = np.concatenate([dx, dy], axis=1)
+    derivative = derivative.reshape(N, K, 2, 1)
+    dxx = ix1 - 2 * i_ + ix1_
+    dyy = iy1 - 2 * i_ + iy1_
+    dxy = 0.5 * (ix1y1 - ix1 - iy1 + i_ + i_ - ix1_ - iy1_ + ix1_y1_)
+    hessian = np.concatenate([dxx, dxy, dxy, dyy], axis=1)
+    hessian = hessian.reshape(N, K, 2, 2)
+    hessian = np.linalg.inv(hessian + np.finfo(np.float32).eps * np.eye(2))
+    coords -= np.einsum("ijmn,ijnk->ijmk", hessian, derivative).reshape(N, K, 2)
+    return coords
+
+
+def mmpose_udp_decode(heatmaps, affine=None, kernel=11):
+    """MMPose's UDP decode for Gaussian heatmaps: ``_get_max_preds`` + ``post_dark_udp``,
+    then the ``[N, 2, 3]`` affine (MMPose's own UDP ``transform_preds`` is one such affine).
+    ``heatmaps`` is copied.  Returns ``(preds, maxvals)``.
+    """
+    hm = np.array(heatmaps, dtype=np.float32, copy=True)
+    preds, maxvals = mmpose_get_max_preds(hm)
+    preds = mmpose_post_dark_udp(preds, hm, kernel=kernel)
+    if affine is None:
+        return preds, maxvals
+    out = np.zeros(preds.shape, dtype=np.float64)
+    for i in range(preds.shape[0]):
+        out[i] = transform_preds(preds[i], affine[i])
+    return out, maxvals
+
+
+# --------------------------------------------------------------------------- flip test
+def hrnet_flip_back(output_flipped, matched_parts):
+    """HRNet ``flip_back``: mirror the width axis and swap left/right joints ([N, K, H, W])."""
+    assert output_flipped.ndim == 4, "output_flipped should be [batch_size, num_joints, height, width]"
+    output_flipped = output_flipped[:, :, :, ::-1]
+    for pair in matched_parts:
+        tmp = output_flipped[:, pair[0], :, :].copy()
+        output_flipped[:, pair[0], :, :] = output_flipped[:, pair[1], :, :]
+        output_flipped[:, pair[1], :, :] = tmp
+    return output_flipped
+
+
+def hrnet_flip_merge(output, output_flipped, matched_parts, shift=True):
+    """HRNet's flip test as in ``function.validate``: flip_back, SHIFT_HEATMAP, average.
+
+    Computes in the inputs' dtype (pass float32 arrays for the float32 answer).
+    """
+    output_flipped = hrnet_flip_back(np.array(output_flipped, copy=True), matched_parts)
+    output_flipped = output_flipped.copy()
+    if shift:
+        output_flipped[:, :, :, 1:] = output_flipped.copy()[:, :, :, 0:-1]
+    return (output + output_flipped) * 0.5
