@@ -61,6 +61,13 @@ def _want_cuda(torch) -> tuple[bool, str]:
     if _flag("MIPNET_KERNELS_SKIP_CUDA"):
         return False, "MIPNET_KERNELS_SKIP_CUDA is set"
     if _flag("MIPNET_KERNELS_FORCE_CUDA"):
+        if torch.version.cuda is None:
+            raise RuntimeError(
+                "MIPNET_KERNELS_FORCE_CUDA=1 needs a CUDA build of torch (torch.version.cuda is "
+                "None here). To compile-check the CUDA sources without one, use CMake: "
+                "cmake -S . -B build-cmake -DMIPNET_CUDA_COMPILE_ONLY=ON && "
+                "cmake --build build-cmake"
+            )
         return True, "MIPNET_KERNELS_FORCE_CUDA is set"
     if torch.version.cuda is None:
         return False, "torch was built without CUDA"

@@ -14,7 +14,7 @@ function that lists the reasons it cannot run given inputs (the xformers
 
 A backend chosen explicitly (1-3) that cannot run the inputs raises a
 ``RuntimeError`` with its reasons; it never falls back silently.  ``"auto"`` (or
-``None``) restores the automatic choice.
+``None``) restores the automatic choice; ``use_backend("auto")`` forces it inside a block.
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ def available_backends() -> dict[str, dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- selection
+_AUTO = "auto"  # use_backend("auto"/None): automatic choice, whatever the setter/env say
 _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "mipnet_kernels_backend", default=None
 )
@@ -129,6 +130,8 @@ def set_backend(name: str | None) -> None:
 def get_backend() -> str | None:
     """The backend forced right now (context, setter, then env var), or None for automatic."""
     name = _context_backend.get()
+    if name == _AUTO:
+        return None
     if name is not None:
         return name
     if _global_backend is not None:
@@ -143,10 +146,13 @@ def get_backend() -> str | None:
 def use_backend(name: str | None) -> Iterator[None]:
     """Run the ops inside the ``with`` block on backend ``name``.
 
+    ``"auto"`` forces the automatic choice inside the block (overriding :func:`set_backend`
+    and the environment variable); ``None`` leaves the outer choice in force.
+
     >>> with mipnet_kernels.use_backend("triton"):
     ...     coords, scores = mipnet_kernels.decode_heatmaps(hm)
     """
-    token = _context_backend.set(_normalise(name, "backend"))
+    token = _context_backend.set(_AUTO if name == _AUTO else _normalise(name, "backend"))
     try:
         yield
     finally:

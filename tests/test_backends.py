@@ -284,6 +284,7 @@ def _run_probe(env_extra: dict, cwd: Path, pythonpath: Path | None = None) -> di
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_no_extensions_env_disables_them_quietly(tmp_path):
     out = _run_probe({"MIPNET_KERNELS_NO_EXTENSIONS": "1"}, cwd=REPO)
     cpu = out["backends"]["cpu"]
@@ -293,6 +294,7 @@ def test_no_extensions_env_disables_them_quietly(tmp_path):
     assert all(out["ok"].values()), out["ok"]
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_missing_extension_warns_once(tmp_path):
     """A copy of the package without the compiled objects imports, works, and says in one
     line what is missing and how to build it."""
@@ -312,6 +314,7 @@ def test_missing_extension_warns_once(tmp_path):
     assert all(out["ok"].values()), out["ok"]
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_warning_printed_once_on_stderr(tmp_path):
     shutil.copytree(PKG_DIR, tmp_path / "mipnet_kernels", ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
     env = {k: v for k, v in os.environ.items() if k not in (ENV, "MIPNET_KERNELS_NO_EXTENSIONS")}
@@ -328,6 +331,7 @@ def test_warning_printed_once_on_stderr(tmp_path):
     assert "RuntimeWarning" in lines[0] and _extension.BUILD_COMMAND in lines[0]
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_info_module_runs():
     if importlib.util.find_spec("mipnet_kernels.info") is None:
         pytest.skip("mipnet_kernels.info does not exist yet")

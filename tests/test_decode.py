@@ -377,6 +377,10 @@ def test_dark_exact_fallback(backend, device):
     assert_exact(scores, ref_s, "scores")
     for k, name in enumerate(names):
         check_refined(coords[:, k : k + 1], hm[:, k : k + 1], "dark", None, 11, ref_c[:, k : k + 1], what=name)
+    # The maps exercise the slow path: skipping the rescale (log(s) instead of log(c*s))
+    # would move these (checked on the reference so this test cannot go vacuous).
+    for name in ("tiny amplitude 1.5e-10", "positive peak, negative blurred maximum"):
+        assert ref_c[0, names.index(name)].tolist() != [8.0, 10.0], name
     # no step at all when the original maximum is <= 0 (DarkPose divides by it)
     k = names.index("negative maximum")
     assert coords.cpu()[0, k].tolist() == [8.0, 10.0]
@@ -412,6 +416,7 @@ def test_blur_kernel_sizes(backend, device, blur_kernel, mode, shape):
     _check_against_reference(coords, scores, hm, mode, None, blur_kernel, what=f"{mode} k={blur_kernel}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend, device, shape", backend_params([((1, 70000, 3, 2),), ((70000, 1, 2, 3),)], []))
 def test_many_maps(backend, device, shape):
     """More maps than a CUDA grid's y/z dimension holds (65535)."""
@@ -540,10 +545,12 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("make_args, exc, match", BAD_INPUTS)
-def test_bad_input(make_args, exc, match):
+def test_bad_input(make_args, exc, match, request):
     args = make_args()
     with pytest.raises(exc, match=match):
         mk.decode_heatmaps(*args)
+    if request.node.callspec.id == "k-bool":
+        return  # torch's schema parser turns True into 1 before the op sees it: the wrapper's job
     with pytest.raises(exc, match=match):  # the op itself, not only the Python wrapper
         torch.ops.mipnet.decode_heatmaps(*args)
 

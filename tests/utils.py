@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import pytest
 import torch

@@ -11,14 +11,20 @@
 // decode_heatmaps makes one fused pass per heatmap: the argmax scan (first maximum in
 // row-major order, tracking NaN) is the only full read of the map; the refinement then
 // re-reads a small window around the argmax.  The DARK fast path evaluates the blur at
-// the 13 Newton points only; when the rescale could hit the log floor it falls back to
-// the exact blurred maximum of the whole map (see decode.h).
+// the 13 Newton points only; when the rescale could hit the log floor (decode.h) it falls
+// back to the exact blurred maximum of the whole map, computed separably here
+// (bit-identical to decode::dark_blurred_max_serial, ~10x cheaper).
 //
-// Layouts: any strides.  Contiguous rows (stride(3) == 1) are scanned with a
-// lane-parallel maximum that the compiler vectorises; channels-last maps (stride(1) == 1)
+// Layouts: any strides.  Contiguous maps / rows (stride(3) == 1) are scanned with an
+// explicitly vectorised lane-parallel argmax (vec.h); channels-last maps (stride(1) == 1)
 // are scanned for all joints of an image at once, reading memory in order; anything else
-// uses a plain strided scan.  Arithmetic is float32 after loading (fp16/bf16 are
-// converted on load).  No -ffast-math: the NaN tracking relies on IEEE comparisons.
+// uses a plain strided scan.  Arithmetic is float32 after loading (fp16/bf16 converted
+// on load, bit-exactly like c10).  No -ffast-math: the NaN tracking relies on IEEE
+// comparisons; -ffp-contract=off: no FMA, so rounding matches the reference's.
+//
+// Parallelism: OpenMP over maps (or images, channels-last) once there is enough work,
+// with torch's intra-op thread count (torch.set_num_threads).  Each map is computed by
+// one thread in a fixed order, so results do not depend on the thread count.
 //
 // Uses only PyTorch's stable ABI (torch/csrc/stable, torch/headeronly).
 
@@ -37,6 +43,11 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
+#ifdef MIPNET_CHECK_SEPARABLE_BLUR
+#include <cstdio>
+#include <cstdlib>
+#endif
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -141,14 +152,15 @@ SpanArg span_argmax(const T* p, int64_t n) {
     pos0 += step;
     pos1 += step;
   }
+  // Lanes out by value stores (taking the vectors' address, or subscripting them, makes
+  // GCC keep them on the stack inside the loop).
   float mv[2 * kW];
   int32_t iv[2 * kW], bv[kW];
-  static_assert(sizeof(vi) == sizeof(bv), "lane count");
   store8(mv, m0);
   store8(mv + kW, m1);
-  std::memcpy(iv, &i0, sizeof(i0));
-  std::memcpy(iv + kW, &i1, sizeof(i1));
-  std::memcpy(bv, &bad, sizeof(bad));
+  store8(iv, i0);
+  store8(iv + kW, i1);
+  store8(bv, bad);
   bool nan = false;
   for (int l = 0; l < kW; ++l) nan = nan || bv[l] != 0;
   // Tail, scalar; its positions come after every lane's.
@@ -244,15 +256,10 @@ void joints_argmax(const T* img, int64_t nk, int64_t H, int64_t W, int64_t sy, i
       for (int64_t j = 0; j < nvec; j += kW) {
         const vf v = load8(q + j);
         const vf b = load8(best + j);
-        vi ix, bd;
-        std::memcpy(&ix, idx + j, sizeof(ix));
-        std::memcpy(&bd, bad + j, sizeof(bd));
         const vi up = v > b;
         store8(best + j, select(up, v, b));
-        ix = select(up, vpos, ix);
-        bd |= (v != v);
-        std::memcpy(idx + j, &ix, sizeof(ix));
-        std::memcpy(bad + j, &bd, sizeof(bd));
+        store8(idx + j, select(up, vpos, load8(idx + j)));
+        store8(bad + j, load8(bad + j) | (v != v));
       }
       for (int64_t j = nvec; j < nk; ++j) {
         const float v = ld(q[j]);
@@ -264,6 +271,57 @@ void joints_argmax(const T* img, int64_t nk, int64_t H, int64_t W, int64_t sy, i
       }
     }
   }
+}
+
+// ------------------------------------------------------------------------ DARK fallback
+// Maximum of the zero-padded blur over the whole map, bit-identical to
+// decode::dark_blurred_max_serial but separable (2k instead of k*k multiply-adds a pixel,
+// and vectorisable over x).  Identity: blur_zero sums, in this order, row terms
+// g[j] * f(yy, xx) into `row` starting from +0 and then g[i] * row into `acc` starting
+// from +0, skipping out-of-range terms; here the same sums run over zero-padded buffers.
+// A padded term adds g * (+0) = +0, which leaves the running sum unchanged (a sum that
+// starts at +0 is never -0 under round-to-nearest), so every blurred value, and hence the
+// maximum, is the same float.  Needs -ffp-contract=off like the rest of this file.
+// `buf` is per-thread scratch.
+template <class F>
+float dark_blurred_max_separable(const F& f, const float* g, int k, int H, int W,
+                                 std::vector<float>& buf) {
+  const int r = k / 2;
+  const int64_t pw = W + 2 * r;  // padded row width
+  const int64_t n_pad = static_cast<int64_t>(H) * pw;
+  const int64_t n_row = static_cast<int64_t>(H + 2 * r) * W;
+  if (static_cast<int64_t>(buf.size()) < n_pad + n_row + W) buf.resize(n_pad + n_row + W);
+  float* P = buf.data();      // [H][W + 2r]: the map, zero columns either side
+  float* R = P + n_pad;       // [H + 2r][W]: row-blurred, zero rows above and below
+  float* acc = R + n_row;     // [W]
+  for (int y = 0; y < H; ++y) {
+    float* pr = P + y * pw;
+    for (int x = 0; x < r; ++x) pr[x] = 0.0f;
+    for (int x = 0; x < W; ++x) pr[r + x] = f(y, x);
+    for (int x = r + W; x < pw; ++x) pr[x] = 0.0f;
+  }
+  for (int64_t i = 0; i < static_cast<int64_t>(r) * W; ++i) R[i] = 0.0f;
+  for (int64_t i = static_cast<int64_t>(r + H) * W; i < n_row; ++i) R[i] = 0.0f;
+  for (int y = 0; y < H; ++y) {
+    const float* pr = P + y * pw;
+    float* rr = R + static_cast<int64_t>(y + r) * W;
+    for (int x = 0; x < W; ++x) rr[x] = 0.0f;
+    for (int j = 0; j < k; ++j) {
+      const float gj = g[j];
+      for (int x = 0; x < W; ++x) rr[x] += gj * pr[x + j];
+    }
+  }
+  float m = -INFINITY;
+  for (int y = 0; y < H; ++y) {
+    for (int x = 0; x < W; ++x) acc[x] = 0.0f;
+    for (int i = 0; i < k; ++i) {
+      const float gi = g[i];
+      const float* rr = R + static_cast<int64_t>(y + i) * W;
+      for (int x = 0; x < W; ++x) acc[x] += gi * rr[x];
+    }
+    for (int x = 0; x < W; ++x) m = fmaxf(m, acc[x]);
+  }
+  return m;
 }
 
 // ------------------------------------------------------------------------ refinement
@@ -302,9 +360,18 @@ inline void finish_map(const T* p, int64_t H, int64_t W, int64_t sy, int64_t sx,
         if (fast && s > 0.0f) {
           d::dark_log_fast(smp, L);
           d::dark_step(L, x, y);
-        } else {
+        } else if (s > 0.0f) {
           // Exact path: the rescale factor c may push samples onto the 1e-10 floor.
-          const float bmax = d::dark_blurred_max_serial(f, P.g, P.k, Hi, Wi);
+          // (With s <= 0 the rescale is undefined whatever the blurred maximum: no step.)
+          thread_local std::vector<float> scratch;
+          const float bmax = dark_blurred_max_separable(f, P.g, P.k, Hi, Wi, scratch);
+#ifdef MIPNET_CHECK_SEPARABLE_BLUR
+          {
+            const float ref = d::dark_blurred_max_serial(f, P.g, P.k, Hi, Wi);
+            if (!(std::memcmp(&ref, &bmax, sizeof(float)) == 0 || (ref != ref && bmax != bmax)))
+              std::fprintf(stderr, "separable blur max %a != serial %a\n", bmax, ref), std::abort();
+          }
+#endif
           if (d::dark_rescale_valid(s, bmax)) {
             d::dark_log_rescaled(smp, s / bmax, L);
             d::dark_step(L, x, y);
@@ -461,7 +528,7 @@ std::tuple<Tensor, Tensor> decode_heatmaps_cpu(Tensor heatmaps, int64_t mode,
 }
 
 // ------------------------------------------------------------------------ flip_merge
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(MIPNET_NO_F16C)
 #define MIPNET_HAVE_F16C_PATH 1
 // float16 rows with the F16C conversion instructions (runtime-detected; the baseline
 // build has no F16C and its exact software conversion costs ~15 instructions a value).

@@ -35,13 +35,18 @@ typedef float vf __attribute__((vector_size(4 * kW)));
 typedef int32_t vi __attribute__((vector_size(4 * kW)));
 typedef uint32_t vu __attribute__((vector_size(4 * kW)));
 typedef uint16_t vh __attribute__((vector_size(2 * kW)));
+// Unaligned, may-alias variants for loads and stores through pointers.
+typedef float vf_u __attribute__((vector_size(4 * kW), aligned(4), may_alias));
+typedef int32_t vi_u __attribute__((vector_size(4 * kW), aligned(4), may_alias));
+typedef uint16_t vh_u __attribute__((vector_size(2 * kW), aligned(2), may_alias));
 
+// Reinterpret a vector as another vector type of the same size: a C-style cast between
+// vector types is a bit cast in GCC and Clang, and stays in registers (memcpy or
+// __builtin_bit_cast made GCC 12 spill to the stack inside the hot loops).
 template <class To, class From>
 inline To bits(const From& v) {
   static_assert(sizeof(To) == sizeof(From), "bit cast between different sizes");
-  To r;
-  std::memcpy(&r, &v, sizeof(To));
-  return r;
+  return (To)v;
 }
 
 inline vf splat(float x) {
@@ -67,7 +72,11 @@ inline vi iota() {
 
 // mask ? a : b, lane-wise (mask lanes are 0 or -1, as vector comparisons produce).
 inline vf select(vi mask, vf a, vf b) {
+#if defined(__GNUC__) && !defined(__clang__)
+  return mask ? a : b;  // GCC: a float blend, no int<->float domain moves
+#else
   return bits<vf>((mask & bits<vi>(a)) | (~mask & bits<vi>(b)));
+#endif
 }
 inline vi select(vi mask, vi a, vi b) { return (mask & a) | (~mask & b); }
 inline vu select(vi mask, vu a, vu b) {
@@ -97,15 +106,11 @@ inline vf reverse(vf v) {
 }
 
 // ------------------------------------------------------------------ loads
-inline vf load8(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
+inline vf load8(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
+inline vi load8(const int32_t* p) { return *reinterpret_cast<const vi_u*>(p); }
 
 inline vu load8_u16(const void* p) {
-  vh h;
-  std::memcpy(&h, p, sizeof(h));
+  const vh h = *reinterpret_cast<const vh_u*>(p);
   return __builtin_convertvector(h, vu);
 }
 
@@ -126,7 +131,8 @@ inline vf load8(const c10::Half* p) {
 }
 
 // ------------------------------------------------------------------ stores
-inline void store8(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+inline void store8(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
+inline void store8(int32_t* p, vi v) { *reinterpret_cast<vi_u*>(p) = v; }
 
 // Low 16 bits of each lane (the values fit), stored as kW uint16.
 inline void store8_u16(void* p, vu v) {
@@ -141,7 +147,7 @@ inline void store8_u16(void* p, vu v) {
 #else
   const vh h = __builtin_convertvector(v, vh);
 #endif
-  std::memcpy(p, &h, sizeof(h));
+  *reinterpret_cast<vh_u*>(p) = h;
 }
 
 // c10::detail::round_to_nearest_even (NaN -> 0x7FC0), lane-parallel.

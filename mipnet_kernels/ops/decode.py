@@ -21,7 +21,7 @@ Decoding semantics (every backend implements exactly these; see ARCHITECTURE.md)
   hm[py-1, px])`` to y.  ``sign`` of a NaN difference is 0.
 * ``dark`` (DarkPose, Zhang et al. CVPR 2020): blur with a ``blur_kernel``-sized Gaussian
   (OpenCV ``getGaussianKernel(k, 0)``, i.e. sigma ``0.3*((k-1)*0.5-1)+0.8`` and OpenCV's
-  fixed tables for k <= 7) on the zero-padded map, rescale so the blurred max equals the
+  fixed tables for k <= 9) on the zero-padded map, rescale so the blurred max equals the
   original max, ``L = log(max(hm, 1e-10))``, and take one Newton step from the integer
   argmax with central differences when ``1 < px < W-2 and 1 < py < H-2`` and the Hessian
   determinant is non-zero.  Where DarkPose divides by zero (original max <= 0 or blurred
@@ -65,19 +65,21 @@ DARK_LOG_FLOOR = 1e-10
 UDP_CLIP = (0.001, 50.0)
 UDP_EPS = float(torch.finfo(torch.float32).eps)
 
-# OpenCV's fixed kernels for odd sizes <= 7 when sigma <= 0 (imgproc/src/smooth.dispatch.cpp).
+# OpenCV's fixed kernels for odd sizes <= 9 when sigma <= 0 (getGaussianKernel's
+# small_gaussian_tab in imgproc/src/smooth.dispatch.cpp), in 1/256 units.
 _OPENCV_SMALL_GAUSSIAN = {
-    1: [1.0],
-    3: [0.25, 0.5, 0.25],
-    5: [0.0625, 0.25, 0.375, 0.25, 0.0625],
-    7: [0.03125, 0.109375, 0.21875, 0.28125, 0.21875, 0.109375, 0.03125],
+    1: [256],
+    3: [64, 128, 64],
+    5: [16, 64, 96, 64, 16],
+    7: [8, 28, 56, 72, 56, 28, 8],
+    9: [4, 13, 30, 51, 60, 51, 30, 13, 4],
 }
 
 
 def gaussian_kernel_1d(ksize: int) -> list[float]:
     """OpenCV's ``getGaussianKernel(ksize, sigma=0)`` as float32 values (in a Python list)."""
     if ksize in _OPENCV_SMALL_GAUSSIAN:
-        taps = _OPENCV_SMALL_GAUSSIAN[ksize]
+        taps = [t / 256 for t in _OPENCV_SMALL_GAUSSIAN[ksize]]
     else:
         sigma = 0.3 * ((ksize - 1) * 0.5 - 1) + 0.8
         scale2 = -0.5 / (sigma * sigma)
@@ -215,6 +217,15 @@ def _reflect101(n: int, r: int, device) -> Tensor:
     return torch.where(i >= n, period - i, i)
 
 
+def _blur_separable(padded: Tensor, g: Tensor, H: int, W: int) -> Tensor:
+    """Valid separable filtering of ``padded [M, H+k-1, W+k-1]``: rows first, then columns,
+    as OpenCV's separable filter.  Written as shifted multiply-adds rather than conv2d so
+    no backend (cuDNN's TF32, oneDNN's Winograd) changes the arithmetic."""
+    k = g.numel()
+    rows = sum(g[j] * padded[:, :, j : j + W] for j in range(k))
+    return sum(g[i] * rows[:, i : i + H, :] for i in range(k))
+
+
 def decode_heatmaps_reference(
     heatmaps: Tensor, mode: str, affine: Optional[Tensor], blur_kernel: int
 ) -> tuple[Tensor, Tensor]:
@@ -240,10 +251,9 @@ def decode_heatmaps_reference(
         cy = torch.where(interior, cy + oy, cy)
     elif mode in ("dark", "udp"):
         g = torch.tensor(gaussian_kernel_1d(blur_kernel), dtype=torch.float32, device=x.device)
-        w2 = (g[:, None] * g[None, :])[None, None]
         r = blur_kernel // 2
         if mode == "dark":
-            blurred = F.conv2d(x[:, None], w2, padding=r)[:, 0]
+            blurred = _blur_separable(F.pad(x, (r, r, r, r)), g, H, W)
             bmax = blurred.reshape(B * K, -1).amax(dim=1)
             valid = (scores > 0) & (bmax != 0)
             c = torch.where(valid, scores / torch.where(valid, bmax, 1.0), 1.0)
@@ -260,8 +270,7 @@ def decode_heatmaps_reference(
         else:
             rows = _reflect101(H, r, x.device)
             cols = _reflect101(W, r, x.device)
-            padded = x[:, rows][:, :, cols]
-            blurred = F.conv2d(padded[:, None], w2)[:, 0]
+            blurred = _blur_separable(x[:, rows][:, :, cols], g, H, W)
             L = torch.log(torch.clamp(blurred, *UDP_CLIP))
             i0 = at(L, 0, 0)
             ix1, ix1_ = at(L, 0, 1), at(L, 0, -1)
@@ -438,6 +447,8 @@ def decode_heatmaps(
         ``coords [B, K, 2]`` float32 ``(x, y)`` and ``scores [B, K]`` float32 (heatmap maxima).
         See the module docstring for the exact formulas, border guards and NaN behaviour.
     """
+    # Checked here too: torch's argument parser would turn blur_kernel=True into 1.
+    _check_decode_args(heatmaps, mode, affine, blur_kernel)
     return torch.ops.mipnet.decode_heatmaps(heatmaps, mode, affine, blur_kernel)
 
 

@@ -32,7 +32,8 @@ B*K (joints x images x instances) programs, hundreds to thousands, which fills a
 Under ``TRITON_INTERPRET=1`` the cost is per program and per op, not per element, so the
 packing also keeps the CPU CI fast.
 
-All arithmetic is float32 after the load.  The kernels are launched with
+All arithmetic is float32 after the load; divisions are IEEE (``tl.math.div_rn``, not
+Triton's default approximate ``div.full.f32``), as in C++/CUDA.  The kernels are launched with
 ``enable_fp_fusion=False`` so that ``a*b + c`` is never contracted into an FMA on the GPU:
 the affine then rounds exactly like the reference's separate multiply and add
 (``csrc/decode.h`` uses ``__fmul_rn``/``__fadd_rn`` for the same reason), and the Newton step
@@ -235,7 +236,7 @@ def _refine_dark(
         )
         bmax = tl.where(need, bmax_all, vmax)
     valid = (vmax > 0.0) & (bmax != 0.0)  # dark_rescale_valid
-    c = tl.where(need & valid, vmax / tl.where(valid, bmax, 1.0), 1.0)
+    c = tl.where(need & valid, tl.math.div_rn(vmax, tl.where(valid, bmax, 1.0)), 1.0)
     # c == 1 on the fast path, where the floor is a no-op since every s >= 2e-10.
     L0 = tl.log(tl.maximum(s0 * c, 1e-10))
     L1 = tl.log(tl.maximum(s1 * c, 1e-10))
@@ -259,8 +260,8 @@ def _refine_dark(
     det = dxx * dyy - dxy * dxy
     apply = interior & valid & (det != 0.0)
     safe = tl.where(apply, det, 1.0)
-    ox = -(dyy * dx - dxy * dy) / safe
-    oy = -(dxx * dy - dxy * dx) / safe
+    ox = -tl.math.div_rn(dyy * dx - dxy * dy, safe)
+    oy = -tl.math.div_rn(dxx * dy - dxy * dx, safe)
     return tl.where(apply, x + ox, x), tl.where(apply, y + oy, y)
 
 
@@ -341,8 +342,8 @@ def _refine_udp(
     det = hxx * hyy - hxy * hxy
     apply = det != 0.0
     safe = tl.where(apply, det, 1.0)
-    ox = -(hyy * dx - hxy * dy) / safe
-    oy = -(hxx * dy - hxy * dx) / safe
+    ox = -tl.math.div_rn(hyy * dx - hxy * dy, safe)
+    oy = -tl.math.div_rn(hxx * dy - hxy * dx, safe)
     return tl.where(apply, x + ox, x), tl.where(apply, y + oy, y)
 
 
@@ -582,6 +583,16 @@ def _flip_merge_kernel(
         fl_ptr + frow[:, None] + xf.to(tl.int64)[None, :] * fs_w, mask=mask, other=0.0
     ).to(tl.float32)
     merged = (a + f) * 0.5
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        # Round to nearest even on the float32 bits (as torch does), so the cast below is
+        # exact: the GPU's cvt.rn gives the same bits, and TRITON_INTERPRET=1, whose
+        # float32 -> bfloat16 cast truncates, agrees with the GPU.  NaN stays NaN.
+        bits = merged.to(tl.uint32, bitcast=True)
+        hi = bits >> 16
+        lo = bits & 0xFFFF
+        up = (lo > 0x8000) | ((lo == 0x8000) & ((hi & 1) == 1))
+        rounded = ((hi + up.to(tl.uint32)) << 16).to(tl.float32, bitcast=True)
+        merged = tl.where(merged != merged, merged, rounded)
     tl.store(
         out_ptr + r.to(tl.int64)[:, None] * W + xs[None, :],
         merged.to(out_ptr.dtype.element_ty),
