@@ -26,3 +26,34 @@
 
 #define MIPNET_FLIP_MERGE_SCHEMA \
   "flip_merge(Tensor heatmaps, Tensor flipped, Tensor flip_index, bool shift) -> Tensor"
+
+// ---------------------------------------------------------------------------------- MIMB
+// Multi-Instance Modulation Block (mipnet_kernels/ops/mimb.py; ARCHITECTURE.md "MIMB").
+// All arithmetic is float32; small operands may have any float dtype (read as float).
+//
+// mimb_scale_fwd(x, w1, w2, v) -> (y, s)
+//   x   [B, C, H, W] float32 / float16 / bfloat16, contiguous (NCHW) or channels_last;
+//   w1  [Cr, C], w2 [C, Cr], v [B, C]: float32 / float16 / bfloat16, any strides;
+//   s   [B, C] float32 contiguous: s = mean_hw(x);
+//   y   x's shape and dtype, contiguous if x.is_contiguous() else channels_last:
+//       y = x * (e * v)[:, :, None, None],  e = sigmoid(w2 @ relu(w1 @ s)) per sample.
+//
+// mimb_scale_bwd(dy, x, w1, w2, v, s) -> (dx, dw1, dw2, dv)
+//   dy  x's shape and dtype (any layout; copied to x's layout when it differs);
+//   s   [B, C] the forward's s (any float dtype);
+//   dx  x's dtype and memory format (rule of y above); dw1 / dw2 contiguous in the
+//       dtypes of w1 / w2; dv [B, C] contiguous in v's dtype.  The weight gradients are
+//       summed over the batch in a fixed order (bit-identical for any thread count).
+//
+// mimb_instances(x, w1, w2, table) -> y
+//   table [N, C] (any float dtype);  y [N*B, C, H, W] (instance-major), x's dtype and
+//   memory format (rule of y above):  y[n*B + b] = x[b] * (e[b] * table[n])[:, None, None].
+#define MIPNET_MIMB_SCALE_FWD_SCHEMA \
+  "mimb_scale_fwd(Tensor x, Tensor w1, Tensor w2, Tensor v) -> (Tensor y, Tensor s)"
+
+#define MIPNET_MIMB_SCALE_BWD_SCHEMA                                                       \
+  "mimb_scale_bwd(Tensor dy, Tensor x, Tensor w1, Tensor w2, Tensor v, Tensor s) -> "      \
+  "(Tensor dx, Tensor dw1, Tensor dw2, Tensor dv)"
+
+#define MIPNET_MIMB_INSTANCES_SCHEMA \
+  "mimb_instances(Tensor x, Tensor w1, Tensor w2, Tensor table) -> Tensor"

@@ -15,6 +15,8 @@ from ._backends import (
 )
 from .keypoints import COCO_FLIP_PAIRS, COCO_SIGMAS, CROWDPOSE_FLIP_PAIRS, CROWDPOSE_SIGMAS
 from .ops import decode_heatmaps, flip_merge
+from .ops.mimb import mimb, mimb_instances, mimb_instances_grouped, mimb_scale, mimb_scale_grouped
+from .nn import MIMB
 
 __version__ = "0.1.0"
 
@@ -28,10 +30,16 @@ __all__ = [
     "COCO_SIGMAS",
     "CROWDPOSE_FLIP_PAIRS",
     "CROWDPOSE_SIGMAS",
+    "MIMB",
     "available_backends",
     "decode_heatmaps",
     "flip_merge",
     "get_backend",
+    "mimb",
+    "mimb_instances",
+    "mimb_instances_grouped",
+    "mimb_scale",
+    "mimb_scale_grouped",
     "select",
     "set_backend",
     "use_backend",

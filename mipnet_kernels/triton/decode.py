@@ -33,11 +33,14 @@ Under ``TRITON_INTERPRET=1`` the cost is per program and per op, not per element
 packing also keeps the CPU CI fast.
 
 All arithmetic is float32 after the load; divisions are IEEE (``tl.math.div_rn``, not
-Triton's default approximate ``div.full.f32``), as in C++/CUDA.  The kernels are launched with
-``enable_fp_fusion=False`` so that ``a*b + c`` is never contracted into an FMA on the GPU:
-the affine then rounds exactly like the reference's separate multiply and add
-(``csrc/decode.h`` uses ``__fmul_rn``/``__fadd_rn`` for the same reason), and the Newton step
-rounds like the reference too.  The kernels are memory-bound; the FMA ban costs nothing.
+Triton's default approximate ``div.full.f32``), as in C++/CUDA.  The decode kernel is launched
+with ``enable_fp_fusion=False``: with Triton's default the affine compiles to two
+``fma.rn.f32`` (checked in the sm_90 PTX of Triton 3.6 and 3.9), which rounds differently
+from the reference's separate multiply and add; without it there is no FMA (and ptxas gets
+``--fmad=false``), so argmax/quarter + affine are bit-identical to the reference
+(``csrc/decode.h`` uses ``__fmul_rn``/``__fadd_rn`` for the same reason).  The Newton step
+then also rounds like the reference.  The scan does no float multiply-adds, so this costs
+nothing measurable.
 
 ``flip_merge_triton`` is one launch of ``[BLOCK_R, BLOCK_W]`` tiles over the ``B*K*H`` rows
 of the output (several small maps per program), vectorised along W.
@@ -57,10 +60,14 @@ _ARGMAX, _QUARTER, _DARK, _UDP = 0, 1, 2, 3
 _MAX_BLUR_KERNEL = 31
 
 # Elements one program streams per step (scan chunk x maps, flip tile).  4096 covers a 64x48
-# map in one chunk and a 96x72 map in two, 16-32 elements in flight per thread.
+# map in one chunk and a 96x72 map in two, 16 elements in flight per thread at 8 warps.
 _TILE_ELEMS = 4096
-# Elements of the [MAPS, WIN, WIN] DARK/UDP refinement window (k=11: WIN=16, 32 maps).
-_WINDOW_ELEMS = 8192
+# Elements of the [MAPS, WIN, WIN] DARK/UDP refinement window (k=11: WIN=16, 16 maps).
+_WINDOW_ELEMS = 4096
+# Elements per step of DARK's rare whole-map blurred maximum.  Small on purpose: with the
+# scan's 4096 it alone pushed the kernel to ~250 registers/thread (ptxas, sm_90a), capping
+# the scan at one program per SM; with 1024 every config stays <= ~128 registers.
+_FALLBACK_ELEMS = 1024
 _MIN_BLOCK = 16
 _INT32_MAX = 2**31 - 1
 
@@ -78,13 +85,15 @@ def _num_warps(tile_elems: int) -> int:
 
 
 def _decode_settings(num_maps: int, height: int, width: int, ksize: int) -> dict:
-    """Launch parameters of ``_decode_heatmaps_kernel``: ``MAPS, BLOCK, WIN, num_warps``.
+    """Launch parameters of ``_decode_heatmaps_kernel``.
 
     ``BLOCK``: argmax-scan chunk, the pixel count rounded up to a power of two, clamped to
     [16, 4096] (small maps get small blocks).  ``MAPS``: maps per program, so that
-    ``MAPS * BLOCK <= 4096`` and the refinement window ``MAPS * WIN^2 <= 8192``, and no more
+    ``MAPS * BLOCK <= 4096`` and the refinement window ``MAPS * WIN^2 <= 4096``, and no more
     than there are maps.  ``WIN``: side of the register window around the argmax, a power of
-    two >= k + 4 (DARK's reach; UDP needs k + 2).
+    two >= k + 4 (DARK's reach; UDP needs k + 2).  ``FB_BLOCK``: pixels per step of DARK's
+    exact fallback (``MAPS * FB_BLOCK <= 1024``).  ``num_warps`` from the largest tile.
+    ``ksize`` is 1 for argmax/quarter.
     """
     block = min(max(triton.next_power_of_2(height * width), _MIN_BLOCK), _TILE_ELEMS)
     win = triton.next_power_of_2(ksize + 4)
@@ -93,7 +102,11 @@ def _decode_settings(num_maps: int, height: int, width: int, ksize: int) -> dict
         max(_WINDOW_ELEMS // (win * win), 1) if ksize > 1 else _TILE_ELEMS,
         triton.next_power_of_2(num_maps),
     )
-    return dict(MAPS=maps, BLOCK=block, WIN=win, num_warps=_num_warps(maps * block))
+    fb_block = max(min(block, _FALLBACK_ELEMS // maps), _MIN_BLOCK)
+    return dict(
+        MAPS=maps, BLOCK=block, WIN=win, FB_BLOCK=fb_block,
+        num_warps=_num_warps(max(maps * block, maps * win * win if ksize > 1 else 0)),
+    )
 
 
 def _flip_settings(num_rows: int, width: int) -> dict:
@@ -168,7 +181,7 @@ def _refine_dark(
     vmax,  # map maxima, shape (MAPS,) float32
     has_nan,  # maps containing NaN, shape (MAPS,) bool
     H, W, stride_h, stride_w,
-    KSIZE: tl.constexpr, MAPS: tl.constexpr, BLOCK: tl.constexpr, WIN: tl.constexpr,
+    KSIZE: tl.constexpr, MAPS: tl.constexpr, FB_BLOCK: tl.constexpr, WIN: tl.constexpr,
 ):
     """DarkPose Newton step at (px, py) (csrc/decode.h dark_samples / dark_step)."""
     R: tl.constexpr = KSIZE // 2
@@ -232,7 +245,7 @@ def _refine_dark(
     bmax = vmax
     if tl.max(need.to(tl.int32), axis=0) > 0:
         bmax_all = _dark_blurred_max(
-            map_ptr, need, g_ptr, H, W, stride_h, stride_w, KSIZE, MAPS, BLOCK
+            map_ptr, need, g_ptr, H, W, stride_h, stride_w, KSIZE, MAPS, FB_BLOCK
         )
         bmax = tl.where(need, bmax_all, vmax)
     valid = (vmax > 0.0) & (bmax != 0.0)  # dark_rescale_valid
@@ -370,6 +383,7 @@ def _decode_heatmaps_kernel(
     BLOCK: tl.constexpr,  # argmax-scan chunk (power of two)
     WIN: tl.constexpr,  # refinement window side (power of two >= KSIZE + 4)
     FLAT_HW: tl.constexpr,  # pixel (y, x) sits at offset y*W + x: no div/mod in the scan
+    FB_BLOCK: tl.constexpr,  # pixels per step of DARK's rare whole-map blur (few registers)
 ):
     pid = tl.program_id(0)
     maps = pid * MAPS + tl.arange(0, MAPS)  # flat (b, k) map ids, shape (MAPS,)
@@ -428,7 +442,7 @@ def _decode_heatmaps_kernel(
     elif MODE == 2:
         x, y = _refine_dark(
             map_ptr, live, g_ptr, px, py, x, y, vmax, has_nan, H, W, stride_h, stride_w,
-            KSIZE, MAPS, BLOCK, WIN,
+            KSIZE, MAPS, FB_BLOCK, WIN,
         )
     elif MODE == 3:
         x, y = _refine_udp(

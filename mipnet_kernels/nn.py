@@ -1,0 +1,280 @@
+"""``nn.Module`` wrappers of the fused ops.
+
+:class:`MIMB` is a drop-in replacement of MIPNet's ``SELambdaLayer``
+(``lib/models/pose_hrnet_se_lambda.py``) with the same parameter names, shapes and
+initialisation, so official checkpoints load with ``load_state_dict`` unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .ops.mimb import (
+    _check_x,
+    mimb,
+    mimb_embedding_reference,
+    mimb_instances,
+    mimb_scale,
+)
+
+__all__ = ["MIMB"]
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - old torch
+        return False
+
+
+class MIMB(nn.Module):
+    """Multi-Instance Modulation Block (MIPNet's ``SELambdaLayer``) on the fused ops.
+
+    ``y = x * e * v`` per channel, with the squeeze-excite ``e = sigmoid(W2 relu(W1 mean_hw(x)))``
+    and the instance embedding ``v = sigmoid(E2 relu(BN(E1 lam + b1)) + b2)``.
+
+    Args:
+        channels: C, the channels of ``x``.
+        num_instances: N, the number of instances (the length of the selector ``lam``).
+        reduction: r; the hidden width is ``channels // reduction``, which must be >= 1
+            (use ``reduction=1`` for C < 4).
+        embed_norm: the BatchNorm1d of the official embedding (``fc_lambda.1``).  Without it
+            ``fc_lambda.1`` is an ``nn.Identity`` so the other indices still match.
+
+    Parameters (as the official layer): ``fc.0.weight [C/r, C]``, ``fc.2.weight [C, C/r]``,
+    ``fc_lambda.0.{weight [C/r, N], bias}``, ``fc_lambda.1.{weight, bias, running_mean,
+    running_var, num_batches_tracked}`` (BatchNorm1d(C/r)), ``fc_lambda.3.{weight [C, C/r],
+    bias}``; default ``nn.Linear`` / ``nn.BatchNorm1d`` initialisation, created in the official
+    order (so the same seed gives the same weights).
+
+    ``forward(x, lam)``: ``x [B, C, H, W]``; ``lam`` either an integer tensor ``[B]`` of
+    instance indices in ``[0, N)`` (N=2: 0 is the primary instance, official ``[1, 0]``) or a
+    float selector ``[B, N]`` (one-hot or soft).
+
+    * Training mode: ``v = fc_lambda(lam)`` with plain modules (the BatchNorm on batch
+      statistics, updating its running statistics, as the official layer) and the fused
+      :func:`~mipnet_kernels.mimb_scale` for the rest.
+    * Eval mode: the BatchNorm is folded into the first embedding Linear
+      (:meth:`folded_embedding`, exact up to float rounding) and the fused
+      :func:`~mipnet_kernels.mimb` op runs the block.  For integer ``lam`` (and for any
+      ``lam`` when no embedding parameter needs a gradient) the folded weights and the
+      ``[N, C]`` table of ``v`` for each one-hot selector are cached; integer ``lam`` then
+      costs a row gather plus :func:`~mipnet_kernels.mimb_scale`.  When grad mode is on and an
+      embedding parameter requires grad, the fold is recomputed with autograd on every call
+      (never a stale or detached table).
+
+    Cache invalidation: the cache is keyed by the identity, storage, version counter, dtype
+    and device of every ``fc_lambda`` parameter and buffer (so ``load_state_dict``, optimizer
+    steps, in-place edits under ``torch.no_grad()``, ``.to()`` / ``.half()`` all invalidate it)
+    and is also dropped on ``train()`` / ``eval()``, ``_apply`` and ``load_state_dict``.
+    Writes through ``param.data`` bypass PyTorch's version counter: call
+    :meth:`invalidate_cache` after those.  Under ``torch.compile`` nothing is cached.
+    """
+
+    def __init__(self, channels: int, num_instances: int = 2, reduction: int = 4,
+                 embed_norm: bool = True) -> None:
+        super().__init__()
+        for name, val in (("channels", channels), ("num_instances", num_instances), ("reduction", reduction)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        hidden = channels // reduction
+        if hidden < 1:
+            raise ValueError(
+                f"channels // reduction must be >= 1, got channels={channels}, reduction={reduction}; "
+                f"use reduction <= {channels}"
+            )
+        self.channels = channels
+        self.num_instances = num_instances
+        self.reduction = reduction
+        self.hidden = hidden
+        self.embed_norm = bool(embed_norm)
+        self.fc = nn.Sequential(
+            nn.Linear(channels, hidden, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, channels, bias=False),
+            nn.Sigmoid(),
+        )
+        self.fc_lambda = nn.Sequential(
+            nn.Linear(num_instances, hidden),
+            nn.BatchNorm1d(hidden) if embed_norm else nn.Identity(),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, channels),
+            nn.Sigmoid(),
+        )
+        self._cache: Optional[tuple] = None  # (key, e1_folded, b1_folded, table)
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, num_instances={self.num_instances}, "
+                f"reduction={self.reduction}, embed_norm={self.embed_norm}")
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def w1(self) -> Tensor:
+        return self.fc[0].weight
+
+    @property
+    def w2(self) -> Tensor:
+        return self.fc[2].weight
+
+    def _bn(self) -> Optional[nn.BatchNorm1d]:
+        bn = self.fc_lambda[1]
+        return bn if isinstance(bn, nn.modules.batchnorm._BatchNorm) else None
+
+    def _embed_uses_batch_stats(self) -> bool:
+        bn = self._bn()
+        return bn is not None and (bn.training or bn.running_mean is None or bn.running_var is None)
+
+    def folded_embedding(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(e1, b1, e2, b2)`` with the eval-mode BatchNorm folded into ``e1, b1``:
+        ``BN(E1 lam + b1) = (s * E1) lam + (s * (b1 - mean) + beta)``, ``s = gamma / sqrt(var + eps)``.
+        Computed in float32 (float64 for float64 parameters), differentiable w.r.t. the
+        parameters (the running statistics are constants)."""
+        lin1, lin2 = self.fc_lambda[0], self.fc_lambda[3]
+        e1, b1 = lin1.weight, lin1.bias
+        ct = torch.promote_types(e1.dtype, torch.float32)
+        bn = self._bn()
+        if bn is None:
+            return e1.to(ct), b1.to(ct), lin2.weight, lin2.bias
+        scale = torch.rsqrt(bn.running_var.to(ct) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.to(ct)
+        shift = (b1.to(ct) - bn.running_mean.to(ct)) * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.to(ct)
+        return e1.to(ct) * scale[:, None], shift, lin2.weight, lin2.bias
+
+    # ------------------------------------------------------------------ eval cache
+    def invalidate_cache(self) -> None:
+        """Drop the cached folded embedding and ``[N, C]`` table."""
+        self._cache = None
+
+    def _cache_key(self) -> Optional[tuple]:
+        bn = self._bn()
+        try:
+            key = tuple(
+                (id(t), t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+                for t in (*self.fc_lambda.parameters(), *self.fc_lambda.buffers())
+            )
+        except RuntimeError:  # inference tensors have no version counter: do not cache
+            return None
+        return key + ((bn.eps,) if bn is not None else ())
+
+    def _eval_embedding(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(e1f, b1f, e2, b2, table)``, detached, cached while the parameters are unchanged."""
+        key = None if _is_compiling() else self._cache_key()
+        if key is not None and self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        with torch.no_grad():
+            e1f, b1f, e2, b2 = (t.detach() for t in self.folded_embedding())
+            eye = torch.eye(self.num_instances, dtype=e1f.dtype, device=e1f.device)
+            table = mimb_embedding_reference(eye, e1f, b1f, e2, b2, e1f.dtype)
+        value = (e1f, b1f, e2, b2, table)
+        if key is not None:
+            self._cache = (key, value)
+        return value
+
+    def embedding_table(self) -> Tensor:
+        """``[N, C]`` float32: the eval-mode embedding ``v`` of each one-hot selector (cached)."""
+        if self._embed_uses_batch_stats():
+            raise RuntimeError(
+                "MIMB.embedding_table needs eval mode: in training mode the embedding's BatchNorm "
+                "normalises over the batch, so there is no per-instance table; call .eval() first"
+            )
+        return self._eval_embedding()[4]
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    # ------------------------------------------------------------------ forward
+    def _check_x(self, x) -> None:
+        _check_x(x)
+        if x.shape[1] != self.channels:
+            raise ValueError(
+                f"x has {x.shape[1]} channels but this MIMB was built for channels={self.channels}"
+            )
+
+    def _selector(self, lam, x: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """``(indices [B] int64, None)`` or ``(None, selector [B, N] float)``, validated."""
+        N, B = self.num_instances, x.shape[0]
+        if not isinstance(lam, Tensor):
+            raise TypeError(
+                "lam must be a torch.Tensor: integer instance indices [B] or a float selector "
+                f"[B, N], got {type(lam).__name__}"
+            )
+        if lam.device != x.device:
+            raise ValueError(f"lam is on {lam.device} but x is on {x.device}")
+        if lam.dtype == torch.bool or lam.is_complex():
+            raise TypeError(f"lam must be integer indices or a real float selector, got {lam.dtype}")
+        if lam.is_floating_point():
+            if tuple(lam.shape) != (B, N):
+                raise ValueError(
+                    f"lam (float selector) must have shape [B, N] = [{B}, {N}], got {list(lam.shape)}"
+                )
+            return None, lam
+        if tuple(lam.shape) != (B,):
+            raise ValueError(f"lam (instance indices) must have shape [B] = [{B}], got {list(lam.shape)}")
+        if B and not _is_compiling():  # one host sync: out-of-range indices must not pass silently
+            lo, hi = (int(t) for t in torch.aminmax(lam))
+            if lo < 0 or hi >= N:
+                bad = lo if lo < 0 else hi
+                raise ValueError(
+                    f"lam holds instance index {bad}, out of range for num_instances={N} "
+                    f"(valid: 0..{N - 1})"
+                )
+        return lam.long(), None
+
+    def _one_hot(self, idx: Tensor, dtype: torch.dtype) -> Tensor:
+        ar = torch.arange(self.num_instances, device=idx.device)
+        return (idx[:, None] == ar).to(dtype)
+
+    def forward(self, x: Tensor, lam: Tensor) -> Tensor:
+        self._check_x(x)
+        idx, sel = self._selector(lam, x)
+        w1, w2 = self.w1, self.w2
+        if self.training or self._embed_uses_batch_stats():
+            self._cache = None  # the BatchNorm's running statistics change
+            e1 = self.fc_lambda[0].weight
+            sel = self._one_hot(idx, e1.dtype) if sel is None else sel.to(e1.dtype)
+            v = self.fc_lambda(sel)
+            return mimb_scale(x, w1, w2, v)
+        embed_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.fc_lambda.parameters())
+        if embed_grad:
+            e1f, b1f, e2, b2 = self.folded_embedding()
+        else:
+            e1f, b1f, e2, b2, table = self._eval_embedding()
+            if idx is not None:
+                return mimb_scale(x, w1, w2, table.index_select(0, idx))
+        if sel is None:
+            sel = self._one_hot(idx, e1f.dtype)
+        return mimb(x, sel, w1, w2, e1f, b1f, e2, b2)
+
+    def instances(self, x: Tensor) -> Tensor:
+        """All N instances at once: ``[N*B, C, H, W]``, instance-major (``y[n*B + b]`` is
+        ``forward(x, n)[b]``), from one read of ``x`` via :func:`~mipnet_kernels.mimb_instances`.
+
+        Inference only: raises ``RuntimeError`` in training mode (the embedding's BatchNorm
+        then uses batch statistics, so per-instance outputs are not defined) and when ``x``
+        requires grad with grad mode on.  The parameters are used detached; the result never
+        requires grad.
+        """
+        if self.training or self._embed_uses_batch_stats():
+            raise RuntimeError(
+                "MIMB.instances is inference-only: call .eval() first (in training mode the "
+                "embedding's BatchNorm normalises over the batch, so per-instance outputs are "
+                "not defined; use forward(x, lam) per instance)"
+            )
+        self._check_x(x)
+        table = self._eval_embedding()[4]
+        return mimb_instances(x, self.w1.detach(), self.w2.detach(), table)
