@@ -9,7 +9,6 @@ with the reason the library gives (``available_backends()`` / ``not_supported_re
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import math
 from typing import Iterable
@@ -133,34 +132,10 @@ def flip_merge_on(backend: str, heatmaps, flipped, flip_pairs, shift=True):
         return mk.flip_merge(heatmaps, flipped, flip_pairs, shift)
 
 
-@functools.lru_cache(maxsize=None)
-def triton_interpreter_truncates_bf16() -> bool:
-    """Whether Triton's interpreter casts float32 -> bfloat16 by truncation (round toward
-    zero) instead of round-to-nearest-even, as Triton 3.9's does (NumPy has no bfloat16).
-    On a GPU the cast rounds to nearest; this is an interpreter artefact, not a kernel's."""
-    try:
-        import triton
-        import triton.language as tl
-    except Exception:  # pragma: no cover - no triton
-        return False
-
-    @triton.jit
-    def _cast(x_ptr, y_ptr, BLOCK: tl.constexpr):
-        o = tl.arange(0, BLOCK)
-        tl.store(y_ptr + o, tl.load(x_ptr + o).to(tl.bfloat16))
-
-    x = torch.tensor([1.0 + 2.0**-8 + 2.0**-9] * 16)  # halfway+: nearest is up, truncation is down
-    y = torch.empty(16, dtype=torch.bfloat16)
-    _cast[(1,)](x, y, BLOCK=16)
-    return bool(y[0].item() != x.to(torch.bfloat16)[0].item())
-
-
 def round_to(x32: torch.Tensor, dtype: torch.dtype, backend: str, device: str) -> torch.Tensor:
-    """``x32.to(dtype)`` as ``backend`` on ``device`` rounds it: Triton's interpreter truncates
-    to bfloat16 (see :func:`triton_interpreter_truncates_bf16`), so there the exact
-    expectation is the truncated value."""
-    if dtype == torch.bfloat16 and is_interpreted(backend, device) and triton_interpreter_truncates_bf16():
-        return (x32.float().contiguous().view(torch.int32) & -65536).view(torch.float32).to(dtype)
+    """``x32`` rounded to ``dtype`` as every backend must: round to nearest even.  (Triton
+    3.9's interpreter casts float32 -> bfloat16 by truncation, so the Triton kernels round
+    explicitly; the exact expectation is the same everywhere.)"""
     return x32.to(dtype)
 
 

@@ -25,8 +25,8 @@ float32 expressions in the same order, up to the summation order of the blur.
 
 Why several maps per program for small maps: a program's fixed cost (index set-up, the
 reductions, the refinement's scalar-per-map control flow) is the same for a 9x11 map as for
-a 64x48 one, so maps smaller than the 4096-element scan budget are packed ``MAPS`` to a
-program (``MAPS * BLOCK <= 4096``) and the whole refinement is vectorised over maps
+a 64x48 one, so maps of at most 1024 pixels are packed ``MAPS`` to a program
+(``MAPS * BLOCK <= 2048``) and the whole refinement is vectorised over maps
 (per-map windows are gathers).  Realistic maps (64x48 .. 96x72) get one map per program and
 B*K (joints x images x instances) programs, hundreds to thousands, which fills an H100.
 Under ``TRITON_INTERPRET=1`` the cost is per program and per op, not per element, so the
@@ -59,14 +59,18 @@ from torch import Tensor
 _ARGMAX, _QUARTER, _DARK, _UDP = 0, 1, 2, 3
 _MAX_BLUR_KERNEL = 31
 
-# Elements one program streams per step (scan chunk x maps, flip tile).  4096 covers a 64x48
-# map in one chunk and a 96x72 map in two, 16 elements in flight per thread at 8 warps.
+# Tile sizes, in elements.  Register counts quoted are ptxas -v for sm_90a (Triton 3.6 PTX):
+# every decode configuration stays <= 128 registers/thread without spills worth mentioning.
+#: argmax-scan chunk of one map: covers 64x48 in one step and 96x72 in two, 16 elements in
+#: flight per thread at 8 warps (~80 registers).
 _TILE_ELEMS = 4096
-# Elements of the [MAPS, WIN, WIN] DARK/UDP refinement window (k=11: WIN=16, 16 maps).
+#: [MAPS, BLOCK] scan tile when small maps are packed several to a program.  4096 here cost
+#: up to 250 registers (the per-map [MAPS] vectors of the refinement); 2048 stays <= 128.
+_PACKED_ELEMS = 2048
+#: [MAPS, WIN, WIN] DARK/UDP refinement window (k=11: WIN=16, at most 16 maps).
 _WINDOW_ELEMS = 4096
-# Elements per step of DARK's rare whole-map blurred maximum.  Small on purpose: with the
-# scan's 4096 it alone pushed the kernel to ~250 registers/thread (ptxas, sm_90a), capping
-# the scan at one program per SM; with 1024 every config stays <= ~128 registers.
+#: Pixels per step of DARK's rare whole-map blurred maximum.  Small on purpose: at 4096 it
+#: alone pushed the kernel to ~250 registers, capping the scan at one program per SM.
 _FALLBACK_ELEMS = 1024
 _MIN_BLOCK = 16
 _INT32_MAX = 2**31 - 1
@@ -75,7 +79,7 @@ _INT32_MAX = 2**31 - 1
 # --------------------------------------------------------------------------- launch settings
 def _num_warps(tile_elems: int) -> int:
     """Warps for a program that streams ``tile_elems`` elements per step."""
-    if tile_elems >= 4096:
+    if tile_elems >= 2048:
         return 8
     if tile_elems >= 1024:
         return 4
@@ -88,20 +92,22 @@ def _decode_settings(num_maps: int, height: int, width: int, ksize: int) -> dict
     """Launch parameters of ``_decode_heatmaps_kernel``.
 
     ``BLOCK``: argmax-scan chunk, the pixel count rounded up to a power of two, clamped to
-    [16, 4096] (small maps get small blocks).  ``MAPS``: maps per program, so that
-    ``MAPS * BLOCK <= 4096`` and the refinement window ``MAPS * WIN^2 <= 4096``, and no more
-    than there are maps.  ``WIN``: side of the register window around the argmax, a power of
+    [16, 4096] (small maps get small blocks).  ``MAPS``: maps per program: 1 for maps of
+    more than 1024 pixels, else as many as fit ``MAPS * BLOCK <= 2048`` and the refinement
+    window ``MAPS * WIN^2 <= 4096``, and no more than there are maps.  ``WIN``: side of the register window around the argmax, a power of
     two >= k + 4 (DARK's reach; UDP needs k + 2).  ``FB_BLOCK``: pixels per step of DARK's
     exact fallback (``MAPS * FB_BLOCK <= 1024``).  ``num_warps`` from the largest tile.
     ``ksize`` is 1 for argmax/quarter.
     """
     block = min(max(triton.next_power_of_2(height * width), _MIN_BLOCK), _TILE_ELEMS)
     win = triton.next_power_of_2(ksize + 4)
-    maps = min(
-        _TILE_ELEMS // block,
-        max(_WINDOW_ELEMS // (win * win), 1) if ksize > 1 else _TILE_ELEMS,
-        triton.next_power_of_2(num_maps),
-    )
+    maps = 1
+    if 2 * block <= _PACKED_ELEMS:  # small maps: pack several per program
+        maps = min(
+            _PACKED_ELEMS // block,
+            max(_WINDOW_ELEMS // (win * win), 1) if ksize > 1 else _PACKED_ELEMS,
+            triton.next_power_of_2(num_maps),
+        )
     fb_block = max(min(block, _FALLBACK_ELEMS // maps), _MIN_BLOCK)
     return dict(
         MAPS=maps, BLOCK=block, WIN=win, FB_BLOCK=fb_block,
@@ -663,6 +669,7 @@ def flip_merge_triton(heatmaps: Tensor, flipped: Tensor, flip_index: Tensor, shi
             fs[3],
             SHIFT=bool(shift),
             ROWS_I64=num_rows + settings["BLOCK_R"] > _INT32_MAX,
+            enable_fp_fusion=False,  # nothing to fuse; explicit to keep Triton >= 3.9 quiet
             **settings,
         )
     return out
