@@ -75,18 +75,21 @@ bench: setup
 GPU_LOG ?= benchmarks/out/gpu-check.log
 gpu-check:
 	@mkdir -p benchmarks/out
-	$(MAKE) USE_VENV=0 MIPNET_KERNELS_FORCE_CUDA=1 build
+	set -o pipefail; MIPNET_KERNELS_FORCE_CUDA=1 $(PYTHON) -m pip install --no-build-isolation --no-deps --no-index -e . 2>&1 | tee benchmarks/out/build.log | tail -3
 	$(PYTHON) -m mipnet_kernels.info
+	$(PYTHON) -c "import mipnet_kernels as mk; b = mk.available_backends(); assert all(b[n]['available'] for n in ('cuda', 'triton', 'cpu')), b"
 	$(PYTHON) -m pytest tests -q -rs $(PYTEST_ARGS)
 	$(MAKE) USE_VENV=0 sanitize
 	$(PYTHON) -m pytest benchmarks -q --benchmark-json=$(BENCH_JSON) --mipnet-results-dir=benchmarks/results
 
-# compute-sanitizer (memcheck, racecheck, initcheck, synccheck) over the CUDA kernels' tests.
+# compute-sanitizer (memcheck, racecheck, initcheck, synccheck) over the tests of the CUDA
+# backend's kernels (test ids "cuda-cuda-...": backend cuda on CUDA tensors).
 SANITIZE_TESTS ?= tests/test_decode.py tests/test_flip_merge.py
+SANITIZE_K ?= cuda-cuda and not compile
 sanitize:
 	for tool in memcheck racecheck initcheck synccheck; do \
-	  MIPNET_KERNELS_BACKEND=cuda compute-sanitizer --tool $$tool --error-exitcode 1 \
-	    $(PY) -m pytest $(SANITIZE_TESTS) -q -x -m cuda -k "not compile" || exit 1; \
+	  compute-sanitizer --tool $$tool --error-exitcode 1 \
+	    $(PY) -m pytest $(SANITIZE_TESTS) -q -x -m cuda -k "$(SANITIZE_K)" || exit 1; \
 	done
 
 clean:
