@@ -31,10 +31,19 @@ GPU_ROOFLINE_FACTOR = 2.0  # fused time <= 2x the time to move its bytes at copy
 GPU_LAUNCH_FLOOR_S = 10e-6  # ... or under 10 us, where launch latency dominates
 GPU_MIN_SPEEDUP_VS_EAGER = 10.0  # decode: >= 10x faster than the eager reference
 CPU_QUARTER_MIN_SPEEDUP_VS_NUMPY = 20.0  # cpu backend, quarter mode, vs the NumPy anchor
+# MIMB issue: rows whose "eager" peer is the official-style SELambdaLayer ("compile": torch.compile of it).
+MIMB_OPS = ("mimb", "mimb_scale", "mimb_instances")
+MIMB_CPU_MIN_SPEEDUP_VS_EAGER = 2.0  # cpu backend at batch 4
+MIMB_CPU_TARGET_BATCH = 4
+MIMB_GPU_FWD_MIN_SPEEDUP_VS_EAGER = 3.0
+MIMB_GPU_FWD_MIN_SPEEDUP_VS_COMPILE = 1.5
+MIMB_GPU_FWD_ROOFLINE_FACTOR = 1.3  # for x >= 8 MB
+MIMB_GPU_ROOFLINE_MIN_BYTES = 8 * 1024 * 1024
+MIMB_GPU_BWD_MIN_SPEEDUP_VS_EAGER = 2.0
 
 FUSED_GPU_BACKENDS = ("cuda", "triton")
-BACKEND_ORDER = {"cuda": 0, "triton": 1, "cpu": 2, "reference": 3, "numpy": 4}
-OP_ORDER = {"decode_heatmaps": 0, "flip_merge": 1}
+BACKEND_ORDER = {"cuda": 0, "triton": 1, "cpu": 2, "reference": 3, "numpy": 4, "compile": 5, "eager": 6}
+OP_ORDER = {"decode_heatmaps": 0, "flip_merge": 1, "mimb": 2, "mimb_scale": 3, "mimb_instances": 4}
 MODE_ORDER = {"argmax": 0, "quarter": 1, "dark": 2, "udp": 3}
 DEVICE_ORDER = {"cuda": 0, "cpu": 1}
 
@@ -197,8 +206,58 @@ def _rows(benchmarks: Iterable[dict]) -> list[dict]:
     return rows
 
 
+def _shape_sort_key(shape: str):
+    """Numeric order of ``"4x32x64x48"`` (so batch 4 < 24 < 48 and C 32 < 256)."""
+    try:
+        return (0, tuple(int(p) for p in shape.split("x")), "")
+    except ValueError:
+        return (1, (), shape)
+
+
+def _mimb_target(row: dict) -> str:
+    """The MIMB issue's targets; '' for rows without one."""
+    if row["backend"] in ("eager", "compile", "reference"):
+        return ""
+    if row["device"] == "cpu":
+        if row["backend"] != "cpu" or not row["shape"].startswith(f"{MIMB_CPU_TARGET_BATCH}x"):
+            return ""
+        sx = row.get("speedup_eager")
+        if sx is None:
+            return "n/a: no eager row"
+        need = MIMB_CPU_MIN_SPEEDUP_VS_EAGER
+        return "PASS" if sx >= need else f"FAIL: eager {sx:.2f}x<{need:g}x"
+    if row["device"] != "cuda" or row["backend"] not in FUSED_GPU_BACKENDS:
+        return ""
+    fails = []
+    sx, sc = row.get("speedup_eager"), row.get("speedup_compile")
+    if row["op"] == "mimb_scale":  # forward + backward
+        if sx is None:
+            fails.append("no eager row")
+        elif sx < MIMB_GPU_BWD_MIN_SPEEDUP_VS_EAGER:
+            fails.append(f"eager {sx:.1f}x<{MIMB_GPU_BWD_MIN_SPEEDUP_VS_EAGER:g}x")
+    else:
+        if sx is None:
+            fails.append("no eager row")
+        elif sx < MIMB_GPU_FWD_MIN_SPEEDUP_VS_EAGER:
+            fails.append(f"eager {sx:.1f}x<{MIMB_GPU_FWD_MIN_SPEEDUP_VS_EAGER:g}x")
+        if sc is None:
+            fails.append("no compile row")
+        elif sc < MIMB_GPU_FWD_MIN_SPEEDUP_VS_COMPILE:
+            fails.append(f"compile {sc:.1f}x<{MIMB_GPU_FWD_MIN_SPEEDUP_VS_COMPILE:g}x")
+        x_bytes = row.get("bytes_read", 0)  # forward rows read x exactly once
+        roof = row.get("t_over_copy")
+        if x_bytes >= MIMB_GPU_ROOFLINE_MIN_BYTES:
+            if roof is None:
+                fails.append("no copy bw")
+            elif roof > MIMB_GPU_FWD_ROOFLINE_FACTOR:
+                fails.append(f"{roof:.2f}x copy")
+    return "PASS" if not fails else "FAIL: " + ", ".join(fails)
+
+
 def _target(row: dict) -> str:
     t = row["time"]
+    if row["op"] in MIMB_OPS:
+        return _mimb_target(row)
     if row["device"] == "cuda" and row["backend"] in FUSED_GPU_BACKENDS:
         fails = []
         roof = row.get("t_over_copy")
@@ -232,7 +291,11 @@ def build_table(benchmarks: Iterable[dict], machine_info: dict | None = None) ->
         by_key.setdefault(key, {})[r["backend"]] = r["time"]
     for r in rows:
         peers = by_key[(r["op"], r.get("mode"), r["shape"], r["dtype"], r["device"])]
-        r["speedup_eager"] = peers["reference"] / r["time"] if "reference" in peers and r["backend"] != "reference" else None
+        eager = "eager" if "eager" in peers else "reference"  # MIMB rows: the official-style layer
+        r["speedup_eager"] = peers[eager] / r["time"] if eager in peers and r["backend"] != eager else None
+        r["speedup_compile"] = (
+            peers["compile"] / r["time"] if "compile" in peers and r["backend"] not in ("compile", "eager") else None
+        )
         r["speedup_numpy"] = peers["numpy"] / r["time"] if "numpy" in peers and r["backend"] != "numpy" else None
         r["gbps_now"] = r["bytes_moved"] / r["time"] / 1e9 if r["time"] > 0 else None
         bw = r.get("copy_bandwidth_GBps")
@@ -240,7 +303,7 @@ def build_table(benchmarks: Iterable[dict], machine_info: dict | None = None) ->
         r["t_over_copy"] = r["time"] / (r["bytes_moved"] / (bw * 1e9)) if bw and fused else None
         r["target"] = _target(r)
     rows.sort(key=lambda r: (
-        DEVICE_ORDER.get(r["device"], 9), OP_ORDER.get(r["op"], 9), r["shape"],
+        DEVICE_ORDER.get(r["device"], 9), OP_ORDER.get(r["op"], 9), _shape_sort_key(r["shape"]),
         MODE_ORDER.get(r.get("mode"), 9), r["dtype"], BACKEND_ORDER.get(r["backend"], 9),
     ))
     header = ["op", "mode", "dev", "backend", "shape", "dtype", "median", "GB/s",
@@ -298,6 +361,15 @@ def build_table(benchmarks: Iterable[dict], machine_info: dict | None = None) ->
         " flip_merge: read 2 maps + write 1).  x eager / x numpy: speed-up over the reference"
         " backend / the NumPy anchor on the same device, shape and dtype."
     )
+    if any(r["op"] in MIMB_OPS for r in rows):
+        lines.append(
+            "MIMB rows (op mimb fwd / mimb_scale fwd+bwd / mimb_instances N=2): x eager is over the"
+            " official-style SELambdaLayer (backend eager; compile = torch.compile of it); GB/s counts"
+            " read x + write y (N writes for mimb_instances; fwd+bwd adds read x, dy + write dx)."
+            f"  Targets: cpu >= {MIMB_CPU_MIN_SPEEDUP_VS_EAGER:g}x eager at batch {MIMB_CPU_TARGET_BATCH};"
+            f" cuda/triton fwd >= {MIMB_GPU_FWD_MIN_SPEEDUP_VS_EAGER:g}x eager, >= {MIMB_GPU_FWD_MIN_SPEEDUP_VS_COMPILE:g}x"
+            f" compile, t/copy <= {MIMB_GPU_FWD_ROOFLINE_FACTOR:g}x for x >= 8 MB; fwd+bwd >= {MIMB_GPU_BWD_MIN_SPEEDUP_VS_EAGER:g}x eager."
+        )
     lines.append(
         "t/copy: median / (bytes at the measured copy bandwidth).  Targets: cuda/triton rows "
         "t/copy <= 2x or < 10 us (decode also >= 10x eager); cpu quarter >= 20x numpy."

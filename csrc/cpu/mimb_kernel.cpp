@@ -64,6 +64,8 @@
 #include <immintrin.h>
 #endif
 
+#include "../host_utils.h"
+#include "isa.h"
 #include "vec.h"
 
 namespace mipnet {
@@ -73,46 +75,17 @@ namespace {
 using torch::headeronly::MemoryFormat;
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
+using host::dtype_name;
+using host::is_supported_float;
+using host::num_threads_for;
 using Half = torch::headeronly::Half;
 using BFloat16 = torch::headeronly::BFloat16;
 
-// Parallelise only when there is enough work to pay for waking the thread team.
-constexpr int64_t kMinParallelElems = 1 << 15;
 // Channels-last work items: about this many elements per (sample, pixel chunk).
 constexpr int64_t kChunkElems = 8192;
 constexpr int64_t kMaxChunkPixels = 512;  // bounds the serial float sum inside a chunk
 
 // ==================================================================== helpers
-const char* dtype_name(ScalarType t) {
-  switch (t) {
-    case ScalarType::Float: return "float32";
-    case ScalarType::Half: return "float16";
-    case ScalarType::BFloat16: return "bfloat16";
-    case ScalarType::Double: return "float64";
-    case ScalarType::Long: return "int64";
-    case ScalarType::Int: return "int32";
-    case ScalarType::Bool: return "bool";
-    default: return "an unsupported dtype";
-  }
-}
-
-bool is_supported_float(ScalarType t) {
-  return t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16;
-}
-
-// Threads for `items` work items over `elems` elements of memory traffic.
-int num_threads_for(int64_t items, int64_t elems) {
-#ifdef _OPENMP
-  if (items < 2 || elems < kMinParallelElems) return 1;
-  const int64_t n = static_cast<int64_t>(torch::stable::get_num_threads());
-  return static_cast<int>(std::max<int64_t>(1, std::min(n, items)));
-#else
-  (void)items;
-  (void)elems;
-  return 1;
-#endif
-}
-
 // channels_last-contiguous strides (dims of size 1 may have any stride, as in torch).
 bool is_channels_last(const Tensor& t) {
   int64_t expect = 1;
@@ -221,7 +194,9 @@ struct MatKern {
 // e = 1 / (1 + exp(-z)), n values
 typedef void (*SigmoidFn)(const float* z, float* e, int64_t n);
 
-#if defined(__AVX2__)
+// Variants (isa.h): isa_base (not in a build that targets AVX2), isa_avx2 and, for
+// bfloat16 stores, isa_avx512bf16; each its own namespace inside the anonymous one.
+#if MIPNET_ISA_NATIVE_AVX2
 // The whole build targets AVX2 (every AVX2 CPU has F16C): one variant, no dispatch.
 #if !defined(__F16C__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC target("f16c")
@@ -252,77 +227,38 @@ namespace isa_base {
 #undef MIPNET_MIMB_AVX2
 }  // namespace isa_base
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define MIPNET_MIMB_DISPATCH_AVX2 1
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,f16c")
-#endif
+#if MIPNET_ISA_DISPATCH_AVX2
+MIPNET_ISA_AVX2_BEGIN
 namespace isa_avx2 {
 #define MIPNET_MIMB_AVX2 1
 #include "mimb.h"
 #undef MIPNET_MIMB_AVX2
 }  // namespace isa_avx2
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
+MIPNET_ISA_END
 #endif
 
-// MIPNET_KERNELS_NO_AVX2=1 forces the baseline variant (tests, A/B timing).
-bool cpu_has_avx2() {
-  static const bool has = [] {
-    const char* off = std::getenv("MIPNET_KERNELS_NO_AVX2");
-    if (off != nullptr && off[0] != '\0' && !(off[0] == '0' && off[1] == '\0')) return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  }();
-  return has;
-}
-
-// bfloat16 stores through AVX512-BF16 (Zen 4, Sapphire Rapids): the AVX2 kernels with one
-// instruction in place of the integer rounding.  Only make_kern<BFloat16> is used.
-#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10)
-#define MIPNET_MIMB_DISPATCH_AVX512BF16 1
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,f16c,avx512f,avx512vl,avx512dq,avx512bf16"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,f16c,avx512f,avx512vl,avx512dq,avx512bf16")
-#endif
+// bfloat16 stores through AVX512-BF16: the AVX2 kernels with one instruction in place of
+// the integer rounding.  Only make_kern<BFloat16> is used.
+#if MIPNET_ISA_DISPATCH_AVX512BF16
+MIPNET_ISA_AVX512BF16_BEGIN
 namespace isa_avx512bf16 {
 #define MIPNET_MIMB_AVX2 1
 #define MIPNET_MIMB_AVX512BF16 1
 #include "mimb.h"
 #undef MIPNET_MIMB_AVX2
 }  // namespace isa_avx512bf16
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
+MIPNET_ISA_END
 #endif
-
-bool cpu_has_avx512bf16() {
-  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512bf16");
-  return has;
-}
-#endif  // AVX512-BF16
-#endif  // x86-64
 
 template <class T>
 const Kern<T>& kern() {
   static const Kern<T> k = [] {
-#ifdef MIPNET_MIMB_DISPATCH_AVX512BF16
+#if MIPNET_ISA_DISPATCH_AVX512BF16
     if constexpr (std::is_same<T, BFloat16>::value) {
       if (cpu_has_avx512bf16()) return isa_avx512bf16::make_kern<T>();
     }
 #endif
-#ifdef MIPNET_MIMB_DISPATCH_AVX2
+#if MIPNET_ISA_DISPATCH_AVX2
     if (cpu_has_avx2()) return isa_avx2::make_kern<T>();
 #endif
     return isa_base::make_kern<T>();
@@ -332,7 +268,7 @@ const Kern<T>& kern() {
 template <class TW>
 const MatKern<TW>& mat_kern() {
   static const MatKern<TW> k = [] {
-#ifdef MIPNET_MIMB_DISPATCH_AVX2
+#if MIPNET_ISA_DISPATCH_AVX2
     if (cpu_has_avx2()) return isa_avx2::make_mat_kern<TW>();
 #endif
     return isa_base::make_mat_kern<TW>();
@@ -341,7 +277,7 @@ const MatKern<TW>& mat_kern() {
 }
 SigmoidFn sigmoid_fn() {
   static const SigmoidFn f = [] {
-#ifdef MIPNET_MIMB_DISPATCH_AVX2
+#if MIPNET_ISA_DISPATCH_AVX2
     if (cpu_has_avx2()) return isa_avx2::make_sigmoid();
 #endif
     return isa_base::make_sigmoid();

@@ -84,6 +84,7 @@
 #include <tuple>
 
 #include "../decode.h"
+#include "../host_utils.h"
 
 namespace mipnet {
 namespace cuda {
@@ -92,6 +93,8 @@ namespace {
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 namespace dec = mipnet::decode;
+using host::dtype_name;
+using host::is_supported_float;
 
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -586,22 +589,6 @@ flip_merge_kernel(const typename D::raw_t* __restrict__ hm,
 }
 
 // ------------------------------------------------------------------------ host helpers
-const char* dtype_name(ScalarType t) {
-  switch (t) {
-    case ScalarType::Float: return "float32";
-    case ScalarType::Half: return "float16";
-    case ScalarType::BFloat16: return "bfloat16";
-    case ScalarType::Double: return "float64";
-    case ScalarType::Long: return "int64";
-    case ScalarType::Int: return "int32";
-    default: return "an unsupported dtype";
-  }
-}
-
-bool is_supported_float(ScalarType t) {
-  return t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16;
-}
-
 cudaStream_t current_stream(int32_t device_index) {
   void* stream = nullptr;
   STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device_index, &stream));

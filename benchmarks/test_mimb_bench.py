@@ -1,0 +1,294 @@
+"""Benchmarks of the Multi-Instance Modulation Block: ``mimb``, ``mimb_scale`` (forward +
+backward) and ``mimb_instances``.
+
+Workload: the MIMB inputs of MIPNet HRNet (one block per branch before stage 4),
+* W32 at 256x192: C = 32/64/128/256 at 64x48, 32x24, 16x12, 8x6;
+* W48 at 384x288: C = 48/96/192/384 at 96x72, 48x36, 24x18, 12x9 (GPU only).
+CPU: W32 at batch 4, fp32 (the issue's CPU target).  GPU: batch 24 and 48, fp32/fp16/bf16.
+
+Rows (``op`` / ``mode``):
+
+* ``mimb`` / ``fwd`` -- eval-style forward with fixed weights (BatchNorm folded,
+  :meth:`MIMB.folded_embedding`) and a one-hot ``lam [B, 2]``, under ``no_grad``.
+* ``mimb_scale`` / ``fwd+bwd`` -- one training step of the block: ``MIMB`` in train mode
+  (its forward is the plain ``fc_lambda`` embedding MLP + the fused ``mimb_scale``), then
+  ``backward(dy)`` into ``x`` and every parameter.  The eager row is the same through the
+  official layer, so both sides include the same tiny embedding MLP.
+* ``mimb_instances`` / ``N=2`` -- both instances from one read of ``x``; the eager row
+  runs the official layer twice (once per one-hot selector), as MIPNet inference does.
+
+Backends: ``cpu`` / ``reference`` on CPU tensors, ``cuda`` / ``triton`` / ``reference`` on CUDA
+tensors, through ``mipnet_kernels.use_backend`` (skipped with the dispatcher's
+``not_supported_reasons`` where they have no implementation), plus the baselines ``eager``
+(the official-style ``SELambdaLayer``, imported from ``tests/test_nn.py`` so benchmarks and
+tests share one definition) and, on CUDA only, ``compile`` (``torch.compile`` of it).
+
+Bytes that must move (the GB/s column): forward read x + write y; ``mimb_instances``
+read x + N writes; ``fwd+bwd`` the forward's plus the backward's (read x and dy, write dx),
+i.e. 5 tensors of x's size.  Weights and per-channel vectors are ignored (< 0.1 %).
+
+Timing and ``extra_info`` as in ``test_decode_bench.py`` (shared helpers).  Each row's
+result is checked once against the eager official layer (a gross check; accuracy is the
+tests' job).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mipnet_kernels
+from mipnet_kernels import _backends, use_backend
+from mipnet_kernels.nn import MIMB
+
+from . import _timing
+from .test_decode_bench import DTYPE_IDS, _device_name, _extra_info, _run
+
+TESTS_DIR = Path(__file__).resolve().parents[1] / "tests"
+TEST_NN_PATH = TESTS_DIR / "test_nn.py"
+
+
+def _load_official_layer():
+    """``OfficialSELambdaLayer`` from ``tests/test_nn.py`` (which imports ``utils`` from tests/)."""
+    mod = sys.modules.get("test_nn")
+    if mod is not None and Path(getattr(mod, "__file__", "")).resolve() == TEST_NN_PATH:
+        return mod.OfficialSELambdaLayer
+    if str(TESTS_DIR) not in sys.path:
+        sys.path.append(str(TESTS_DIR))
+    spec = importlib.util.spec_from_file_location("mipnet_tests_test_nn", TEST_NN_PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.OfficialSELambdaLayer
+
+
+_OFFICIAL_IMPORT_ERROR = ""
+try:
+    OfficialSELambdaLayer = _load_official_layer()
+except Exception as exc:  # pragma: no cover - only when tests/ is not shipped
+    OfficialSELambdaLayer = None
+    _OFFICIAL_IMPORT_ERROR = f"tests/test_nn.py (OfficialSELambdaLayer) could not be imported: {exc!r}"
+
+NUM_INSTANCES, REDUCTION = 2, 4
+W32_256 = [(32, 64, 48), (64, 32, 24), (128, 16, 12), (256, 8, 6)]
+W48_384 = [(48, 96, 72), (96, 48, 36), (192, 24, 18), (384, 12, 9)]
+CPU_BATCH = 4
+GPU_BATCHES = (24, 48)
+
+CPU_SHAPES = [(CPU_BATCH, c, h, w) for c, h, w in W32_256]
+GPU_SHAPES = [(b, c, h, w) for b in GPU_BATCHES for c, h, w in W32_256 + W48_384]
+DEVICE_CASES = {
+    "cpu": (CPU_SHAPES, (torch.float32,), ("cpu", "reference", "eager")),
+    "cuda": (GPU_SHAPES, (torch.float32, torch.float16, torch.bfloat16),
+             ("cuda", "triton", "reference", "eager", "compile")),
+}
+BASELINES = ("eager", "compile")
+#: the dispatcher op each benchmark's backends implement (for ``not_supported_reasons``)
+DISPATCH_OP = {"mimb": "mimb_scale_fwd", "mimb_scale": "mimb_scale_bwd", "mimb_instances": "mimb_instances"}
+# gross-error bound vs the eager official layer (relative to max |eager|)
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def _shape_id(shape) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def _cases():
+    for device, (shapes, dtypes, backends) in DEVICE_CASES.items():
+        for dtype in dtypes:
+            for backend in backends:
+                marks = []
+                if device == "cuda":
+                    marks += [pytest.mark.cuda, pytest.mark.benchmark(timer=_timing.CUDA_EVENT_TIMER)]
+                for shape in shapes:
+                    yield pytest.param(
+                        device, dtype, backend, shape,
+                        id=f"{device}-{backend}-{DTYPE_IDS[dtype]}-{_shape_id(shape)}", marks=marks,
+                    )
+
+
+CASES = list(_cases())
+
+
+# --------------------------------------------------------------------------- inputs
+_cache: dict = {}
+
+
+def _setup(shape, dtype, device: str) -> dict:
+    """Official layer and MIMB with identical (non-trivial) weights, inputs, eval tensors."""
+    key = (shape, dtype, device)
+    if key in _cache:
+        return _cache[key]
+    _cache.clear()  # one shape at a time: GPU shapes reach 170 MB per tensor
+    B, C, H, W = shape
+    torch.manual_seed(0)
+    off = OfficialSELambdaLayer(C, REDUCTION, NUM_INSTANCES)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in off.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+        bn = off.fc_lambda[1]
+        bn.running_mean.copy_(0.5 * torch.randn(bn.running_mean.shape, generator=g))
+        bn.running_var.copy_(0.5 + torch.rand(bn.running_var.shape, generator=g))
+    ours = MIMB(C, NUM_INSTANCES, REDUCTION)
+    ours.load_state_dict(off.state_dict())
+    off, ours = off.to(device=device, dtype=dtype), ours.to(device=device, dtype=dtype)
+    for m in (off, ours):  # train steps must not move the running statistics (eval rows use them)
+        m.fc_lambda[1].momentum = 0.0
+    x = (torch.randn(B, C, H, W, generator=g) + 2 * torch.randn(1, C, 1, 1, generator=g))
+    dy = torch.randn(B, C, H, W, generator=g)
+    idx = torch.arange(B) % NUM_INSTANCES
+    lam = F.one_hot(idx, NUM_INSTANCES).to(device=device, dtype=dtype)
+    lam_n = [F.one_hot(torch.full((B,), n), NUM_INSTANCES).to(device=device, dtype=dtype)
+             for n in range(NUM_INSTANCES)]
+    ours.eval()
+    with torch.no_grad():
+        e1, b1, e2, b2 = (t.detach() for t in ours.folded_embedding())
+        table = ours.embedding_table().detach()
+    d = {
+        "off": off, "ours": ours, "x": x.to(device=device, dtype=dtype).contiguous(),
+        "dy": dy.to(device=device, dtype=dtype).contiguous(), "lam": lam, "lam_n": lam_n,
+        "w1": ours.w1.detach(), "w2": ours.w2.detach(), "e1": e1, "b1": b1, "e2": e2, "b2": b2,
+        "table": table, "compiled": {},
+    }
+    _cache[key] = d
+    return d
+
+
+def _compiled(d, mode: str):
+    if mode not in d["compiled"]:
+        d["compiled"][mode] = torch.compile(d["off"])
+    return d["compiled"][mode]
+
+
+# --------------------------------------------------------------------------- functions timed
+def _forward_fn(d, backend: str):
+    x, lam = d["x"], d["lam"]
+    if backend in BASELINES:
+        d["off"].eval()
+        layer = d["off"] if backend == "eager" else _compiled(d, "eval")
+
+        def fn():
+            with torch.no_grad():
+                return layer(x, lam)
+        return fn
+    args = (x, lam, d["w1"], d["w2"], d["e1"], d["b1"], d["e2"], d["b2"])
+
+    def fn():
+        with torch.no_grad():
+            return mipnet_kernels.mimb(*args)
+    return fn
+
+
+def _train_step_fn(d, backend: str):
+    """Forward + backward of one training step; returns dx."""
+    module = d["off"] if backend in BASELINES else d["ours"]
+    module.train()
+    layer = module if backend != "compile" else _compiled(d, "train")
+    xg = d["x"].detach().clone().requires_grad_(True)
+    lam, dy = d["lam"], d["dy"]
+
+    def fn():
+        module.zero_grad(set_to_none=True)
+        xg.grad = None
+        layer(xg, lam).backward(dy)
+        return xg.grad
+    return fn
+
+
+def _instances_fn(d, backend: str):
+    x = d["x"]
+    if backend in BASELINES:
+        d["off"].eval()
+        layer = d["off"] if backend == "eager" else _compiled(d, "eval")
+        lams = d["lam_n"]
+
+        def fn():
+            with torch.no_grad():
+                return [layer(x, lam) for lam in lams]
+        return fn
+    w1, w2, table = d["w1"], d["w2"], d["table"]
+
+    def fn():
+        with torch.no_grad():
+            return mipnet_kernels.mimb_instances(x, w1, w2, table)
+    return fn
+
+
+OPS = {
+    # op: (mode, fn factory, bytes read / written in units of x's size)
+    "mimb": ("fwd", _forward_fn, 1, 1),
+    "mimb_scale": ("fwd+bwd", _train_step_fn, 3, 2),
+    "mimb_instances": (f"N={NUM_INSTANCES}", _instances_fn, 1, NUM_INSTANCES),
+}
+
+
+def _as_tensor(out) -> torch.Tensor:
+    return torch.cat(list(out), 0) if isinstance(out, (list, tuple)) else out
+
+
+def _skip_reason(op: str, backend: str, device: str, d) -> str | None:
+    if backend in BASELINES:
+        return None
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return "TRITON_INTERPRET is set: interpreter timings are meaningless, triton is benchmarked on CUDA only"
+    x, w1, w2 = d["x"], d["w1"], d["w2"]
+    B, C = x.shape[:2]
+    v = torch.ones(B, C, device=x.device, dtype=x.dtype)
+    if op == "mimb_instances":
+        args = (x, w1, w2, d["table"])
+    elif op == "mimb_scale":
+        s = torch.zeros(B, C, device=x.device, dtype=torch.float32)
+        args = (d["dy"], x, w1, w2, v, s)
+    else:
+        args = (x, w1, w2, v)
+    reasons = _backends.not_supported_reasons(DISPATCH_OP[op], backend, torch.device(device), *args)
+    if op == "mimb_scale" and not reasons:  # the step also runs the forward kernel
+        reasons = _backends.not_supported_reasons("mimb_scale_fwd", backend, torch.device(device), x, w1, w2, v)
+    return "; ".join(reasons) if reasons else None
+
+
+# --------------------------------------------------------------------------- benchmarks
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("device, dtype, backend, shape", CASES)
+def test_mimb_ops(benchmark, request, device, dtype, backend, shape, op):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device (torch.cuda.is_available() is False)")
+    if OfficialSELambdaLayer is None:
+        pytest.skip(_OFFICIAL_IMPORT_ERROR)
+    d = _setup(shape, dtype, device)
+    why = _skip_reason(op, backend, device, d)
+    if why:
+        pytest.skip(why)
+
+    mode, factory, n_read, n_written = OPS[op]
+    nbytes = d["x"].numel() * d["x"].element_size()
+    bytes_read, bytes_written = n_read * nbytes, n_written * nbytes
+    benchmark.group = f"{op} {mode} {_shape_id(shape)} {DTYPE_IDS[dtype]} {device}"
+    _extra_info(
+        benchmark, op=op, backend=backend, mode=mode, device=device,
+        device_name=_device_name(device), shape=_shape_id(shape), dtype=str(dtype).replace("torch.", ""),
+        bytes_read=bytes_read, bytes_written=bytes_written, bytes_moved=bytes_read + bytes_written,
+        reduction=REDUCTION, num_instances=NUM_INSTANCES,
+    )
+    fn = factory(d, backend)
+    if backend in BASELINES:
+        out = _run(benchmark, request, device, backend, fn, bytes_read + bytes_written)
+    else:
+        with use_backend(backend):
+            out = _run(benchmark, request, device, backend, fn, bytes_read + bytes_written)
+    out = _as_tensor(out).detach()
+
+    ref_key = ("ref", op)
+    if ref_key not in d:  # the eager official layer, run once
+        d[ref_key] = _as_tensor(factory(d, "eager")()).detach().clone()
+    ref = d[ref_key]
+    diff = (out.float() - ref.float()).abs().max().item()
+    _extra_info(benchmark, max_abs_diff_vs_eager=diff)
+    tol = TOL[dtype] * max(1.0, ref.float().abs().max().item())
+    assert diff <= tol, f"{op} {backend}: differs from the eager official layer by {diff:.3g} (> {tol:.3g})"
