@@ -1,4 +1,5 @@
-"""Triton kernels, one module per op (``decode``: heatmap decoding and the flip-test merge).
+"""Triton kernels, one module per op (``decode``: heatmap decoding and the flip-test merge;
+``mimb``: the Multi-Instance Modulation Block, two-phase).
 
 Importing this package does not import ``triton``: the kernels' modules are loaded on first
 use, so ``TRITON_INTERPRET=1`` (which must be set before ``triton`` is imported) can still be
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["decode_heatmaps_triton", "flip_merge_triton"]
-
 _LAZY = {
     "decode_heatmaps_triton": "decode",
     "flip_merge_triton": "decode",
+    "mimb_scale_fwd_triton": "mimb",
+    "mimb_scale_bwd_triton": "mimb",
+    "mimb_instances_triton": "mimb",
 }
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str):
