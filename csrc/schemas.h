@@ -55,5 +55,14 @@
   "mimb_scale_bwd(Tensor dy, Tensor x, Tensor w1, Tensor w2, Tensor v, Tensor s) -> "      \
   "(Tensor dx, Tensor dw1, Tensor dw2, Tensor dv)"
 
+// mimb_fwd(x, lam, w1, w2, e1, b1, e2, b2) -> (y, s)
+//   mimb_scale_fwd with the instance embedding computed inside the kernel, per sample in
+//   float32:  v = sigmoid(e2 @ relu(e1 @ lam[b] + b1) + b2);
+//   lam [B, N], e1 [K, N], b1 [K], e2 [C, K], b2 [C]: float32 / float16 / bfloat16, any
+//   strides;  y, s as mimb_scale_fwd.
+#define MIPNET_MIMB_FWD_SCHEMA                                                             \
+  "mimb_fwd(Tensor x, Tensor lam, Tensor w1, Tensor w2, Tensor e1, Tensor b1, Tensor e2, "  \
+  "Tensor b2) -> (Tensor y, Tensor s)"
+
 #define MIPNET_MIMB_INSTANCES_SCHEMA \
   "mimb_instances(Tensor x, Tensor w1, Tensor w2, Tensor table) -> Tensor"

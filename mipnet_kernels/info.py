@@ -83,11 +83,11 @@ def _print_human(info: dict) -> None:
     for op, per_device in info["ops"].items():
         for dev, choice in per_device.items():
             if choice.get("backend") is None:
-                print(f"  {op:18s} {dev:5s} -> ERROR {choice['error']}")
+                print(f"  {op:24s} {dev:5s} -> ERROR {choice['error']}")
                 continue
-            print(f"  {op:18s} {dev:5s} -> {choice['backend']}")
+            print(f"  {op:24s} {dev:5s} -> {choice['backend']}")
             for skipped, reasons in choice["skipped"].items():
-                print(f"  {'':18s} {'':5s}    skipped {skipped}: {'; '.join(reasons)}")
+                print(f"  {'':24s} {'':5s}    skipped {skipped}: {'; '.join(reasons)}")
 
 
 def main(argv: list[str] | None = None) -> int:

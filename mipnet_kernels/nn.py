@@ -258,6 +258,8 @@ class MIMB(nn.Module):
                 return mimb_scale(x, w1, w2, table.index_select(0, idx))
         if sel is None:
             sel = self._one_hot(idx, e1f.dtype)
+        if not torch.is_grad_enabled():  # nothing is recorded: plain tensors take the fused kernel
+            w1, w2 = w1.detach(), w2.detach()
         return mimb(x, sel, w1, w2, e1f, b1f, e2, b2)
 
     def instances(self, x: Tensor) -> Tensor:

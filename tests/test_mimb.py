@@ -576,6 +576,88 @@ def test_cpu_routing_reasons():
                 mk.mimb_scale(*args64)
 
 
+def _cpu_mimb_fwd_or_skip():
+    if not mk.available_backends()["cpu"]["available"] or not hasattr(torch.ops.mipnet_cpu, "mimb_fwd"):
+        pytest.skip("the C++ CPU extension (with mimb_fwd) is not loaded")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_fused_mimb_fwd_matches_reference(dtype, layout):
+    """The private fused op (embedding inside the kernel) against the torch path."""
+    _cpu_mimb_fwd_or_skip()
+    c = make_case(3, 24, 5, 4, 4, N=3, seed=21, soft=True)
+    x = relayout(c["x"].to(dtype), layout)
+    # strided / mixed-dtype small operands: a transposed e1, a strided b1, a half b2
+    lam, w1, w2, e1, b1, e2, b2 = (c[k] for k in MIMB_KEYS[1:])
+    e1 = e1.T.contiguous().T
+    b1 = torch.stack([b1, b1], 1)[:, 0]
+    args = (x, lam.to(dtype), w1, w2, e1, b1, e2.to(dtype), b2.half())
+    y, s = torch.ops.mipnet_cpu.mimb_fwd(*args)
+    y_ref, s_ref = M.mimb_fwd_reference(*args)
+    check_output(y, x)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=tol, atol=tol)
+    # the same through the public op on the cpu backend
+    with mk.use_backend("cpu"):
+        torch.testing.assert_close(mk.mimb(*args), y, rtol=0, atol=0)
+
+
+def test_cpu_fused_mimb_fwd_routing(monkeypatch):
+    """``mimb``'s forward runs the fused cpu kernel (auto and forced cpu); the reference backend,
+    float64 inputs and an extension without it take the torch embedding path."""
+    _cpu_mimb_fwd_or_skip()
+    calls = []
+    impl = _backends._OPS["mimb_fwd"].impls["cpu"]
+    orig = impl.fn
+    monkeypatch.setattr(impl, "fn", lambda *a: calls.append("fused") or orig(*a))
+    c = make_case(2, 8, 3, 3, 4, soft=True)
+    args = [c[k] for k in MIMB_KEYS]
+    assert _backends.select("mimb_fwd", torch.device("cpu"), *args)[0] == "cpu"
+    want = M.mimb_reference(*args)
+    for backend in ("auto", "cpu"):
+        with mk.use_backend(backend):
+            torch.testing.assert_close(mk.mimb(*args), want, rtol=1e-5, atol=1e-6)
+    assert calls == ["fused", "fused"]
+    with mk.use_backend("reference"):
+        torch.testing.assert_close(mk.mimb(*args), want, rtol=1e-6, atol=1e-7)
+    args64 = [a.double() for a in args]
+    name, skipped = _backends.select("mimb_fwd", torch.device("cpu"), *args64)
+    assert name == "reference" and any("float64" in r for r in skipped["cpu"])
+    mk.mimb(*args64)
+    # lam alone in float64: the cpu kernel declines it, mimb_scale_fwd still runs on cpu
+    mk.mimb(args[0], args[1].double(), *args[2:])
+    assert calls == ["fused", "fused"]
+    # empty batch: no kernel call, empty outputs
+    y = mk.mimb(args[0][:0], args[1][:0], *args[2:])
+    assert y.shape == (0, *args[0].shape[1:])
+    assert calls == ["fused", "fused"]
+    # training: inputs that require grad take the torch embedding (the backward recomputes it)
+    xg = args[0].clone().requires_grad_(True)
+    mk.mimb(xg, *args[1:]).sum().backward()
+    assert calls == ["fused", "fused"] and xg.grad is not None
+
+
+def test_cpu_fused_mimb_fwd_bad_input():
+    """The private op checks its own inputs (it is reachable as torch.ops.mipnet_cpu.mimb_fwd)."""
+    _cpu_mimb_fwd_or_skip()
+    c = make_case(2, 8, 3, 3, 4, N=3)
+    args = [c[k] for k in MIMB_KEYS]
+    for i, bad, match in (
+        (1, torch.rand(3, 3), r"lam.size\(0\)"),
+        (4, torch.rand(2, 2), r"e1.size\(1\)"),
+        (5, torch.rand(3), r"b1.size\(0\)"),
+        (6, torch.rand(8, 3), r"e2.size\(1\)"),
+        (7, torch.rand(7), r"b2.size\(0\)"),
+        (7, torch.ones(8, dtype=torch.int64), r"b2 must be float32"),
+    ):
+        a = list(args)
+        a[i] = bad
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.mipnet_cpu.mimb_fwd(*a)
+
+
 def test_cpu_extension_without_mimb_kernels_falls_back(monkeypatch):
     """An extension built before the MIMB kernels existed: cpu says "not built" for every MIMB
     dispatch entry and the automatic choice runs the reference, with the same results."""

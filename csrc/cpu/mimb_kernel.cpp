@@ -1,6 +1,7 @@
 // C++ CPU kernels of the Multi-Instance Modulation Block (torch.ops.mipnet_cpu.*).
 //
 //   mimb_scale_fwd(x, w1, w2, v) -> (y, s)
+//   mimb_fwd(x, lam, w1, w2, e1, b1, e2, b2) -> (y, s)   (v = the embedding MLP, in here)
 //   mimb_scale_bwd(dy, x, w1, w2, v, s) -> (dx, dw1, dw2, dv)
 //   mimb_instances(x, w1, w2, table) -> y
 //
@@ -548,30 +549,38 @@ void scale_fwd_impl(const Geometry& g, const T* x, T* y, const Mlp& mlp, const f
   run_phases(g, B * C * HW * 2, reduce, mid, apply, 0, NoPost{});
 }
 
-std::tuple<Tensor, Tensor> mimb_scale_fwd_cpu(Tensor x, Tensor w1, Tensor w2, Tensor v) {
-  const char* op = "mimb_scale_fwd";
+// Checks of x, w1, w2 shared by the forward ops.
+void check_scale_xw(const Tensor& x, const Tensor& w1, const Tensor& w2, const char* op) {
   check_cpu_float(x, op, "x", 4, "[B, C, H, W]");
   check_cpu_float(w1, op, "w1", 2, "[Cr, C]");
   check_cpu_float(w2, op, "w2", 2, "[C, Cr]");
-  check_cpu_float(v, op, "v", 2, "[B, C]");
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
-  const int64_t Cr = w1.size(0);
-  check_size(w1, op, "w1", 1, C, "C (x.size(1))");
-  check_size(w2, op, "w2", 0, C, "C (x.size(1))");
-  check_size(w2, op, "w2", 1, Cr, "Cr (w1.size(0))");
-  check_size(v, op, "v", 0, B, "B (x.size(0))");
-  check_size(v, op, "v", 1, C, "C (x.size(1))");
-  const Layout lay = x_layout(x, op, "x");
+  check_size(w1, op, "w1", 1, x.size(1), "C (x.size(1))");
+  check_size(w2, op, "w2", 0, x.size(1), "C (x.size(1))");
+  check_size(w2, op, "w2", 1, w1.size(0), "Cr (w1.size(0))");
+}
 
+// The forward's outputs (y, s) and its scale phase with a given v [B, C] (float32 contiguous).
+struct ScaleFwd {
+  Tensor y, s;
+  Layout lay;
+  int64_t B, C, HW;
+};
+
+ScaleFwd scale_fwd_alloc(const Tensor& x, const char* op) {
+  const Layout lay = x_layout(x, op, "x");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   Tensor y = alloc_4d(x, B, C, H, W, lay.out_cl);
   Tensor s = torch::stable::new_empty(x, {B, C}, ScalarType::Float);
-  if (B * C == 0) return std::make_tuple(y, s);
+  return ScaleFwd{y, s, lay, B, C, H * W};
+}
 
-  std::vector<float> b1, b2, bv;
-  const Mlp mlp{as_mat(w1, b1), as_mat(w2, b2), C, Cr};
-  const float* pv = as_float_2d(v, bv);
-  const Geometry g(B, C, HW, lay.nhwc);
-  float* ps = static_cast<float*>(s.data_ptr());
+void scale_fwd_run(const ScaleFwd& o, const Tensor& x, const Tensor& w1, const Tensor& w2,
+                   const float* pv) {
+  std::vector<float> b1, b2;
+  const Mlp mlp{as_mat(w1, b1), as_mat(w2, b2), o.C, w1.size(0)};
+  const Geometry g(o.B, o.C, o.HW, o.lay.nhwc);
+  const Tensor& y = o.y;
+  float* ps = static_cast<float*>(o.s.data_ptr());
   switch (x.scalar_type()) {
     case ScalarType::Half:
       scale_fwd_impl(g, static_cast<const Half*>(x.data_ptr()), static_cast<Half*>(y.data_ptr()),
@@ -586,7 +595,79 @@ std::tuple<Tensor, Tensor> mimb_scale_fwd_cpu(Tensor x, Tensor w1, Tensor w2, Te
                      static_cast<float*>(y.data_ptr()), mlp, pv, ps);
       break;
   }
-  return std::make_tuple(y, s);
+}
+
+std::tuple<Tensor, Tensor> mimb_scale_fwd_cpu(Tensor x, Tensor w1, Tensor w2, Tensor v) {
+  const char* op = "mimb_scale_fwd";
+  check_scale_xw(x, w1, w2, op);
+  check_cpu_float(v, op, "v", 2, "[B, C]");
+  check_size(v, op, "v", 0, x.size(0), "B (x.size(0))");
+  check_size(v, op, "v", 1, x.size(1), "C (x.size(1))");
+  const ScaleFwd o = scale_fwd_alloc(x, op);
+  if (o.B * o.C == 0) return std::make_tuple(o.y, o.s);
+  std::vector<float> bv;
+  scale_fwd_run(o, x, w1, w2, as_float_2d(v, bv));
+  return std::make_tuple(o.y, o.s);
+}
+
+// A 1-D operand [n] (any float dtype, any stride) as contiguous float32.
+const float* as_float_1d(const Tensor& t, std::vector<float>& buf) {
+  const int64_t n = t.size(0), st = t.stride(0);
+  if (t.scalar_type() == ScalarType::Float && (st == 1 || n <= 1))
+    return static_cast<const float*>(t.data_ptr());
+  buf.resize(static_cast<size_t>(n));
+  const void* p = t.data_ptr();
+  switch (t.scalar_type()) {
+    case ScalarType::Half: to_float_2d(static_cast<const Half*>(p), 1, n, 0, st, buf.data()); break;
+    case ScalarType::BFloat16:
+      to_float_2d(static_cast<const BFloat16*>(p), 1, n, 0, st, buf.data());
+      break;
+    default: to_float_2d(static_cast<const float*>(p), 1, n, 0, st, buf.data()); break;
+  }
+  return buf.data();
+}
+
+// mimb_scale_fwd with v = sigmoid(e2 @ relu(e1 @ lam[b] + b1) + b2) computed here (float32).
+std::tuple<Tensor, Tensor> mimb_fwd_cpu(Tensor x, Tensor lam, Tensor w1, Tensor w2, Tensor e1,
+                                        Tensor b1, Tensor e2, Tensor b2) {
+  const char* op = "mimb_fwd";
+  check_scale_xw(x, w1, w2, op);
+  check_cpu_float(lam, op, "lam", 2, "[B, N]");
+  check_cpu_float(e1, op, "e1", 2, "[K, N]");
+  check_cpu_float(b1, op, "b1", 1, "[K]");
+  check_cpu_float(e2, op, "e2", 2, "[C, K]");
+  check_cpu_float(b2, op, "b2", 1, "[C]");
+  const int64_t B = x.size(0), C = x.size(1), N = lam.size(1), K = e1.size(0);
+  check_size(lam, op, "lam", 0, B, "B (x.size(0))");
+  check_size(e1, op, "e1", 1, N, "N (lam.size(1))");
+  check_size(b1, op, "b1", 0, K, "K (e1.size(0))");
+  check_size(e2, op, "e2", 0, C, "C (x.size(1))");
+  check_size(e2, op, "e2", 1, K, "K (e1.size(0))");
+  check_size(b2, op, "b2", 0, C, "C (x.size(1))");
+  const ScaleFwd o = scale_fwd_alloc(x, op);
+  if (B * C == 0) return std::make_tuple(o.y, o.s);
+
+  // The embedding: B * (K * N + C * K) multiply-adds, serial (tiny next to the data passes).
+  std::vector<float> bl, bb1, bb2, be1, be2;
+  const float* pl = as_float_2d(lam, bl);
+  const float* pb1 = as_float_1d(b1, bb1);
+  const float* pb2 = as_float_1d(b2, bb2);
+  const Mat m1 = as_mat(e1, be1), m2 = as_mat(e2, be2);
+  std::vector<float> v(static_cast<size_t>(B * C)), z(static_cast<size_t>(C)),
+      h(static_cast<size_t>(K));
+  const SigmoidFn sigmoid = sigmoid_fn();
+  for (int64_t b = 0; b < B; ++b) {
+    m1.matvec(pl + b * N, h.data(), K, N);
+    for (int64_t k = 0; k < K; ++k) {
+      const float zh = h[k] + pb1[k];
+      h[k] = zh < 0.f ? 0.f : zh;  // NaN propagates, as torch.relu
+    }
+    m2.matvec(h.data(), z.data(), C, K);
+    for (int64_t c = 0; c < C; ++c) z[c] = z[c] + pb2[c];
+    sigmoid(z.data(), v.data() + b * C, C);
+  }
+  scale_fwd_run(o, x, w1, w2, v.data());
+  return std::make_tuple(o.y, o.s);
 }
 
 // ==================================================================== backward
@@ -838,5 +919,6 @@ Tensor mimb_instances_cpu(Tensor x, Tensor w1, Tensor w2, Tensor table) {
 STABLE_TORCH_LIBRARY_IMPL(mipnet_cpu, CPU, m) {
   m.impl("mimb_scale_fwd", TORCH_BOX(&mipnet::cpu::mimb_scale_fwd_cpu));
   m.impl("mimb_scale_bwd", TORCH_BOX(&mipnet::cpu::mimb_scale_bwd_cpu));
+  m.impl("mimb_fwd", TORCH_BOX(&mipnet::cpu::mimb_fwd_cpu));
   m.impl("mimb_instances", TORCH_BOX(&mipnet::cpu::mimb_instances_cpu));
 }

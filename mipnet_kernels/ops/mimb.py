@@ -53,8 +53,10 @@ vectors -- never a full-size intermediate):
 
 * ``mipnet::mimb_scale(x, w1, w2, v) -> y`` is ``mimb_scale_fwd(...)[0]`` (a
   CompositeImplicitAutograd op: autograd and ``torch.compile`` see ``mimb_scale_fwd``).
-* ``mipnet::mimb_fwd(x, lam, w1, w2, e1, b1, e2, b2) -> (y, s)`` computes the tiny
-  embedding ``v`` with plain tensor ops and runs the ``mimb_scale_fwd`` backends; its
+* ``mipnet::mimb_fwd(x, lam, w1, w2, e1, b1, e2, b2) -> (y, s)`` dispatches its own entry
+  ``mimb_fwd`` (the cpu backend: ``torch.ops.mipnet_cpu.mimb_fwd``, the embedding computed
+  inside the kernel); a backend without it (or declining the inputs) gets the tiny
+  embedding ``v`` from plain tensor ops and runs the ``mimb_scale_fwd`` backends; its
   backward recomputes the embedding (``O(B*N*K + B*K*C)``), calls ``mimb_scale_bwd`` and
   back-propagates ``dv`` through the embedding MLP explicitly.  ``mipnet::mimb`` is
   ``mimb_fwd(...)[0]`` (CompositeImplicitAutograd), like ``mimb_scale``.
@@ -62,9 +64,9 @@ vectors -- never a full-size intermediate):
 * The backward runs on the backend forced when the forward ran (``use_backend`` is a
   per-thread choice, and the autograd engine runs CUDA backward on its own threads).
 
-Backends: ``mimb_scale_fwd``, ``mimb_scale_bwd``, ``mimb_instances`` and their grouped forms
+Backends: ``mimb_scale_fwd``, ``mimb_fwd``, ``mimb_scale_bwd``, ``mimb_instances`` and their grouped forms
 dispatch through :mod:`mipnet_kernels._backends`.  The ``cpu`` backend calls
-``torch.ops.mipnet_cpu.{mimb_scale_fwd, mimb_scale_bwd, mimb_instances}`` (csrc/schemas.h;
+``torch.ops.mipnet_cpu.{mimb_scale_fwd, mimb_fwd, mimb_scale_bwd, mimb_instances}`` (csrc/schemas.h;
 the grouped forms loop over those) and declares itself unsupported ("not built") when the
 loaded extension lacks them, so the automatic choice falls back to the reference.  The
 ``cuda`` and ``triton`` backends are not registered yet.
@@ -177,7 +179,34 @@ def _check_v(x: Tensor, v, name: str, xname: str) -> None:
     _check_device(v, name, x, xname)
 
 
+def _fast_xw(x, w1, w2) -> bool:
+    """True when ``x, w1, w2`` certainly pass the checks (plain attribute access only)."""
+    T, D = Tensor, SUPPORTED_DTYPES
+    if not (isinstance(x, T) and isinstance(w1, T) and isinstance(w2, T)):
+        return False
+    xs, s1, s2 = x.shape, w1.shape, w2.shape
+    if len(xs) != 4 or len(s1) != 2 or len(s2) != 2:
+        return False
+    dev = x.device
+    return (
+        x.dtype in D and w1.dtype in D and w2.dtype in D
+        and xs[2] * xs[3] > 0 and s1[0] >= 1 and s1[1] == xs[1]
+        and s2[0] == xs[1] and s2[1] == s1[0]
+        and w1.device == dev and w2.device == dev
+    )
+
+
+def _fast_bc(x, t) -> bool:
+    """True when ``t`` is a supported float ``[B, C]`` tensor on ``x``'s device."""
+    if not isinstance(t, Tensor) or t.dtype not in SUPPORTED_DTYPES or t.device != x.device:
+        return False
+    ts, xs = t.shape, x.shape
+    return len(ts) == 2 and ts[0] == xs[0] and ts[1] == xs[1]
+
+
 def _check_scale_args(x, w1, w2, v, p: str = "") -> None:
+    if _fast_xw(x, w1, w2) and _fast_bc(x, v):
+        return
     xname = f"x{p}"
     _check_x(x, xname)
     _check_excite(x, w1, w2, p, xname)
@@ -211,7 +240,23 @@ def _check_embed_args(x: Tensor, lam, e1, b1, e2, b2) -> None:
         _check_device(t, name, x, "x")
 
 
+def _fast_embed(x, lam, e1, b1, e2, b2) -> bool:
+    """True when the embedding operands certainly pass :func:`_check_embed_args`."""
+    T, D, dev = Tensor, SUPPORTED_DTYPES, x.device
+    for t in (lam, e1, b1, e2, b2):
+        if not isinstance(t, T) or t.dtype not in D or t.device != dev:
+            return False
+    xs, ls, s1, sb1, s2, sb2 = x.shape, lam.shape, e1.shape, b1.shape, e2.shape, b2.shape
+    return (
+        len(ls) == 2 and len(s1) == 2 and len(sb1) == 1 and len(s2) == 2 and len(sb2) == 1
+        and ls[0] == xs[0] and ls[1] >= 1 and s1[1] == ls[1] and s1[0] >= 1
+        and sb1[0] == s1[0] and s2[0] == xs[1] and s2[1] == s1[0] and sb2[0] == xs[1]
+    )
+
+
 def _check_mimb_args(x, lam, w1, w2, e1, b1, e2, b2) -> None:
+    if _fast_xw(x, w1, w2) and _fast_embed(x, lam, e1, b1, e2, b2):
+        return
     _check_x(x)
     _check_excite(x, w1, w2)
     _check_embed_args(x, lam, e1, b1, e2, b2)
@@ -231,6 +276,9 @@ def _check_bwd_args(dy, x, w1, w2, v, s, p: str = "") -> None:
 
 
 def _check_instances_args(x, w1, w2, table, p: str = "") -> None:
+    if (_fast_xw(x, w1, w2) and isinstance(table, Tensor) and table.dtype in SUPPORTED_DTYPES
+            and table.device == x.device and len(table.shape) == 2 and table.shape[1] == x.shape[1]):
+        return
     xname = f"x{p}"
     _check_x(x, xname)
     _check_excite(x, w1, w2, p, xname)
@@ -338,6 +386,13 @@ def mimb_scale_bwd_reference(
     )
 
 
+def mimb_fwd_reference(x: Tensor, lam: Tensor, w1: Tensor, w2: Tensor, e1: Tensor, b1: Tensor,
+                       e2: Tensor, b2: Tensor) -> tuple[Tensor, Tensor]:
+    """Pure-PyTorch forward phase of ``mimb``: ``(y, s)`` (the embedding, then the scale)."""
+    v = mimb_embedding_reference(lam, e1, b1, e2, b2, compute_dtype(x))
+    return mimb_scale_fwd_reference(x, w1, w2, v)
+
+
 def mimb_instances_reference(x: Tensor, w1: Tensor, w2: Tensor, table: Tensor) -> Tensor:
     """Pure-PyTorch ``mimb_instances``: ``y[n*B + b] = x[b] * (e[b] * table[n])``."""
     ct = compute_dtype(x)
@@ -410,6 +465,7 @@ def _instances_branch(kernel):
 # --------------------------------------------------------------------------- backends
 register("mimb_scale_fwd", "reference")(mimb_scale_fwd_reference)
 register("mimb_scale_bwd", "reference")(mimb_scale_bwd_reference)
+register("mimb_fwd", "reference")(mimb_fwd_reference)
 register("mimb_instances", "reference")(mimb_instances_reference)
 register("mimb_scale_grouped_fwd", "reference")(mimb_scale_grouped_fwd_reference)
 register("mimb_scale_grouped_bwd", "reference")(mimb_scale_grouped_bwd_reference)
@@ -427,6 +483,8 @@ def _cpu_missing(name: str) -> list[str]:
 
 
 def _kernel_dtype_reasons(**tensors: Tensor) -> list[str]:
+    if all(t.dtype in KERNEL_DTYPES for t in tensors.values()):
+        return []
     return [
         f"{name} is {t.dtype}; the compiled kernels take float32, float16 or bfloat16 "
         "(float64 runs on the reference backend)"
@@ -437,6 +495,12 @@ def _kernel_dtype_reasons(**tensors: Tensor) -> list[str]:
 
 def _cpu_scale_fwd_reasons(x, w1, w2, v) -> list[str]:
     return _cpu_missing("mimb_scale_fwd") or _kernel_dtype_reasons(x=x, w1=w1, w2=w2, v=v)
+
+
+def _cpu_mimb_fwd_reasons(x, lam, w1, w2, e1, b1, e2, b2) -> list[str]:
+    return _cpu_missing("mimb_fwd") or _kernel_dtype_reasons(
+        x=x, lam=lam, w1=w1, w2=w2, e1=e1, b1=b1, e2=e2, b2=b2
+    )
 
 
 def _cpu_scale_bwd_reasons(dy, x, w1, w2, v, s) -> list[str]:
@@ -462,6 +526,11 @@ def _cpu_grouped_reasons(name: str, single, *lists) -> list[str]:
 @register("mimb_scale_fwd", "cpu", reasons=_cpu_scale_fwd_reasons)
 def _mimb_scale_fwd_cpu(x, w1, w2, v):
     return torch.ops.mipnet_cpu.mimb_scale_fwd(x, w1, w2, v)
+
+
+@register("mimb_fwd", "cpu", reasons=_cpu_mimb_fwd_reasons)
+def _mimb_fwd_cpu(x, lam, w1, w2, e1, b1, e2, b2):
+    return torch.ops.mipnet_cpu.mimb_fwd(x, lam, w1, w2, e1, b1, e2, b2)
 
 
 @register("mimb_scale_bwd", "cpu", reasons=_cpu_scale_bwd_reasons)
@@ -499,6 +568,55 @@ def _mimb_instances_grouped_cpu(xs, w1s, w2s, tables):
     return [branch(*args) for args in zip(xs, w1s, w2s, tables)]
 
 
+# Triton: the two-phase kernels of mipnet_kernels/triton/mimb.py (reduce, the tiny MLP in
+# torch, scale); the grouped forms loop over the branches for now.
+def _triton_scale_fwd(x, w1, w2, v):
+    from ..triton import mimb_scale_fwd_triton
+
+    return mimb_scale_fwd_triton(x, w1, w2, v)
+
+
+def _triton_scale_bwd(dy, x, w1, w2, v, s):
+    from ..triton import mimb_scale_bwd_triton
+
+    return mimb_scale_bwd_triton(dy, x, w1, w2, v, s)
+
+
+def _triton_instances(x, w1, w2, table):
+    from ..triton import mimb_instances_triton
+
+    return mimb_instances_triton(x, w1, w2, table)
+
+
+register("mimb_scale_fwd", "triton",
+         reasons=lambda x, w1, w2, v: _kernel_dtype_reasons(x=x, w1=w1, w2=w2, v=v))(_triton_scale_fwd)
+register("mimb_scale_bwd", "triton",
+         reasons=lambda dy, x, w1, w2, v, s: _kernel_dtype_reasons(dy=dy, x=x, w1=w1, w2=w2, v=v, s=s))(
+    _triton_scale_bwd)
+register("mimb_instances", "triton",
+         reasons=lambda x, w1, w2, t: _kernel_dtype_reasons(x=x, w1=w1, w2=w2, table=t))(_triton_instances)
+
+
+@register("mimb_scale_grouped_fwd", "triton",
+          reasons=lambda *a: _grouped_reasons(lambda x, w1, w2, v: _kernel_dtype_reasons(x=x, w1=w1, w2=w2, v=v), *a))
+def _mimb_scale_grouped_fwd_triton(xs, w1s, w2s, vs):
+    return tuple(_loop(_scale_fwd_branch(_triton_scale_fwd), xs, w1s, w2s, vs))
+
+
+@register("mimb_scale_grouped_bwd", "triton",
+          reasons=lambda *a: _grouped_reasons(
+              lambda dy, x, w1, w2, v, s: _kernel_dtype_reasons(dy=dy, x=x, w1=w1, w2=w2, v=v, s=s), *a))
+def _mimb_scale_grouped_bwd_triton(dys, xs, w1s, w2s, vs, ss):
+    return tuple(_loop(_scale_bwd_branch(_triton_scale_bwd), dys, xs, w1s, w2s, vs, ss))
+
+
+@register("mimb_instances_grouped", "triton",
+          reasons=lambda *a: _grouped_reasons(lambda x, w1, w2, t: _kernel_dtype_reasons(x=x, w1=w1, w2=w2, table=t), *a))
+def _mimb_instances_grouped_triton(xs, w1s, w2s, tables):
+    branch = _instances_branch(_triton_instances)
+    return [branch(*args) for args in zip(xs, w1s, w2s, tables)]
+
+
 # Example inputs for `python -m mipnet_kernels.info`: HRNet-W32 stage-4 branch 0 at 256x192.
 def _example_scale(device):
     x = torch.randn(2, 32, 64, 48, device=device)
@@ -509,6 +627,13 @@ def _example_scale(device):
 def _example_scale_bwd(device):
     x, w1, w2, v = _example_scale(device)
     return (torch.randn_like(x), x, w1, w2, v, x.mean((2, 3)))
+
+
+def _example_mimb(device):
+    x, w1, w2, _ = _example_scale(device)
+    lam = torch.eye(2, device=device)
+    return (x, lam, w1, w2, torch.randn(8, 2, device=device), torch.randn(8, device=device),
+            torch.randn(32, 8, device=device), torch.randn(32, device=device))
 
 
 def _example_instances(device):
@@ -526,6 +651,7 @@ def _example_grouped_bwd(device):
 
 _backends.define_op("mimb_scale_fwd", example_inputs=_example_scale)
 _backends.define_op("mimb_scale_bwd", example_inputs=_example_scale_bwd)
+_backends.define_op("mimb_fwd", example_inputs=_example_mimb)
 _backends.define_op("mimb_instances", example_inputs=_example_instances)
 _backends.define_op("mimb_scale_grouped_fwd", example_inputs=_example_grouped)
 _backends.define_op("mimb_scale_grouped_bwd", example_inputs=_example_grouped_bwd)
@@ -534,6 +660,44 @@ _backends.define_op("mimb_instances_grouped", example_inputs=_example_grouped)
 
 def _dispatch_scale_fwd(x, w1, w2, v):
     return _scale_fwd_branch(lambda *a: _backends.dispatch("mimb_scale_fwd", x.device, *a))(x, w1, w2, v)
+
+
+def _fused_mimb_backend(x: Tensor, args: tuple) -> str | None:
+    """The backend with a fused ``mimb_fwd`` kernel that runs these inputs now, or None.
+
+    The backend in force (or, automatically, the first one of the device's order that can
+    run anything on this device) is used when it has a ``mimb_fwd`` implementation with no
+    reasons against the inputs; otherwise (None) the embedding runs in torch and
+    ``mimb_scale_fwd`` is dispatched as usual (a backend that has only ``mimb_scale_fwd``,
+    or a fused kernel that declines these dtypes)."""
+    entry = _backends._OPS["mimb_fwd"]
+    forced = _backends.get_backend()
+    order = (forced,) if forced is not None else entry.auto_order.get(x.device.type, ("reference",))
+    for name in order:
+        if forced is None and (
+            _backends.backend_unavailable_reason(name) is not None
+            or _backends.device_unsupported_reason(name, x.device) is not None
+        ):
+            continue
+        if name in entry.impls and not _backends.not_supported_reasons("mimb_fwd", name, x.device, *args):
+            return name
+        return None
+    return None
+
+
+def _dispatch_mimb_fwd(x, lam, w1, w2, e1, b1, e2, b2):
+    x = _dense(x)
+    args = (x, lam, w1, w2, e1, b1, e2, b2)
+    # The fused kernel only when no input requires grad: the backward recomputes v with the
+    # torch ops below, so a recorded forward uses the same v (bit-identical to
+    # mimb_scale(x, w1, w2, mimb_embedding_reference(...))); the fused embedding may differ
+    # from it by float rounding (~1 ulp).
+    if x.numel() > 0 and not any(t.requires_grad for t in args):
+        name = _fused_mimb_backend(x, args)
+        if name is not None:
+            return _backends._OPS["mimb_fwd"].impls[name].fn(*args)
+    v = mimb_embedding_reference(lam, e1, b1, e2, b2, compute_dtype(x))
+    return _dispatch_scale_fwd(x, w1, w2, v)
 
 
 def _forced_backend() -> str:
@@ -606,8 +770,7 @@ def _mimb_fwd_op(
     x: Tensor, lam: Tensor, w1: Tensor, w2: Tensor, e1: Tensor, b1: Tensor, e2: Tensor, b2: Tensor
 ) -> tuple[Tensor, Tensor]:
     _check_mimb_args(x, lam, w1, w2, e1, b1, e2, b2)
-    v = mimb_embedding_reference(lam, e1, b1, e2, b2, compute_dtype(x))
-    return _dispatch_scale_fwd(x, w1, w2, v)
+    return _dispatch_mimb_fwd(x, lam, w1, w2, e1, b1, e2, b2)
 
 
 @_mimb_fwd_op.register_fake
@@ -791,6 +954,10 @@ _mimb_instances_grouped_op.register_autograd(
 
 
 # --------------------------------------------------------------------------- public API
+_mimb_scale_fwd_default = torch.ops.mipnet.mimb_scale_fwd.default
+_mimb_fwd_default = torch.ops.mipnet.mimb_fwd.default
+_mimb_instances_default = torch.ops.mipnet.mimb_instances.default
+
 def _check_no_grad(*tensors: Tensor) -> None:
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise RuntimeError(_INFERENCE_ONLY)
@@ -810,8 +977,8 @@ def mimb_scale(x: Tensor, w1: Tensor, w2: Tensor, v: Tensor) -> Tensor:
         ``y = x * (sigmoid(relu(mean_hw(x) @ w1.T) @ w2.T) * v)[:, :, None, None]`` in ``x``'s
         dtype and memory format (float32 arithmetic).  Differentiable w.r.t. all inputs.
     """
-    _check_scale_args(x, w1, w2, v)
-    return torch.ops.mipnet.mimb_scale(x, w1, w2, v)
+    # Validated once, in the op; mimb_scale is mimb_scale_fwd(...)[0] (saves the composite hop).
+    return _mimb_scale_fwd_default(x, w1, w2, v)[0]
 
 
 def mimb(x: Tensor, lam: Tensor, w1: Tensor, w2: Tensor, e1: Tensor, b1: Tensor, e2: Tensor,
@@ -830,8 +997,8 @@ def mimb(x: Tensor, lam: Tensor, w1: Tensor, w2: Tensor, e1: Tensor, b1: Tensor,
         ``mimb_scale(x, w1, w2, sigmoid(relu(lam @ e1.T + b1) @ e2.T + b2))``.  Differentiable
         w.r.t. ``x``, ``lam`` and every weight.
     """
-    _check_mimb_args(x, lam, w1, w2, e1, b1, e2, b2)
-    return torch.ops.mipnet.mimb(x, lam, w1, w2, e1, b1, e2, b2)
+    # Validated once, in the op; mimb is mimb_fwd(...)[0] (saves the composite hop).
+    return _mimb_fwd_default(x, lam, w1, w2, e1, b1, e2, b2)[0]
 
 
 def mimb_instances(x: Tensor, w1: Tensor, w2: Tensor, table: Tensor) -> Tensor:
@@ -851,9 +1018,10 @@ def mimb_instances(x: Tensor, w1: Tensor, w2: Tensor, table: Tensor) -> Tensor:
     ``torch.ops.mipnet.mimb_instances`` directly on such inputs raises the same error in
     backward.
     """
-    _check_instances_args(x, w1, w2, table)
-    _check_no_grad(x, w1, w2, table)
-    return torch.ops.mipnet.mimb_instances(x, w1, w2, table)
+    if torch.is_grad_enabled():  # else the op's own check is the only one needed
+        _check_instances_args(x, w1, w2, table)
+        _check_no_grad(x, w1, w2, table)
+    return _mimb_instances_default(x, w1, w2, table)
 
 
 def mimb_scale_grouped(xs: Sequence[Tensor], w1s: Sequence[Tensor], w2s: Sequence[Tensor],
