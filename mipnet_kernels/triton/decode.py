@@ -55,6 +55,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._launch import num_warps
+
 # Mode ids shared with csrc/decode.h and mipnet_kernels.ops.decode.MODE_ID.
 _ARGMAX, _QUARTER, _DARK, _UDP = 0, 1, 2, 3
 _MAX_BLUR_KERNEL = 31
@@ -77,15 +79,6 @@ _INT32_MAX = 2**31 - 1
 
 
 # --------------------------------------------------------------------------- launch settings
-def _num_warps(tile_elems: int) -> int:
-    """Warps for a program that streams ``tile_elems`` elements per step."""
-    if tile_elems >= 2048:
-        return 8
-    if tile_elems >= 1024:
-        return 4
-    if tile_elems >= 256:
-        return 2
-    return 1
 
 
 def _decode_settings(num_maps: int, height: int, width: int, ksize: int) -> dict:
@@ -111,7 +104,7 @@ def _decode_settings(num_maps: int, height: int, width: int, ksize: int) -> dict
     fb_block = max(min(block, _FALLBACK_ELEMS // maps), _MIN_BLOCK)
     return dict(
         MAPS=maps, BLOCK=block, WIN=win, FB_BLOCK=fb_block,
-        num_warps=_num_warps(max(maps * block, maps * win * win if ksize > 1 else 0)),
+        num_warps=num_warps(max(maps * block, maps * win * win if ksize > 1 else 0)),
     )
 
 
@@ -123,7 +116,7 @@ def _flip_settings(num_rows: int, width: int) -> dict:
     """
     block_w = min(max(triton.next_power_of_2(width), _MIN_BLOCK), 256)
     block_r = min(triton.next_power_of_2(num_rows), max(_TILE_ELEMS // block_w, 1))
-    return dict(BLOCK_R=block_r, BLOCK_W=block_w, num_warps=_num_warps(block_r * block_w))
+    return dict(BLOCK_R=block_r, BLOCK_W=block_w, num_warps=num_warps(block_r * block_w))
 
 
 def _device_guard(t: Tensor):

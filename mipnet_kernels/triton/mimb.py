@@ -47,6 +47,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..ops.mimb import _dense, _excite, out_memory_format
+from ._launch import num_warps
+
 #: Elements per tile of both kernels: 16 float32 per thread at 8 warps (4 x 16-byte vectors).
 _TILE_ELEMS = 4096
 #: Widest channel block in the NHWC layout (a 256-channel row is 1 KiB of float32).
@@ -59,14 +62,6 @@ _INT32_MAX = 2**31 - 1
 
 
 # --------------------------------------------------------------------------- launch settings
-def _num_warps(tile_elems: int) -> int:
-    if tile_elems >= 2048:
-        return 8
-    if tile_elems >= 1024:
-        return 4
-    if tile_elems >= 256:
-        return 2
-    return 1
 
 
 def _strides(x: Tensor) -> tuple[int, int, bool]:
@@ -109,7 +104,7 @@ def _tile_settings(C: int, HW: int, channels_last: bool) -> dict:
     else:
         block_p = _fit_block(HW, min(p2, _MAX_BLOCK_P), 128)
         block_c = min(c2, max(_TILE_ELEMS // block_p, 1))
-    return dict(BLOCK_C=block_c, BLOCK_P=block_p, num_warps=_num_warps(block_c * block_p))
+    return dict(BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps(block_c * block_p))
 
 
 def _reduce_settings(B: int, C: int, HW: int, channels_last: bool) -> dict:
@@ -295,27 +290,10 @@ def _scale(inp: Tensor, a: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
     return out
 
 
-def _out_format(x: Tensor) -> torch.memory_format:
-    # ops.mimb.out_memory_format, restated to keep this module free of op-layer imports.
-    if x.is_contiguous():
-        return torch.contiguous_format
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
-def _dense(x: Tensor) -> Tensor:
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
-        return x
-    return x.contiguous()
 
 
-def _excite(s: Tensor, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(z1, h, e)`` of the squeeze-excite MLP on ``s [B, C]`` float32 (as the reference)."""
-    z1 = s @ w1.to(torch.float32).T
-    h = torch.relu(z1)
-    e = torch.sigmoid(h @ w2.to(torch.float32).T)
-    return z1, h, e
 
 
 # --------------------------------------------------------------------------- launchers
@@ -327,7 +305,7 @@ def mimb_scale_fwd_triton(x: Tensor, w1: Tensor, w2: Tensor, v: Tensor) -> tuple
     s = _reduce(x, None) / (H * W)
     _, _, e = _excite(s, w1, w2)
     a = e * v.to(torch.float32)
-    y = torch.empty((B, C, H, W), dtype=x.dtype, device=x.device, memory_format=_out_format(x))
+    y = torch.empty((B, C, H, W), dtype=x.dtype, device=x.device, memory_format=out_memory_format(x))
     _scale(x, a[None], None, y)
     return y, s
 
@@ -339,7 +317,7 @@ def mimb_scale_bwd_triton(
     x = _dense(x)
     _check_sizes(x)
     B, C, H, W = x.shape
-    fmt = _out_format(x)
+    fmt = out_memory_format(x)
     dy = dy.contiguous(memory_format=fmt)  # no copy when dy already has x's layout
     ct = torch.float32
     s = s.to(ct)
@@ -369,7 +347,7 @@ def mimb_instances_triton(x: Tensor, w1: Tensor, w2: Tensor, table: Tensor) -> T
     _check_sizes(x)
     B, C, H, W = x.shape
     N = table.shape[0]
-    y = torch.empty((N * B, C, H, W), dtype=x.dtype, device=x.device, memory_format=_out_format(x))
+    y = torch.empty((N * B, C, H, W), dtype=x.dtype, device=x.device, memory_format=out_memory_format(x))
     if N == 0:
         return y
     s = _reduce(x, None) / (H * W)
