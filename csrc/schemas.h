@@ -66,3 +66,38 @@
 
 #define MIPNET_MIMB_INSTANCES_SCHEMA \
   "mimb_instances(Tensor x, Tensor w1, Tensor w2, Tensor table) -> Tensor"
+
+// ------------------------------------------------------------------------------ OKS-NMS
+// Greedy OKS-NMS over many images at once (mipnet_kernels/ops/nms.py; ARCHITECTURE.md
+// "OKS").  The public op validates, sorts and segments; the kernels see candidates already
+// sorted: grouped by image (segments in ascending image order), inside an image by
+// descending score, ties by lower original index.
+//
+// oks_nms_sorted(keypoints, areas, offsets, sigmas, threshold, vis_threshold) -> keep
+//   keypoints [M, K, 3] (x, y, score), areas [M], sigmas [K]: all float32 or all float64
+//             (OKS computed in that dtype), contiguous;
+//   offsets   [I + 1] int64 contiguous, offsets[0] = 0, offsets[I] = M, non-decreasing:
+//             image i owns sorted rows offsets[i] .. offsets[i+1]-1;
+//   vis_threshold: NaN means "no visibility threshold" (all K joints count); otherwise only
+//             joints with both scores > vis_threshold count, and a pair with none has OKS 0;
+//   keep      [M] bool in sorted order: visit rows in order, keep a row unless its OKS with
+//             an already kept row of the same image is > threshold.
+//
+// soft_oks_nms_sorted(keypoints, areas, scores, offsets, sigmas, method, threshold,
+//                     vis_threshold, score_threshold, max_dets) -> (rank, new_scores)
+//   scores [M] same dtype as keypoints; method 0 = gaussian (s * exp(-oks^2 / threshold)),
+//   1 = linear (s * (1 - oks) where oks >= threshold); per image, repeatedly pick the
+//   remaining row with the highest current score (ties: lower sorted row), rescore the
+//   others against it, until max_dets picks (max_dets <= 0: no limit), nothing remains, or
+//   the best current score is < score_threshold;
+//   rank   [M] int64: the pick number inside the image (0, 1, ...) or -1 if not picked;
+//   new_scores [M] scores' dtype: the score at pick time (for rows never picked: their
+//   current score when the loop stopped).
+#define MIPNET_OKS_NMS_SORTED_SCHEMA                                                        \
+  "oks_nms_sorted(Tensor keypoints, Tensor areas, Tensor offsets, Tensor sigmas, "          \
+  "float threshold, float vis_threshold) -> Tensor"
+
+#define MIPNET_SOFT_OKS_NMS_SORTED_SCHEMA                                                   \
+  "soft_oks_nms_sorted(Tensor keypoints, Tensor areas, Tensor scores, Tensor offsets, "     \
+  "Tensor sigmas, int method, float threshold, float vis_threshold, float score_threshold, " \
+  "int max_dets) -> (Tensor, Tensor)"
