@@ -422,19 +422,28 @@ def _f64(c, keys):
     return [c[k].double().requires_grad_(True) for k in keys]
 
 
+# fp64 gradcheck through the reference and the Triton kernels (which accumulate in float64
+# for float64 inputs; on CPU under TRITON_INTERPRET=1).
+GRADCHECK_BACKENDS = [("reference", "cpu"), pytest.param("triton", "cpu", marks=pytest.mark.triton)]
+
+
+@pytest.mark.parametrize("backend, device", GRADCHECK_BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_gradcheck_mimb_scale(layout):
+def test_gradcheck_mimb_scale(backend, device, layout):
+    skip_unless_runs(backend, device)
     c = make_case(2, 4, 3, 2, 2, seed=10)
     x, w1, w2, v = _f64(c, ("x", "w1", "w2", "v"))
     x = relayout(x.detach(), layout).requires_grad_(True)
-    with mk.use_backend("reference"):
+    with mk.use_backend(backend):
         assert torch.autograd.gradcheck(mk.mimb_scale, (x, w1, w2, v))
 
 
+@pytest.mark.parametrize("backend, device", GRADCHECK_BACKENDS)
 @pytest.mark.parametrize("soft", [False, True])
-def test_gradcheck_mimb(soft):
+def test_gradcheck_mimb(backend, device, soft):
+    skip_unless_runs(backend, device)
     c = make_case(3, 4, 2, 3, 2, N=3, seed=11, soft=soft)
-    with mk.use_backend("reference"):
+    with mk.use_backend(backend):
         assert torch.autograd.gradcheck(mk.mimb, tuple(_f64(c, MIMB_KEYS)))
 
 

@@ -487,9 +487,18 @@ def _kernel_dtype_reasons(**tensors: Tensor) -> list[str]:
         return []
     return [
         f"{name} is {t.dtype}; the compiled kernels take float32, float16 or bfloat16 "
-        "(float64 runs on the reference backend)"
+        "(float64 runs on the reference and triton backends)"
         for name, t in tensors.items()
         if t.dtype not in KERNEL_DTYPES
+    ]
+
+
+def _triton_dtype_reasons(**tensors: Tensor) -> list[str]:
+    """The Triton kernels also run float64 (accumulating in float64), e.g. for gradcheck."""
+    return [
+        f"{name} is {t.dtype}; the Triton kernels take {_DTYPE_NAMES}"
+        for name, t in tensors.items()
+        if t.dtype not in SUPPORTED_DTYPES
     ]
 
 
@@ -568,8 +577,9 @@ def _mimb_instances_grouped_cpu(xs, w1s, w2s, tables):
     return [branch(*args) for args in zip(xs, w1s, w2s, tables)]
 
 
-# Triton: the two-phase kernels of mipnet_kernels/triton/mimb.py (reduce, the tiny MLP in
-# torch, scale); the grouped forms loop over the branches for now.
+# Triton: the two-phase kernels of mipnet_kernels/triton/mimb.py (reduce with the tiny MLP
+# run by the last program of each sample, then scale); float64 too.  The grouped forms loop
+# over the branches for now.
 def _triton_scale_fwd(x, w1, w2, v):
     from ..triton import mimb_scale_fwd_triton
 
@@ -589,32 +599,125 @@ def _triton_instances(x, w1, w2, table):
 
 
 register("mimb_scale_fwd", "triton",
-         reasons=lambda x, w1, w2, v: _kernel_dtype_reasons(x=x, w1=w1, w2=w2, v=v))(_triton_scale_fwd)
+         reasons=lambda x, w1, w2, v: _triton_dtype_reasons(x=x, w1=w1, w2=w2, v=v))(_triton_scale_fwd)
 register("mimb_scale_bwd", "triton",
-         reasons=lambda dy, x, w1, w2, v, s: _kernel_dtype_reasons(dy=dy, x=x, w1=w1, w2=w2, v=v, s=s))(
+         reasons=lambda dy, x, w1, w2, v, s: _triton_dtype_reasons(dy=dy, x=x, w1=w1, w2=w2, v=v, s=s))(
     _triton_scale_bwd)
 register("mimb_instances", "triton",
-         reasons=lambda x, w1, w2, t: _kernel_dtype_reasons(x=x, w1=w1, w2=w2, table=t))(_triton_instances)
+         reasons=lambda x, w1, w2, t: _triton_dtype_reasons(x=x, w1=w1, w2=w2, table=t))(_triton_instances)
 
 
 @register("mimb_scale_grouped_fwd", "triton",
-          reasons=lambda *a: _grouped_reasons(lambda x, w1, w2, v: _kernel_dtype_reasons(x=x, w1=w1, w2=w2, v=v), *a))
+          reasons=lambda *a: _grouped_reasons(lambda x, w1, w2, v: _triton_dtype_reasons(x=x, w1=w1, w2=w2, v=v), *a))
 def _mimb_scale_grouped_fwd_triton(xs, w1s, w2s, vs):
     return tuple(_loop(_scale_fwd_branch(_triton_scale_fwd), xs, w1s, w2s, vs))
 
 
 @register("mimb_scale_grouped_bwd", "triton",
           reasons=lambda *a: _grouped_reasons(
-              lambda dy, x, w1, w2, v, s: _kernel_dtype_reasons(dy=dy, x=x, w1=w1, w2=w2, v=v, s=s), *a))
+              lambda dy, x, w1, w2, v, s: _triton_dtype_reasons(dy=dy, x=x, w1=w1, w2=w2, v=v, s=s), *a))
 def _mimb_scale_grouped_bwd_triton(dys, xs, w1s, w2s, vs, ss):
     return tuple(_loop(_scale_bwd_branch(_triton_scale_bwd), dys, xs, w1s, w2s, vs, ss))
 
 
 @register("mimb_instances_grouped", "triton",
-          reasons=lambda *a: _grouped_reasons(lambda x, w1, w2, t: _kernel_dtype_reasons(x=x, w1=w1, w2=w2, table=t), *a))
+          reasons=lambda *a: _grouped_reasons(lambda x, w1, w2, t: _triton_dtype_reasons(x=x, w1=w1, w2=w2, table=t), *a))
 def _mimb_instances_grouped_triton(xs, w1s, w2s, tables):
     branch = _instances_branch(_triton_instances)
     return [branch(*args) for args in zip(xs, w1s, w2s, tables)]
+
+
+# CUDA: csrc/cuda/mimb_kernel.cu -- a single-pass cooperative kernel when the launch fits on
+# the device, else two phases (see the file header; MIPNET_MIMB_CUDA_PATH forces one).  The
+# grouped forms are kernels of their own: up to four branches per launch.
+_CUDA_MAX_SAMPLE_ELEMS = 2**30
+
+
+def _cuda_missing(name: str) -> list[str]:
+    """"not built" when the loaded CUDA extension has no ``mipnet_cuda::name``."""
+    if not hasattr(torch.ops.mipnet_cuda, name):
+        return [
+            f"torch.ops.mipnet_cuda.{name} is not built into the loaded CUDA extension "
+            f"(rebuild with: {_extension.BUILD_COMMAND})"
+        ]
+    return []
+
+
+def _cuda_x_reasons(x: Tensor) -> list[str]:
+    n = x.shape[1] * x.shape[2] * x.shape[3]
+    if n > _CUDA_MAX_SAMPLE_ELEMS:
+        return [f"x has C*H*W = {n} elements per sample; the cuda kernels take at most 2^30"]
+    return []
+
+
+def _cuda_scale_fwd_reasons(x, w1, w2, v) -> list[str]:
+    return (_cuda_missing("mimb_scale_fwd") or _kernel_dtype_reasons(x=x, w1=w1, w2=w2, v=v)
+            or _cuda_x_reasons(x))
+
+
+def _cuda_mimb_fwd_reasons(x, lam, w1, w2, e1, b1, e2, b2) -> list[str]:
+    return _cuda_missing("mimb_fwd") or _kernel_dtype_reasons(
+        x=x, lam=lam, w1=w1, w2=w2, e1=e1, b1=b1, e2=e2, b2=b2
+    ) or _cuda_x_reasons(x)
+
+
+def _cuda_scale_bwd_reasons(dy, x, w1, w2, v, s) -> list[str]:
+    return (_cuda_missing("mimb_scale_bwd")
+            or _kernel_dtype_reasons(dy=dy, x=x, w1=w1, w2=w2, v=v, s=s) or _cuda_x_reasons(x))
+
+
+def _cuda_instances_reasons(x, w1, w2, table) -> list[str]:
+    return (_cuda_missing("mimb_instances")
+            or _kernel_dtype_reasons(x=x, w1=w1, w2=w2, table=table) or _cuda_x_reasons(x))
+
+
+def _cuda_grouped_reasons(name: str, single, *lists) -> list[str]:
+    return _cuda_missing(name) or _grouped_reasons(single, *lists)
+
+
+@register("mimb_scale_fwd", "cuda", reasons=_cuda_scale_fwd_reasons)
+def _mimb_scale_fwd_cuda(x, w1, w2, v):
+    return torch.ops.mipnet_cuda.mimb_scale_fwd(x, w1, w2, v)
+
+
+@register("mimb_fwd", "cuda", reasons=_cuda_mimb_fwd_reasons)
+def _mimb_fwd_cuda(x, lam, w1, w2, e1, b1, e2, b2):
+    return torch.ops.mipnet_cuda.mimb_fwd(x, lam, w1, w2, e1, b1, e2, b2)
+
+
+@register("mimb_scale_bwd", "cuda", reasons=_cuda_scale_bwd_reasons)
+def _mimb_scale_bwd_cuda(dy, x, w1, w2, v, s):
+    return torch.ops.mipnet_cuda.mimb_scale_bwd(dy, x, w1, w2, v, s)
+
+
+@register("mimb_instances", "cuda", reasons=_cuda_instances_reasons)
+def _mimb_instances_cuda(x, w1, w2, table):
+    return torch.ops.mipnet_cuda.mimb_instances(x, w1, w2, table)
+
+
+@register(
+    "mimb_scale_grouped_fwd", "cuda",
+    reasons=lambda *a: _cuda_grouped_reasons("mimb_scale_grouped_fwd", _cuda_scale_fwd_reasons, *a),
+)
+def _mimb_scale_grouped_fwd_cuda(xs, w1s, w2s, vs):
+    ys, ss = torch.ops.mipnet_cuda.mimb_scale_grouped_fwd(xs, w1s, w2s, vs)
+    return list(ys), list(ss)
+
+
+@register(
+    "mimb_scale_grouped_bwd", "cuda",
+    reasons=lambda *a: _cuda_grouped_reasons("mimb_scale_grouped_bwd", _cuda_scale_bwd_reasons, *a),
+)
+def _mimb_scale_grouped_bwd_cuda(dys, xs, w1s, w2s, vs, ss):
+    return tuple(list(o) for o in torch.ops.mipnet_cuda.mimb_scale_grouped_bwd(dys, xs, w1s, w2s, vs, ss))
+
+
+@register(
+    "mimb_instances_grouped", "cuda",
+    reasons=lambda *a: _cuda_grouped_reasons("mimb_instances_grouped", _cuda_instances_reasons, *a),
+)
+def _mimb_instances_grouped_cuda(xs, w1s, w2s, tables):
+    return list(torch.ops.mipnet_cuda.mimb_instances_grouped(xs, w1s, w2s, tables))
 
 
 # Example inputs for `python -m mipnet_kernels.info`: HRNet-W32 stage-4 branch 0 at 256x192.

@@ -2,7 +2,6 @@
 
 The specification is the PyTorch reference in :mod:`mipnet_kernels.ops.mimb`
 (``mimb_scale_fwd_reference``, ``mimb_scale_bwd_reference``, ``mimb_instances_reference``).
-All arithmetic is float32 after the load; every output is rounded once to its dtype.
 
 Layouts.  The op layer hands these launchers ``x`` NCHW-contiguous or channels_last (NHWC).
 Both are addressed the same way: sample ``b``, channel ``c``, pixel ``p = h*W + w`` sits at
@@ -16,20 +15,26 @@ are the same bytes and the NHWC (resp. NCHW) view is used, whose contiguous axis
 non-trivial one.  ``y`` / ``dx`` get ``x``'s layout (``ops.mimb.out_memory_format``); ``dy``
 is brought to ``x``'s layout (a copy only when autograd hands a different one).
 
-Two phases (the fallback of the issue's design; the single-pass cooperative kernel is not
-written yet):
+Two launches per op (the two-phase path of the issue's design; a single-pass cooperative
+kernel is not written for Triton):
 
-1. ``_mimb_reduce_kernel``: per ``(b, channel block, HW split)`` program, the float32 sum
-   over its share of HW of ``x`` (forward, instances) or ``dy * x`` (backward) into a
-   ``[B, SPLIT, C]`` float32 partial buffer.  ``SPLIT > 1`` only when ``B * C`` alone gives
-   too few programs to fill the GPU (small batch, large maps); the partials are then summed
-   in a fixed order (deterministic, no atomics).
-2. The tiny per-sample MLP (``O(B * C * C/r)``) in plain torch ops on ``[B, C]`` float32
-   tensors, written exactly as the reference writes it.
-3. ``_mimb_scale_kernel``: ``out[n*B + b] = in[b] * a[n, b, :] (+ bias[b, :])`` over
+1. ``_mimb_reduce_mlp_kernel``: per ``(b, channel block, HW split)`` program, the sum over
+   its share of HW of ``x`` (forward, instances) or ``dy * x`` (backward) into a
+   ``[B, SPLIT, C]`` partial buffer.  ``SPLIT > 1`` only when ``B * C`` alone gives too few
+   programs to fill the GPU (small batch, large maps).  Each program then takes a ticket
+   from a per-sample atomic counter; the last program of a sample to arrive sums the
+   partials in a fixed order (deterministic, no float atomics) and runs the tiny
+   per-sample MLP (``O(C * C/r)``) over ``[C/r, MLP_C]`` weight tiles: forward the scale
+   ``a = sigmoid(W2 relu(W1 s)) * v`` (or ``* table[n]`` for every instance ``n``);
+   backward also ``dv``, ``g_s / HW`` and the per-sample vectors ``g_z2, h, g_z1`` whose
+   batch sums ``g_z2.T @ h`` and ``g_z1.T @ s`` (two torch matmuls) are ``dw2`` and ``dw1``.
+2. ``_mimb_scale_kernel``: ``out[n*B + b] = in[b] * a[n, b, :] (+ bias[b, :])`` over
    ``[BLOCK_C, BLOCK_P]`` tiles, the input tile loaded once and ``N`` outputs written
    (forward: ``N = 1``, ``in = x``; backward: ``in = dy``, ``bias = g_s / HW``; instances:
    ``a[n, b] = e[b] * table[n]``).
+
+Arithmetic is float32 (float64 for float64 inputs, so gradcheck can run through these
+kernels) and every output is rounded once to its dtype.
 
 Bytes moved: forward reads x twice and writes y once (the single-pass kernel will read it
 once where the sample fits on chip); backward reads x and dy, then dy again, and writes dx.
@@ -47,7 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops.mimb import _dense, _excite, out_memory_format
+from ..ops.mimb import _dense, compute_dtype, out_memory_format
 from ._launch import num_warps
 
 #: Elements per tile of both kernels: 16 float32 per thread at 8 warps (4 x 16-byte vectors).
@@ -129,51 +134,161 @@ def _device_guard(t: Tensor):
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
-def _mimb_reduce_kernel(
-    x_ptr,  # input, shape (B, C, H, W), NCHW or NHWC (strides below), float32/float16/bfloat16
-    dy_ptr,  # upstream gradient, shape (B, C, H, W), x's layout and dtype (read iff PRODUCT)
-    part_ptr,  # output partial sums, shape (B, SPLIT, C), contiguous float32
+def _mimb_mlp_hidden(part_ptr, s_ptr, w1_ptr, b, C, CR, HW, SPLIT, sw1_r, sw1_c,
+                     FROM_PARTIALS: tl.constexpr, MLP_C: tl.constexpr, CR_PAD: tl.constexpr):
+    """``z1 = W1 @ s`` of sample ``b`` (``[CR_PAD]``, zero past CR).
+
+    FROM_PARTIALS: ``s`` is the sum of the ``SPLIT`` partial rows of ``part`` over ``HW``,
+    and is stored to ``s_ptr``; else ``s`` is read from ``s_ptr``.
+    """
+    ACC = part_ptr.dtype.element_ty
+    rs = tl.arange(0, CR_PAD)
+    rmask = rs < CR
+    cols = tl.arange(0, MLP_C)
+    b64 = b.to(tl.int64)
+    z1 = tl.zeros([CR_PAD], ACC)
+    for c0 in range(0, C, MLP_C):
+        cc = c0 + cols
+        cm = cc < C
+        if FROM_PARTIALS:
+            sc = tl.zeros([MLP_C], ACC)
+            for sp in range(SPLIT):  # fixed order: deterministic
+                # .cg: read from L2, never a stale L1 line (the partials come from other SMs)
+                sc += tl.load(part_ptr + (b64 * SPLIT + sp) * C + cc, mask=cm, other=0.0,
+                              cache_modifier=".cg")
+            sc = sc / HW
+            tl.store(s_ptr + b64 * C + cc, sc, mask=cm)
+        else:
+            sc = tl.load(s_ptr + b64 * C + cc, mask=cm, other=0.0)
+        w1t = tl.load(w1_ptr + rs[:, None] * sw1_r + cc[None, :] * sw1_c,
+                      mask=rmask[:, None] & cm[None, :], other=0.0).to(ACC)
+        z1 += tl.sum(w1t * sc[None, :], axis=1)
+    return z1
+
+
+@triton.jit
+def _mimb_excite_chunk(w2_ptr, h, cc, cm, CR, sw2_c, sw2_r, CR_PAD: tl.constexpr):
+    """``e = sigmoid(W2[cc] @ h)`` for the channels ``cc`` (and the ``W2[cc]`` tile)."""
+    ACC = h.dtype
+    rs = tl.arange(0, CR_PAD)
+    w2t = tl.load(w2_ptr + cc[:, None] * sw2_c + rs[None, :] * sw2_r,
+                  mask=cm[:, None] & (rs < CR)[None, :], other=0.0).to(ACC)
+    z2 = tl.sum(w2t * h[None, :], axis=1)
+    return 1.0 / (1.0 + tl.exp(-z2)), w2t
+
+
+@triton.jit
+def _mimb_reduce_mlp_kernel(
+    x_ptr,  # input, shape (B, C, H, W), NCHW or NHWC (strides below), float16/bfloat16/float32/float64
+    dy_ptr,  # upstream gradient, x's shape, layout and dtype (read iff MODE == 2)
+    part_ptr,  # scratch partial sums, shape (B, SPLIT, C), contiguous, accumulation dtype ACC
+    count_ptr,  # per-sample arrival tickets, shape (B,), int32, zero on entry
+    w1_ptr,  # squeeze weight, shape (CR, C), any strides/float dtype
+    w2_ptr,  # excite weight, shape (C, CR), any strides/float dtype
+    mult_ptr,  # MODE 0/2: v (B, C); MODE 1: table (N, C); any strides/float dtype
+    s_ptr,  # (B, C) ACC: MODE 0/1 output mean_hw(x); MODE 2 input (the forward's s)
+    a_ptr,  # output per-channel scales, shape (NA, B, C), ACC: a[n, b] = e[b] * mult[row]
+    dv_ptr,  # MODE 2 outputs, all (B, .) ACC: dv = g_a * e        (B, C)
+    gz2_ptr,  #   g_z2 = g_a * v * e * (1 - e)                      (B, C)
+    h_ptr,  #     h = relu(z1)                                       (B, CR)
+    gz1_ptr,  #   g_z1 = (g_z2 @ W2) * (z1 > 0)                      (B, CR)
+    bias_ptr,  #  g_s / HW = (g_z1 @ W1) / HW                        (B, C)
+    B,  # samples
     C,  # channels
+    CR,  # hidden width C / r
     HW,  # pixels per channel, H * W
     stride_c,  # element stride of a channel (HW for NCHW, 1 for NHWC)
     stride_p,  # element stride of a pixel (1 for NCHW, C for NHWC)
     CHUNK,  # pixels per split (a multiple of BLOCK_P)
     num_cblocks,  # cdiv(C, BLOCK_C)
     SPLIT,  # HW splits per (b, channel block)
-    PRODUCT: tl.constexpr,  # sum dy * x (backward) instead of x
-    BLOCK_C: tl.constexpr,  # channels per tile (power of two)
-    BLOCK_P: tl.constexpr,  # pixels per tile (power of two)
+    NA,  # rows of a: 1 (MODE 0/2) or N (MODE 1)
+    sw1_r, sw1_c, sw2_c, sw2_r, smult_r, smult_c,  # element strides of w1, w2, mult
+    MODE: tl.constexpr,  # 0 forward (mult = v), 1 instances (mult = table), 2 backward
+    BLOCK_C: tl.constexpr,  # channels per reduction tile (power of two)
+    BLOCK_P: tl.constexpr,  # pixels per reduction tile (power of two)
+    MLP_C: tl.constexpr,  # channels per step of the MLP (power of two)
+    CR_PAD: tl.constexpr,  # next power of two >= CR
 ):
+    ACC = part_ptr.dtype.element_ty
     pid = tl.program_id(0)  # ((b * num_cblocks) + cblock) * SPLIT + split
     split = pid % SPLIT
     bc = pid // SPLIT
     b = bc // num_cblocks
     cblk = bc - b * num_cblocks
+    b64 = b.to(tl.int64)
+
+    # ---- phase 1: this program's share of sum_hw(x) (or sum_hw(dy * x)) -> partials
     cs = cblk * BLOCK_C + tl.arange(0, BLOCK_C)  # channels, shape (BLOCK_C,)
     cmask = cs < C
-    base = b.to(tl.int64) * C * HW  # first element of sample b
+    base = b64 * C * HW  # first element of sample b
     coff = cs * stride_c  # shape (BLOCK_C,)
     lanes = tl.arange(0, BLOCK_P)
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, HW)
-    acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    acc = tl.zeros([BLOCK_C, BLOCK_P], ACC)
     for p0 in range(start, end, BLOCK_P):
         ps = p0 + lanes
         offs = base + coff[:, None] + (ps * stride_p)[None, :]
         m = cmask[:, None] & (ps < end)[None, :]
-        v = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        if PRODUCT:
-            v = v * tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        v = tl.load(x_ptr + offs, mask=m, other=0.0).to(ACC)
+        if MODE == 2:
+            v = v * tl.load(dy_ptr + offs, mask=m, other=0.0).to(ACC)
         acc += v
-    total = tl.sum(acc, axis=1)  # shape (BLOCK_C,)
-    tl.store(part_ptr + (b.to(tl.int64) * SPLIT + split) * C + cs, total, mask=cmask)
+    tl.store(part_ptr + (b64 * SPLIT + split) * C + cs, tl.sum(acc, axis=1), mask=cmask)
+
+    # ---- phase 2: the last program of sample b to arrive runs the tiny MLP.  The barrier
+    # orders every thread's partial stores before the ticket's release (the atomic is
+    # acq_rel at GPU scope), the "last block" pattern of CUDA's threadFenceReduction sample.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(count_ptr + b, 1)
+    if ticket == num_cblocks * SPLIT - 1:
+        cols = tl.arange(0, MLP_C)
+        rs = tl.arange(0, CR_PAD)
+        rmask = rs < CR
+        z1 = _mimb_mlp_hidden(part_ptr, s_ptr, w1_ptr, b, C, CR, HW, SPLIT, sw1_r, sw1_c,
+                              MODE != 2, MLP_C, CR_PAD)
+        h = tl.maximum(z1, 0.0)
+        if MODE == 2:
+            gz1 = tl.zeros([CR_PAD], ACC)
+        for c0 in range(0, C, MLP_C):
+            cc = c0 + cols
+            cm = cc < C
+            e, w2t = _mimb_excite_chunk(w2_ptr, h, cc, cm, CR, sw2_c, sw2_r, CR_PAD)
+            if MODE == 1:
+                for n in range(NA):
+                    t = tl.load(mult_ptr + n * smult_r + cc * smult_c, mask=cm, other=0.0).to(ACC)
+                    tl.store(a_ptr + (n * B + b64) * C + cc, e * t, mask=cm)
+            else:
+                vv = tl.load(mult_ptr + b64 * smult_r + cc * smult_c, mask=cm, other=0.0).to(ACC)
+                tl.store(a_ptr + b64 * C + cc, e * vv, mask=cm)
+                if MODE == 2:
+                    g_a = tl.zeros([MLP_C], ACC)
+                    for sp in range(SPLIT):
+                        g_a += tl.load(part_ptr + (b64 * SPLIT + sp) * C + cc, mask=cm, other=0.0,
+                                       cache_modifier=".cg")
+                    tl.store(dv_ptr + b64 * C + cc, g_a * e, mask=cm)
+                    g_z2 = g_a * vv * e * (1.0 - e)
+                    tl.store(gz2_ptr + b64 * C + cc, g_z2, mask=cm)
+                    gz1 += tl.sum(w2t * g_z2[:, None], axis=0)
+        if MODE == 2:
+            gz1 = tl.where(z1 > 0.0, gz1, 0.0)
+            tl.store(h_ptr + b64 * CR + rs, h, mask=rmask)
+            tl.store(gz1_ptr + b64 * CR + rs, gz1, mask=rmask)
+            for c0 in range(0, C, MLP_C):
+                cc = c0 + cols
+                cm = cc < C
+                w1t = tl.load(w1_ptr + rs[:, None] * sw1_r + cc[None, :] * sw1_c,
+                              mask=rmask[:, None] & cm[None, :], other=0.0).to(ACC)
+                g_s = tl.sum(w1t * gz1[:, None], axis=0)
+                tl.store(bias_ptr + b64 * C + cc, g_s / HW, mask=cm)
 
 
 @triton.jit
 def _mimb_scale_kernel(
     in_ptr,  # input (x, or dy in backward), shape (B, C, H, W), NCHW or NHWC (strides below)
-    a_ptr,  # per-channel scales, shape (N, B, C), contiguous float32
-    bias_ptr,  # per-channel additive term, shape (B, C), contiguous float32 (read iff HAS_BIAS)
+    a_ptr,  # per-channel scales, shape (N, B, C), contiguous, accumulation dtype
+    bias_ptr,  # per-channel additive term, shape (B, C), a's dtype (read iff HAS_BIAS)
     out_ptr,  # output, shape (N*B, C, H, W), in's layout and dtype
     B,  # samples
     C,  # channels
@@ -187,6 +302,7 @@ def _mimb_scale_kernel(
     BLOCK_C: tl.constexpr,  # channels per tile (power of two)
     BLOCK_P: tl.constexpr,  # pixels per tile (power of two)
 ):
+    ACC = a_ptr.dtype.element_ty
     pid = tl.program_id(0)  # ((b * num_cblocks) + cblock) * num_pblocks + pblock
     pblk = pid % num_pblocks
     bc = pid // num_pblocks
@@ -197,7 +313,7 @@ def _mimb_scale_kernel(
     cmask = cs < C
     m = cmask[:, None] & (ps < HW)[None, :]
     offs = cs[:, None] * stride_c + ps[None, :] * stride_p  # within a sample, int32
-    v = tl.load(in_ptr + b.to(tl.int64) * C * HW + offs, mask=m, other=0.0).to(tl.float32)
+    v = tl.load(in_ptr + b.to(tl.int64) * C * HW + offs, mask=m, other=0.0).to(ACC)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + b * C + cs, mask=cmask, other=0.0)
     for n in range(N):
@@ -231,36 +347,59 @@ def _check_sizes(x: Tensor) -> None:
         raise ValueError(f"x samples of {C}x{H}x{W} elements exceed the kernels' int32 offsets")
 
 
-def _reduce(x: Tensor, dy: Tensor | None) -> Tensor:
-    """``sum_hw(x)`` (or ``sum_hw(dy * x)``) as ``[B, C]`` float32."""
+def _mlp_settings(C: int, CR: int, warps: int) -> dict:
+    """``MLP_C, CR_PAD``: the MLP steps over ``[CR_PAD, MLP_C]`` weight tiles of at most
+    ``1024 * warps`` elements (32 per thread) and at least 16 channels."""
+    cr_pad = triton.next_power_of_2(max(CR, 1))
+    mlp_c = max(16, min(triton.next_power_of_2(C), min(4096, 1024 * warps) // cr_pad))
+    return dict(MLP_C=mlp_c, CR_PAD=cr_pad)
+
+
+def _reduce_mlp(mode: int, x: Tensor, dy: Tensor | None, w1: Tensor, w2: Tensor, mult: Tensor,
+                s: Tensor | None) -> dict:
+    """Launch ``_mimb_reduce_mlp_kernel``; returns its outputs by name (see the kernel).
+
+    mode 0: ``s, a [1, B, C]``; mode 1 (``mult = table``): ``s, a [N, B, C]``;
+    mode 2 (``s`` given): ``a, dv, gz2, h, gz1, bias``.
+    """
     B, C, H, W = x.shape
     HW = H * W
+    CR = w1.shape[0]
+    acc = compute_dtype(x)
     stride_c, stride_p, cl = _strides(x)
     settings = _reduce_settings(B, C, HW, cl)
     split, chunk = settings.pop("SPLIT"), settings.pop("CHUNK")
+    settings.update(_mlp_settings(C, CR, settings["num_warps"]))
     num_cblocks = triton.cdiv(C, settings["BLOCK_C"])
-    part = torch.empty((B, split, C), dtype=torch.float32, device=x.device)
+    na = mult.shape[0] if mode == 1 else 1
+
+    def buf(*shape):
+        return torch.empty(shape, dtype=acc, device=x.device)
+
+    out = {"a": buf(na, B, C)}
+    if mode == 2:
+        out.update(dv=buf(B, C), gz2=buf(B, C), h=buf(B, CR), gz1=buf(B, CR), bias=buf(B, C))
+        out["s"] = s.to(acc).contiguous()
+    else:
+        out["s"] = buf(B, C)
+    part = buf(B, split, C)
+    count = torch.zeros(B, dtype=torch.int32, device=x.device)
+    o = lambda k: out.get(k, part)  # noqa: E731  (unused outputs point at scratch)
     with _device_guard(x):
-        _mimb_reduce_kernel[(B * num_cblocks * split,)](
-            x,
-            x if dy is None else dy,
-            part,
-            C,
-            HW,
-            stride_c,
-            stride_p,
-            chunk,
-            num_cblocks,
-            split,
-            PRODUCT=dy is not None,
+        _mimb_reduce_mlp_kernel[(B * num_cblocks * split,)](
+            x, x if dy is None else dy, part, count, w1, w2, mult,
+            out["s"], out["a"], o("dv"), o("gz2"), o("h"), o("gz1"), o("bias"),
+            B, C, CR, HW, stride_c, stride_p, chunk, num_cblocks, split, na,
+            w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1), mult.stride(0), mult.stride(1),
+            MODE=mode,
             enable_fp_fusion=False,
             **settings,
         )
-    return part[:, 0] if split == 1 else part.sum(dim=1)
+    return out
 
 
 def _scale(inp: Tensor, a: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
-    """``out[n*B + b] = inp[b] * a[n, b] (+ bias[b])`` with ``a [N, B, C]`` float32."""
+    """``out[n*B + b] = inp[b] * a[n, b] (+ bias[b])`` with ``a [N, B, C]`` contiguous."""
     B, C, H, W = inp.shape
     HW = H * W
     N = a.shape[0]
@@ -268,21 +407,10 @@ def _scale(inp: Tensor, a: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
     settings = _tile_settings(C, HW, cl)
     num_pblocks = triton.cdiv(HW, settings["BLOCK_P"])
     num_cblocks = triton.cdiv(C, settings["BLOCK_C"])
-    a = a.contiguous()
     with _device_guard(inp):
         _mimb_scale_kernel[(B * num_cblocks * num_pblocks,)](
-            inp,
-            a,
-            a if bias is None else bias.contiguous(),
-            out,
-            B,
-            C,
-            HW,
-            N,
-            stride_c,
-            stride_p,
-            num_pblocks,
-            num_cblocks,
+            inp, a, a if bias is None else bias, out,
+            B, C, HW, N, stride_c, stride_p, num_pblocks, num_cblocks,
             HAS_BIAS=bias is not None,
             enable_fp_fusion=False,
             **settings,
@@ -290,54 +418,39 @@ def _scale(inp: Tensor, a: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
     return out
 
 
-
-
-
-
-
-
 # --------------------------------------------------------------------------- launchers
 def mimb_scale_fwd_triton(x: Tensor, w1: Tensor, w2: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Forward phase: ``(y, s)``, ``y`` in ``x``'s dtype and layout, ``s [B, C]`` float32."""
+    """Forward: ``(y, s)``, ``y`` in ``x``'s dtype and layout, ``s [B, C]`` in the compute dtype."""
     x = _dense(x)
     _check_sizes(x)
-    B, C, H, W = x.shape
-    s = _reduce(x, None) / (H * W)
-    _, _, e = _excite(s, w1, w2)
-    a = e * v.to(torch.float32)
-    y = torch.empty((B, C, H, W), dtype=x.dtype, device=x.device, memory_format=out_memory_format(x))
-    _scale(x, a[None], None, y)
-    return y, s
+    r = _reduce_mlp(0, x, None, w1, w2, v, None)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_memory_format(x))
+    _scale(x, r["a"], None, y)
+    return y, r["s"]
 
 
 def mimb_scale_bwd_triton(
     dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, v: Tensor, s: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Backward phase: ``(dx, dw1, dw2, dv)`` (formulas in :mod:`mipnet_kernels.ops.mimb`)."""
+    """Backward: ``(dx, dw1, dw2, dv)`` (formulas in :mod:`mipnet_kernels.ops.mimb`).
+
+    The per-sample MLP backward runs in the reduction kernel; only the two batch sums of
+    the weight gradients (``dw2 = g_z2.T @ h``, ``dw1 = g_z1.T @ s``) are torch matmuls.
+    """
     x = _dense(x)
     _check_sizes(x)
-    B, C, H, W = x.shape
     fmt = out_memory_format(x)
     dy = dy.contiguous(memory_format=fmt)  # no copy when dy already has x's layout
-    ct = torch.float32
-    s = s.to(ct)
-    vf = v.to(ct)
-    z1, h, e = _excite(s, w1, w2)
-    a = e * vf
-    g_a = _reduce(x, dy)
-    g_v = g_a * e
-    g_z2 = g_a * vf * e * (1 - e)
-    dw2 = g_z2.T @ h
-    g_z1 = (g_z2 @ w2.to(ct)) * (z1 > 0).to(ct)
-    dw1 = g_z1.T @ s
-    g_s = g_z1 @ w1.to(ct)
-    dx = torch.empty((B, C, H, W), dtype=x.dtype, device=x.device, memory_format=fmt)
-    _scale(dy, a[None], g_s / (H * W), dx)
+    r = _reduce_mlp(2, x, dy, w1, w2, v, s)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    _scale(dy, r["a"], r["bias"], dx)
+    dw2 = r["gz2"].T @ r["h"]
+    dw1 = r["gz1"].T @ r["s"]
     return (
         dx,
         dw1.to(w1.dtype).contiguous(),
         dw2.to(w2.dtype).contiguous(),
-        g_v.to(v.dtype).contiguous(),
+        r["dv"].to(v.dtype),
     )
 
 
@@ -350,10 +463,8 @@ def mimb_instances_triton(x: Tensor, w1: Tensor, w2: Tensor, table: Tensor) -> T
     y = torch.empty((N * B, C, H, W), dtype=x.dtype, device=x.device, memory_format=out_memory_format(x))
     if N == 0:
         return y
-    s = _reduce(x, None) / (H * W)
-    _, _, e = _excite(s, w1, w2)
-    a = e[None, :, :] * table.to(torch.float32)[:, None, :]  # (N, B, C)
-    _scale(x, a, None, y)
+    r = _reduce_mlp(1, x, None, w1, w2, table, None)
+    _scale(x, r["a"], None, y)
     return y
 
 
