@@ -4,6 +4,11 @@
 # and, on a GPU machine (no internet there: uses the preinstalled python3 and torch):
 #   make gpu-check   build CUDA, run all tests on CUDA, compute-sanitizer, benchmarks,
 #                    raw results into benchmarks/results/<gpu-name>/
+#   make bench-check     run the benchmarks, gate them against the committed baseline of this GPU kind
+#   make bench-baseline  run the benchmarks, record them as this GPU kind's new baseline (commit it)
+#   make bench-report    result JSON -> benchmarks/report.md + PNG plots in benchmarks/report/
+#   make profile         Chrome trace of MIPNet-W32 N=2 inference + top kernels by time
+# (on the GPU box add USE_VENV=0 PYTHON=python3 to the bench-* / profile targets)
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -23,10 +28,11 @@ BENCH_JSON ?= benchmarks/out/results.json
 
 CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: help setup build test test-fast bench cuda-compile-check gpu-check sanitize info clean
+.PHONY: help setup build test test-fast bench cuda-compile-check gpu-check sanitize info clean \
+	bench-check bench-baseline bench-report profile
 
 help:
-	@sed -n '1,7p' Makefile
+	@sed -n '1,13p' Makefile
 
 # ---------------------------------------------------------------- set-up
 $(VENV)/.stamp-deps: pyproject.toml
@@ -72,6 +78,36 @@ bench: setup
 	@mkdir -p $(dir $(BENCH_JSON))
 	$(PY) -m pytest benchmarks -q --benchmark-json=$(BENCH_JSON) $(PYTEST_ARGS)
 
+# Regression gate (benchmarks/gate.py): exit 1 on a regression, 2 when this device kind has no
+# committed baseline.  BASELINE=FILE|DIR overrides the baseline; GATE_ARGS e.g. --allow-missing.
+# With USE_VENV=0 these use $(PYTHON) as it is (no venv, no build), like gpu-check.
+BENCH_SETUP := $(if $(filter 1,$(USE_VENV)),setup)
+CHECK_JSON ?= benchmarks/out/bench-check.json
+BASELINE ?=
+GATE_ARGS ?=
+bench-check: $(BENCH_SETUP)
+	@mkdir -p benchmarks/out
+	$(PY) -m pytest benchmarks -q --benchmark-json=$(CHECK_JSON) $(PYTEST_ARGS)
+	$(PY) -m benchmarks.gate $(CHECK_JSON) --markdown benchmarks/out/gate.md \
+	  $(if $(BASELINE),--baseline $(BASELINE)) $(GATE_ARGS)
+
+bench-baseline: $(BENCH_SETUP)
+	@mkdir -p benchmarks/out
+	$(PY) -m pytest benchmarks -q --benchmark-json=$(BENCH_JSON) --mipnet-results-dir=benchmarks/results $(PYTEST_ARGS)
+	@echo "new baseline written under benchmarks/results/<device-kind>/: commit it to make it the gate's baseline"
+
+# REPORT_INPUT: JSON file(s) or results folder(s) of one device kind (default: the results
+# recorded for this machine's kind; CI passes REPORT_INPUT=$(CHECK_JSON)).
+REPORT_INPUT ?=
+bench-report:
+	$(PY) -m benchmarks.report --markdown benchmarks/report.md --plots benchmarks/report \
+	  $(or $(REPORT_INPUT),benchmarks/results/$$($(PY) -c 'from benchmarks import _report; print(_report.current_device_slug())'))
+
+# PROFILE_ARGS e.g. --batch 48 --dtype bfloat16 (see python -m benchmarks.profile_model -h)
+PROFILE_ARGS ?=
+profile:
+	$(PY) -m benchmarks.profile_model --out benchmarks/out/profile $(PROFILE_ARGS)
+
 # ---------------------------------------------------------------- GPU machine
 GPU_LOG ?= benchmarks/out/gpu-check.log
 gpu-check:
@@ -85,7 +121,7 @@ gpu-check:
 
 # compute-sanitizer (memcheck, racecheck, initcheck, synccheck) over the tests of the CUDA
 # backend's kernels (test ids "cuda-cuda-...": backend cuda on CUDA tensors).
-SANITIZE_TESTS ?= tests/test_decode.py tests/test_flip_merge.py
+SANITIZE_TESTS ?= tests/test_decode.py tests/test_flip_merge.py tests/test_mimb.py tests/test_mimb_cuda.py
 SANITIZE_K ?= cuda-cuda and not compile
 sanitize:
 	for tool in memcheck racecheck initcheck synccheck; do \

@@ -80,17 +80,72 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def nvidia_smi_query(fields: Iterable[str], gpu: str | None = None) -> dict[str, str | None]:
+    """``nvidia-smi --query-gpu=FIELDS`` for one GPU (``gpu``: index, UUID or PCI bus id;
+    None: the first); a field nvidia-smi lacks or reports as ``[N/A]`` is None, and every
+    field is None when nvidia-smi is missing or fails."""
+    fields = list(fields)
+    out = dict.fromkeys(fields)
+    cmd = ["nvidia-smi", "--query-gpu=" + ",".join(fields), "--format=csv,noheader,nounits"]
+    if gpu is not None:
+        cmd += ["-i", gpu]
+    try:
+        lines = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return out
+    values = [v.strip() for v in lines[0].split(",")] if lines else []
+    if len(values) == len(fields):
+        for f, v in zip(fields, values):
+            out[f] = None if not v or v.startswith("[") or v in ("N/A", "Not Supported") else v
+    return out
+
+
+#: ``machine_info["mipnet"]["gpu_clocks"]`` key -> nvidia-smi query field.
+GPU_CLOCK_FIELDS = {
+    "sm_mhz": "clocks.sm",
+    "mem_mhz": "clocks.mem",
+    "max_sm_mhz": "clocks.max.sm",
+    "max_mem_mhz": "clocks.max.mem",
+    "applications_sm_mhz": "clocks.applications.graphics",
+    "applications_mem_mhz": "clocks.applications.memory",
+    "pstate": "pstate",
+    "power_limit_w": "power.limit",
+    "persistence_mode": "persistence_mode",
+}
+
+
+def _to_number(value: str | None):
+    if value is None:
+        return None
+    try:
+        f = float(value)
+    except ValueError:
+        return value
+    return int(f) if f.is_integer() else f
+
+
+def gpu_clocks(gpu: str | None = None) -> dict:
+    """Current and maximum SM / memory clocks, application clocks, P-state and power limit
+    of one GPU from nvidia-smi (every value None when nvidia-smi is absent).  Clocks below
+    their maximum while benchmarking (power or thermal capping, a locked clock) explain
+    slower runs of the same GPU kind."""
+    raw = nvidia_smi_query(GPU_CLOCK_FIELDS.values(), gpu)
+    return {key: _to_number(raw[field]) for key, field in GPU_CLOCK_FIELDS.items()}
+
+
+def _nvidia_smi_gpu_id(props) -> str | None:
+    """The PCI bus id nvidia-smi knows the torch device by (CUDA_VISIBLE_DEVICES renumbers)."""
+    try:
+        return f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
+    except AttributeError:  # older torch: no PCI ids in the device properties
+        return None
+
+
 def nvidia_driver_version() -> str | None:
     """The NVIDIA driver version (``nvidia-smi``, else ``/proc/driver/nvidia/version``)."""
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout.strip().splitlines()
-        if out and out[0].strip():
-            return out[0].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
+    version = nvidia_smi_query(["driver_version"])["driver_version"]
+    if version:
+        return version
     try:
         text = Path("/proc/driver/nvidia/version").read_text()
         m = re.search(r"Kernel Module\s+(?:for\s+\S+\s+)?([0-9][0-9.]+)", text)
@@ -139,6 +194,7 @@ def collect_machine_info() -> dict:
             gpu_memory_gib=round(props.total_memory / 2**30, 1),
             gpu_l2_bytes=getattr(props, "L2_cache_size", None),
             driver=nvidia_driver_version(),
+            gpu_clocks=gpu_clocks(_nvidia_smi_gpu_id(props)),
             device_name=name,
             device_slug=slugify(name),
         )
@@ -150,8 +206,81 @@ def collect_machine_info() -> dict:
         if COPY_BANDWIDTH:
             info["copy_bandwidth"] = dict(COPY_BANDWIDTH)
     else:
-        info.update(device_name=info["cpu_name"], device_slug="cpu-" + slugify(info["cpu_name"]))
+        info.update(device_name=info["cpu_name"], device_slug=cpu_slug(info["cpu_name"]))
     return info
+
+
+def cpu_slug(name: str) -> str:
+    """Results folder of CPU-only runs: ``"AMD EPYC"`` -> ``"cpu-amd-epyc"``."""
+    return "cpu-" + slugify(name)
+
+
+def current_device_slug() -> str:
+    """The results folder of this machine (as :func:`collect_machine_info`, without its cost)."""
+    import torch
+
+    return slugify(torch.cuda.get_device_name()) if torch.cuda.is_available() else cpu_slug(cpu_name())
+
+
+# --------------------------------------------------------------------------- saved runs
+def load_run(path: str | os.PathLike) -> dict:
+    """A pytest-benchmark JSON file; ``ValueError`` naming the file when it is not one."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read benchmark JSON {path}: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+        raise ValueError(f"{path} is not pytest-benchmark JSON (no 'benchmarks' list)")
+    return data
+
+
+def run_slug(data: dict) -> str | None:
+    """The device kind of a saved run (its results folder name), None when not recorded."""
+    mip = (data.get("machine_info") or {}).get("mipnet") or {}
+    if mip.get("device_slug"):
+        return mip["device_slug"]
+    if mip.get("gpu_name"):
+        return slugify(mip["gpu_name"])
+    return None
+
+
+def suite_of(benchmark: dict) -> str:
+    """The module a benchmark comes from: ``"benchmarks/test_decode_bench.py"``."""
+    return str(benchmark.get("fullname") or benchmark.get("name", "")).split("::", 1)[0]
+
+
+def benchmark_key(benchmark: dict) -> str:
+    """The identity of a benchmark across runs: its pytest node id (``fullname``)."""
+    return str(benchmark.get("fullname") or benchmark.get("name"))
+
+
+def run_time(data: dict) -> str:
+    """When a run was recorded (ISO time; sorts chronologically)."""
+    return str(data.get("datetime") or "")
+
+
+def merge_newest(runs: Iterable[tuple[Path, dict]], per: str = "suite") -> tuple[list[dict], list[Path]]:
+    """Benchmarks of several runs of one device kind, each from the newest run containing it.
+
+    ``per="suite"`` (the gate's baseline): a suite (test module) comes whole from the newest
+    run that contains it, so a run of one suite (``-k`` or a single file) replaces that suite
+    only and a benchmark dropped from a suite does not live on from an older run.
+    ``per="benchmark"`` (the report): every benchmark from the newest run that has it.
+    Returns the benchmarks (each with ``"_source"``: its file) and the files used."""
+    if per not in ("suite", "benchmark"):
+        raise ValueError(f"per must be 'suite' or 'benchmark', got {per!r}")
+    unit = suite_of if per == "suite" else benchmark_key
+    newest: dict[str, tuple[tuple[str, str], Path, dict]] = {}
+    for path, data in runs:
+        order = (run_time(data), Path(path).name)
+        for u in {unit(b) for b in data["benchmarks"]}:
+            if u not in newest or order > newest[u][0]:
+                newest[u] = (order, Path(path), data)
+    merged = []
+    for u, (_, path, data) in sorted(newest.items()):
+        merged.extend(dict(b, _source=str(path)) for b in data["benchmarks"] if unit(b) == u)
+    return merged, sorted({path for _, path, _ in newest.values()})
 
 
 def save_results_copy(results_dir: str | os.PathLike, output_json: dict | None, json_path: str | None) -> Path:
@@ -200,10 +329,33 @@ def _rows(benchmarks: Iterable[dict]) -> list[dict]:
         if t is None:
             continue
         row = dict(ei)
+        for key in ("backend", "device", "shape", "dtype"):  # suites that record fewer fields
+            if not isinstance(row.get(key), str):
+                row[key] = "-"
         row["time"] = float(t)
         row["rounds"] = stats.get("rounds")
         rows.append(row)
     return rows
+
+
+def peer_key(row: dict) -> tuple:
+    """Rows that time the same work on different backends share this key."""
+    return (row.get("op"), row.get("mode"), row.get("shape"), row.get("dtype"), row.get("device"))
+
+
+def speedups(backend: str, time: float, peers: dict[str, float]) -> dict[str, float | None]:
+    """Speed-ups of a row (``time`` on ``backend``) over its peers' times (backend -> time):
+    ``speedup_eager`` over the eager baseline (MIMB: the official-style layer ``eager``, else
+    the ``reference`` backend), ``speedup_compile`` over ``torch.compile`` of it,
+    ``speedup_numpy`` over the NumPy anchor.  None where the peer is absent or is the row."""
+    eager = "eager" if "eager" in peers else "reference"
+    return {
+        "speedup_eager": peers[eager] / time if eager in peers and backend != eager else None,
+        "speedup_compile": (
+            peers["compile"] / time if "compile" in peers and backend not in ("compile", "eager") else None
+        ),
+        "speedup_numpy": peers["numpy"] / time if "numpy" in peers and backend != "numpy" else None,
+    }
 
 
 def _shape_sort_key(shape: str):
@@ -258,7 +410,7 @@ def _target(row: dict) -> str:
     t = row["time"]
     if row["op"] in MIMB_OPS:
         return _mimb_target(row)
-    if row["device"] == "cuda" and row["backend"] in FUSED_GPU_BACKENDS:
+    if row["device"] == "cuda" and row["backend"] in FUSED_GPU_BACKENDS and row.get("bytes_moved"):
         fails = []
         roof = row.get("t_over_copy")
         if roof is None:
@@ -280,32 +432,33 @@ def _target(row: dict) -> str:
     return ""
 
 
-def build_table(benchmarks: Iterable[dict], machine_info: dict | None = None) -> str:
-    """The readable table (one line per benchmark) plus a legend; '' when nothing to show."""
+def annotated_rows(benchmarks: Iterable[dict]) -> list[dict]:
+    """Our benchmarks' ``extra_info`` plus ``time`` (the median), the speed-ups over their
+    peers, ``gbps_now``, ``t_over_copy`` and the issue ``target`` verdict, in table order."""
     rows = _rows(benchmarks)
-    if not rows:
-        return ""
     by_key: dict[tuple, dict[str, float]] = {}
     for r in rows:
-        key = (r["op"], r.get("mode"), r["shape"], r["dtype"], r["device"])
-        by_key.setdefault(key, {})[r["backend"]] = r["time"]
+        by_key.setdefault(peer_key(r), {})[r["backend"]] = r["time"]
     for r in rows:
-        peers = by_key[(r["op"], r.get("mode"), r["shape"], r["dtype"], r["device"])]
-        eager = "eager" if "eager" in peers else "reference"  # MIMB rows: the official-style layer
-        r["speedup_eager"] = peers[eager] / r["time"] if eager in peers and r["backend"] != eager else None
-        r["speedup_compile"] = (
-            peers["compile"] / r["time"] if "compile" in peers and r["backend"] not in ("compile", "eager") else None
-        )
-        r["speedup_numpy"] = peers["numpy"] / r["time"] if "numpy" in peers and r["backend"] != "numpy" else None
-        r["gbps_now"] = r["bytes_moved"] / r["time"] / 1e9 if r["time"] > 0 else None
+        r.update(speedups(r["backend"], r["time"], by_key[peer_key(r)]))
+        moved = r.get("bytes_moved")
+        r["gbps_now"] = moved / r["time"] / 1e9 if moved and r["time"] > 0 else None
         bw = r.get("copy_bandwidth_GBps")
         fused = r["backend"] != "numpy"  # the anchor's time is host time, not a roofline question
-        r["t_over_copy"] = r["time"] / (r["bytes_moved"] / (bw * 1e9)) if bw and fused else None
+        r["t_over_copy"] = r["time"] / (moved / (bw * 1e9)) if bw and moved and fused else None
         r["target"] = _target(r)
     rows.sort(key=lambda r: (
         DEVICE_ORDER.get(r["device"], 9), OP_ORDER.get(r["op"], 9), _shape_sort_key(r["shape"]),
         MODE_ORDER.get(r.get("mode"), 9), r["dtype"], BACKEND_ORDER.get(r["backend"], 9),
     ))
+    return rows
+
+
+def build_table(benchmarks: Iterable[dict], machine_info: dict | None = None) -> str:
+    """The readable table (one line per benchmark) plus a legend; '' when nothing to show."""
+    rows = annotated_rows(benchmarks)
+    if not rows:
+        return ""
     header = ["op", "mode", "dev", "backend", "shape", "dtype", "median", "GB/s",
               "x eager", "x numpy", "t/copy", "target"]
     table = [header]

@@ -15,6 +15,12 @@ function that lists the reasons it cannot run given inputs (the xformers
 A backend chosen explicitly (1-3) that cannot run the inputs raises a
 ``RuntimeError`` with its reasons; it never falls back silently.  ``"auto"`` (or
 ``None``) restores the automatic choice; ``use_backend("auto")`` forces it inside a block.
+
+Profiling: while a ``torch.profiler`` (or any autograd profiler) is recording, every
+dispatched call is wrapped in ``record_function("mipnet::<op>[<backend>]")``, so traces
+name the op and the backend that ran it; with ``MIPNET_KERNELS_NVTX=1`` (read at import)
+calls on CUDA tensors are also NVTX ranges of the same name (for Nsight Systems).  When
+neither is on, the cost is one C call per dispatch (~0.1 µs on CPU).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from . import _extension
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 ENV_VAR = "MIPNET_KERNELS_BACKEND"
+NVTX_ENV_VAR = "MIPNET_KERNELS_NVTX"
 
 #: Default automatic order per device type; an op may register its own.
 DEFAULT_AUTO_ORDER = {
@@ -246,10 +253,32 @@ def select(op: str, device: torch.device, *args) -> tuple[str, dict[str, list[st
     )
 
 
+# --------------------------------------------------------------------------- profiling
+#: True while any autograd/kineto profiler records (covers torch.profiler and emit_nvtx).
+_profiler_enabled = torch._C._autograd._profiler_enabled
+_NVTX = os.environ.get(NVTX_ENV_VAR, "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def _profiled(label: str, device: torch.device) -> Iterator[None]:
+    """``label`` as a profiler event (when one records) and an NVTX range (when requested)."""
+    nvtx = _NVTX and device.type == "cuda"
+    with contextlib.ExitStack() as stack:
+        if _profiler_enabled():
+            stack.enter_context(torch.profiler.record_function(label))
+        if nvtx:
+            stack.enter_context(torch.cuda.nvtx.range(label))
+        yield
+
+
 def dispatch(op: str, device: torch.device, *args):
-    """Run ``op`` on the selected backend."""
+    """Run ``op`` on the selected backend (a named range when profiling, see the module doc)."""
     name, _ = select(op, device, *args)
-    return _OPS[op].impls[name].fn(*args)
+    fn = _OPS[op].impls[name].fn
+    if not (_NVTX or _profiler_enabled()):
+        return fn(*args)
+    with _profiled(f"mipnet::{op}[{name}]", device):
+        return fn(*args)
 
 
 def ops() -> dict[str, _Op]:
