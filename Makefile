@@ -29,7 +29,7 @@ BENCH_JSON ?= benchmarks/out/results.json
 CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: help setup build test test-fast bench cuda-compile-check gpu-check sanitize info clean \
-	bench-check bench-baseline bench-report profile
+	bench-check bench-baseline bench-report profile demo
 
 help:
 	@sed -n '1,13p' Makefile
@@ -108,6 +108,14 @@ PROFILE_ARGS ?=
 profile:
 	$(PY) -m benchmarks.profile_model --out benchmarks/out/profile $(PROFILE_ARGS)
 
+# ---------------------------------------------------------------- synthetic crowd demo
+# Baseline vs MIPNet on the embedded synthetic crowd, AP by occlusion (CPU: under 10 minutes).
+# DEMO_ARGS e.g. --full (HRNet-W32 256x192 on a GPU) or --threads 2.
+DEMO_OUT ?= demo_out
+DEMO_ARGS ?=
+demo: setup
+	$(PY) -m mipnet demo --out $(DEMO_OUT) $(DEMO_ARGS)
+
 # ---------------------------------------------------------------- GPU machine
 GPU_LOG ?= benchmarks/out/gpu-check.log
 gpu-check:
@@ -121,7 +129,8 @@ gpu-check:
 
 # compute-sanitizer (memcheck, racecheck, initcheck, synccheck) over the tests of the CUDA
 # backend's kernels (test ids "cuda-cuda-...": backend cuda on CUDA tensors).
-SANITIZE_TESTS ?= tests/test_decode.py tests/test_flip_merge.py tests/test_mimb.py tests/test_mimb_cuda.py
+SANITIZE_TESTS ?= tests/test_decode.py tests/test_flip_merge.py tests/test_mimb.py tests/test_mimb_cuda.py \
+	tests/test_nms.py tests/test_nms_kernels.py
 SANITIZE_K ?= cuda-cuda and not compile
 sanitize:
 	for tool in memcheck racecheck initcheck synccheck; do \

@@ -67,6 +67,22 @@
 #define MIPNET_MIMB_INSTANCES_SCHEMA \
   "mimb_instances(Tensor x, Tensor w1, Tensor w2, Tensor table) -> Tensor"
 
+// Grouped forms (CUDA only; the CPU extension loops over the single ops): the ops above
+// on lists of branch tensors (HRNet: different C, H, W; one x dtype per launch), each list
+// element with the contract of the single op; all on one device.  The kernel runs up to
+// four branches per launch.
+#define MIPNET_MIMB_SCALE_GROUPED_FWD_SCHEMA                                                \
+  "mimb_scale_grouped_fwd(Tensor[] xs, Tensor[] w1s, Tensor[] w2s, Tensor[] vs) -> "       \
+  "(Tensor[] ys, Tensor[] ss)"
+
+#define MIPNET_MIMB_SCALE_GROUPED_BWD_SCHEMA                                                \
+  "mimb_scale_grouped_bwd(Tensor[] dys, Tensor[] xs, Tensor[] w1s, Tensor[] w2s, "         \
+  "Tensor[] vs, Tensor[] ss) -> (Tensor[] dxs, Tensor[] dw1s, Tensor[] dw2s, Tensor[] dvs)"
+
+#define MIPNET_MIMB_INSTANCES_GROUPED_SCHEMA                                                \
+  "mimb_instances_grouped(Tensor[] xs, Tensor[] w1s, Tensor[] w2s, Tensor[] tables) -> "   \
+  "Tensor[]"
+
 // ------------------------------------------------------------------------------ OKS-NMS
 // Greedy OKS-NMS over many images at once (mipnet_kernels/ops/nms.py; ARCHITECTURE.md
 // "OKS").  The public op validates, sorts and segments; the kernels see candidates already

@@ -69,7 +69,11 @@ dispatch through :mod:`mipnet_kernels._backends`.  The ``cpu`` backend calls
 ``torch.ops.mipnet_cpu.{mimb_scale_fwd, mimb_fwd, mimb_scale_bwd, mimb_instances}`` (csrc/schemas.h;
 the grouped forms loop over those) and declares itself unsupported ("not built") when the
 loaded extension lacks them, so the automatic choice falls back to the reference.  The
-``cuda`` and ``triton`` backends are not registered yet.
+``triton`` backend (:mod:`mipnet_kernels.triton.mimb`: two launches per op, the per-sample
+MLP in the reduction's last program; float64 too) and the ``cuda`` backend
+(``csrc/cuda/mimb_kernel.cu``: a single-pass cooperative kernel when the launch fits on the
+device, else two phases; the grouped forms in one launch for up to four branches) serve
+CUDA tensors; the triton kernels also run on CPU under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations

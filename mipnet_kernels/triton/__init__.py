@@ -1,5 +1,6 @@
 """Triton kernels, one module per op (``decode``: heatmap decoding and the flip-test merge;
-``mimb``: the Multi-Instance Modulation Block, two-phase).
+``mimb``: the Multi-Instance Modulation Block, two-phase; ``nms``: batched greedy and soft
+OKS-NMS).
 
 Importing this package does not import ``triton``: the kernels' modules are loaded on first
 use, so ``TRITON_INTERPRET=1`` (which must be set before ``triton`` is imported) can still be
@@ -17,6 +18,8 @@ _LAZY = {
     "mimb_scale_fwd_triton": "mimb",
     "mimb_scale_bwd_triton": "mimb",
     "mimb_instances_triton": "mimb",
+    "oks_nms_sorted_triton": "nms",
+    "soft_oks_nms_sorted_triton": "nms",
 }
 __all__ = sorted(_LAZY)
 

@@ -1,0 +1,1167 @@
+// CUDA kernels of the Multi-Instance Modulation Block (torch.ops.mipnet_cuda.*).
+//
+//   mimb_scale_fwd(x, w1, w2, v) -> (y, s)
+//   mimb_fwd(x, lam, w1, w2, e1, b1, e2, b2) -> (y, s)       (v = the embedding MLP, in here)
+//   mimb_scale_bwd(dy, x, w1, w2, v, s) -> (dx, dw1, dw2, dv)
+//   mimb_instances(x, w1, w2, table) -> y
+//   mimb_scale_grouped_fwd / mimb_scale_grouped_bwd / mimb_instances_grouped: the same on
+//   lists of branch tensors, up to kMaxBranches branches per launch.
+//
+// Schemas and contracts: csrc/schemas.h (registered in csrc/register_cuda.cpp).
+// Specification: the PyTorch references in mipnet_kernels/ops/mimb.py:
+//   s = mean_hw(x);  z1 = w1 @ s;  h = relu(z1);  e = sigmoid(w2 @ h);  a = e * v;
+//   y = x * a[:, :, None, None];  backward (per sample, g_a = sum_hw(dy * x)):
+//   dv = g_a * e;  g_z2 = g_a * v * e * (1 - e);  g_z1 = (w2^T g_z2) * (z1 > 0);
+//   dx = dy * a + (w1^T g_z1) / HW;  dw2 = sum_b g_z2 h^T;  dw1 = sum_b g_z1 s^T.
+//
+// ------------------------------------------------------------------ tiles
+// A sample's map is cut into tiles (channel tile ct, pixel split sp); one block of 256
+// threads per tile; every thread owns at most kRegVecs vectors of the tile (16 bytes each,
+// or single elements where vector access is impossible) and always the same channel(s):
+//   NCHW (x contiguous): `lanes` (a power of two <= 32) consecutive threads share a plane
+//     (channel) and stride over its pixels; 256 / lanes planes per block.  Vector loads
+//     when HW is a multiple of the vector width and x is 16-byte aligned.
+//   NHWC (channels_last; also when H*W == 1): `lanes` threads cover the channel tile with
+//     one vector (channels c .. c+V-1) each, 256 / lanes rows of pixels.  Vector loads when
+//     C is a multiple of the vector width.
+// The tiling of a branch depends only on its shape, dtype and alignment (plan_branch),
+// never on the device, the path or on the other branches of a group: a grouped launch,
+// a single launch, the two-phase and the single-pass kernel all add the same numbers in
+// the same order and give bit-identical results.  Each tile writes per-channel partial sums
+// ([B, nsp, C] float32 workspace); the per-sample sums add the nsp partials in order.
+//
+// ------------------------------------------------------------------ the two paths
+// Single pass (cooperative launch; used when the device supports cooperative launch and
+// every tile of the launch is resident at once -- "the maps fit on chip":
+//     number of tiles <= (blocks per SM from cudaOccupancyMaxActiveBlocksPerMultiprocessor)
+//                         x (SM count);
+// each tile lives in its threads' registers, at most kRegVecs x 16 bytes per thread; with
+// 2 blocks of 256 threads per SM (the launch bounds) that is up to ~8.6 MB of x (forward;
+// of dy, backward) on an H100's 132 SMs, less when tiles are partly filled):  one kernel; each block loads its tile into
+// registers (forward: x; backward: dy, with x read once for sum(dy * x)), writes its
+// partial sums and takes a ticket of its sample.  The last block of a sample runs the tiny
+// MLP and publishes the per-channel scales; the other blocks of the sample wait for that
+// (a per-sample flag: safe because the cooperative launch guarantees that all blocks are
+// co-resident, so the block being waited for always runs), then scale the tile they hold.
+// x is read once and y written once.  The backward then needs every sample's MLP for the
+// weight gradients: one cooperative_groups grid sync, then every block sums a slice of
+// dw1 / dw2 over the batch.
+//
+// Two phase (otherwise, or MIPNET_MIMB_CUDA_PATH=two_phase):  kernel 1 reduces the tiles
+// and, in the last block of each sample (the ticket), runs the MLP; kernel 2 re-reads x
+// (backward: dy) and scales, and its blocks also sum the slices of dw1 / dw2.  x is read
+// twice (the second read mostly from L2 when the tensor fits there).
+//
+// MIPNET_MIMB_CUDA_PATH = auto (default) | two_phase | single_pass forces a path (tests,
+// benchmarks); single_pass raises when the launch does not fit.
+//
+// The ticket counter is CUDA's "threadFenceReduction" sample: every block writes its
+// partials, __threadfence(), then atomically increments its sample's counter; the block
+// that draws the last ticket sees all partials.  That block resets the counter, and the
+// last waiter resets the flag, so the counters (kept per device and stream, zeroed once
+// when allocated) are reusable by the next launch without a memset.
+//
+// Weight gradients are deterministic: the MLP block stores the per-sample vectors (h,
+// g_z1, g_z2, s) and each dw element is summed over b = 0 .. B-1 in order by one thread --
+// no float atomics anywhere; every result is bit-identical from run to run.
+//
+// The MLP (one block per sample): mat-vecs with a warp per group of four rows, lanes over
+// the reduced dimension, in the weights' own dtype and strides (any float dtype, any
+// strides: transposes are stride swaps); float32 throughout, sigmoid with expf.  Data
+// passes are float32 after the load, each output rounded once; dx = dy * a + k is a
+// separate multiply and add (__fmul_rn / __fadd_rn), as in the reference.
+//
+// Index arithmetic: int64 offsets; tile geometry (channels, pixels) in int32
+// (C * H * W <= 2^30 per sample, checked).
+//
+// Uses only PyTorch's stable ABI (torch/csrc/stable, torch/headeronly) and the CUDA runtime.
+
+#include <cooperative_groups.h>
+
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/MemoryFormat.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "../host_utils.h"
+#include "common.cuh"
+
+namespace mipnet {
+namespace cuda {
+namespace {
+
+using torch::headeronly::MemoryFormat;
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+using namespace common;
+using host::dtype_name;
+using host::is_supported_float;
+
+constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kThreads = 256;             // every MIMB block
+constexpr int kWarps = kThreads / kWarp;
+constexpr int kRegVecs = 8;               // vectors per thread per tile (registers)
+constexpr int kMaxBranches = 4;           // branches per grouped launch
+constexpr int64_t kMaxSampleElems = int64_t{1} << 30;  // C * H * W (int32 offsets)
+
+enum Mode : int { kFwd = 0, kInst = 1, kBwd = 2 };
+enum DtCode : int { kDtF32 = 0, kDtF16 = 1, kDtBF16 = 2 };
+
+// ==================================================================== device structs
+// A small operand M[i, j] (1-D tensors: s0 = 0), any float dtype, any strides.
+struct Mat {
+  const void* p;
+  int64_t s0, s1;
+  int dt;  // DtCode
+};
+
+// One branch of a launch, passed by value inside Group.
+struct Branch {
+  const void* x;   // [B, C, H, W], NCHW or NHWC dense
+  const void* dy;  // backward: [B, C, H, W], x's layout
+  void* out;       // y [N*B, C, H, W] (instances) / y / dx, x's layout
+  int B, C, HW, Cr, N;  // N: outputs per sample (instances; 1 otherwise)
+  int nhwc, vec;        // layout; vector access (else single elements)
+  int lanes, rows, ctile, nct, nsp, L;  // tiling (plan_branch)
+  int block0, nblocks;                  // this branch's blocks: [block0, block0 + nblocks)
+  Mat w1, w2;  // [Cr, C], [C, Cr]
+  Mat v;       // v [B, C] (fwd, bwd) or table [N, C] (instances)
+  Mat s_in;    // backward: the forward's s [B, C]
+  int embed, Ke, Nl;           // mimb_fwd: v from the embedding MLP (K hidden, N inputs)
+  Mat lam, e1, b1, e2, b2;     // [B, Nl], [Ke, Nl], [Ke], [C, Ke], [C]
+  float* s;      // [B, C]: the forward's output s, or workspace (instances, backward)
+  float* part;   // [B, nsp, C] partial sums
+  float* a;      // [N, B, C] scales
+  float* k;      // backward: [B, C] dx bias g_s / HW
+  float* h;      // [B, Cr] relu(z1)
+  float* gz1;    // backward: [B, Cr]
+  float* gz2;    // backward: [B, C]
+  float* hv;     // mimb_fwd: [B, Ke] embedding hidden
+  float* vb;     // mimb_fwd: [B, C] embedding output
+  void* dv;      // backward outputs, contiguous, dtypes dv_dt / dw1_dt / dw2_dt
+  void* dw1;
+  void* dw2;
+  int dv_dt, dw1_dt, dw2_dt;
+  unsigned* ticket;  // [B] arrival counters (zero between launches)
+  unsigned* flag;    // [B] single pass: "scales published" flags (zero between launches)
+};
+
+struct Group {
+  Branch br[kMaxBranches];
+  int nbr;
+};
+static_assert(sizeof(Group) <= 4096, "kernel parameters are limited to 4 KiB");
+
+// ==================================================================== device helpers
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+__device__ __forceinline__ float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
+
+template <class T>
+__device__ __forceinline__ float ld_raw(const void* p, int64_t o) {
+  return T::to_float(__ldg(static_cast<const typename T::raw_t*>(p) + o));
+}
+
+__device__ __forceinline__ float mat_at(const Mat& m, int64_t i, int64_t j) {
+  const int64_t o = i * m.s0 + j * m.s1;
+  switch (m.dt) {
+    case kDtF16: return ld_raw<F16>(m.p, o);
+    case kDtBF16: return ld_raw<BF16>(m.p, o);
+    default: return ld_raw<F32>(m.p, o);
+  }
+}
+
+__device__ __forceinline__ void store_as(void* p, int64_t o, int dt, float v) {
+  switch (dt) {
+    case kDtF16: static_cast<unsigned short*>(p)[o] = F16::from_float(v); break;
+    case kDtBF16: static_cast<unsigned short*>(p)[o] = BF16::from_float(v); break;
+    default: static_cast<float*>(p)[o] = v; break;
+  }
+}
+
+// out(r, sum_k M[r, k] * vec(k)) for r < R.  A warp per group of four rows, lanes over k;
+// lane 0 calls out.  Every thread of the block calls it (warp-uniform loops).
+template <class TW, class Vec, class Out>
+__device__ __forceinline__ void matvec_t(const Mat& M, int R, int K, const Vec& vec,
+                                         const Out& out) {
+  const int lane = threadIdx.x & (kWarp - 1), warp = threadIdx.x / kWarp;
+  const typename TW::raw_t* p = static_cast<const typename TW::raw_t*>(M.p);
+  for (int r0 = 4 * warp; r0 < R; r0 += 4 * kWarps) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int k = lane; k < K; k += kWarp) {
+      const float vk = vec(k);
+      const int64_t ok = static_cast<int64_t>(k) * M.s1;
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (r0 + i < R)
+          acc[i] += TW::to_float(__ldg(p + static_cast<int64_t>(r0 + i) * M.s0 + ok)) * vk;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[i] = warp_sum(acc[i]);
+    if (lane == 0) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (r0 + i < R) out(r0 + i, acc[i]);
+    }
+  }
+}
+
+template <class Vec, class Out>
+__device__ __forceinline__ void matvec(const Mat& M, int R, int K, const Vec& vec,
+                                       const Out& out) {
+  switch (M.dt) {
+    case kDtF16: matvec_t<F16>(M, R, K, vec, out); break;
+    case kDtBF16: matvec_t<BF16>(M, R, K, vec, out); break;
+    default: matvec_t<F32>(M, R, K, vec, out); break;
+  }
+}
+
+__device__ __forceinline__ Mat transposed(const Mat& m) { return Mat{m.p, m.s1, m.s0, m.dt}; }
+
+// The per-sample channel sum: the nsp partials of (b, c) in order.  __ldcg: written by
+// other blocks of this launch (or this block) -- read from L2, never a stale L1 line.
+__device__ __forceinline__ float sample_sum(const Branch& br, int b, int c) {
+  const float* p = br.part + static_cast<int64_t>(b) * br.nsp * br.C + c;
+  float s = 0.f;
+  for (int sp = 0; sp < br.nsp; ++sp) s += __ldcg(p + static_cast<int64_t>(sp) * br.C);
+  return s;
+}
+
+// ------------------------------------------------------------------------ the MLP
+// One block per sample b, all threads; ends with __syncthreads.  Vectors live in the
+// workspace (global; block-visible after __syncthreads, read back through L2).
+template <int MODE>
+__device__ void mlp_sample(const Branch& br, int b) {
+  const int t = threadIdx.x;
+  const int C = br.C, Cr = br.Cr, B = br.B;
+  const int64_t bC = static_cast<int64_t>(b) * C;
+  float* s = br.s + bC;
+  float* h = br.h + static_cast<int64_t>(b) * Cr;
+  const float hw = static_cast<float>(br.HW);
+
+  // 1. s: the forward's mean (fwd, instances) or the saved s (backward).
+  for (int c = t; c < C; c += kThreads)
+    s[c] = MODE == kBwd ? mat_at(br.s_in, b, c) : sample_sum(br, b, c) / hw;
+  __syncthreads();
+  // 2. h = relu(w1 @ s) (NaN propagates, as torch.relu); the embedding's hidden layer.
+  matvec(br.w1, Cr, C, [&](int c) { return __ldcg(s + c); },
+         [&](int r, float z) { h[r] = z < 0.f ? 0.f : z; });
+  if (MODE == kFwd && br.embed) {
+    float* hv = br.hv + static_cast<int64_t>(b) * br.Ke;
+    matvec(br.e1, br.Ke, br.Nl, [&](int n) { return mat_at(br.lam, b, n); },
+           [&](int r, float z) {
+             const float zh = z + mat_at(br.b1, 0, r);
+             hv[r] = zh < 0.f ? 0.f : zh;
+           });
+    __syncthreads();
+    matvec(br.e2, C, br.Ke, [&](int r) { return __ldcg(hv + r); },
+           [&](int c, float z) { br.vb[bC + c] = sigmoid(z + mat_at(br.b2, 0, c)); });
+  }
+  __syncthreads();
+  // 3. e = sigmoid(w2 @ h) and the per-channel results.
+  matvec(br.w2, C, Cr, [&](int r) { return __ldcg(h + r); }, [&](int c, float z) {
+    const float e = sigmoid(z);
+    if (MODE == kFwd) {
+      const float v = br.embed ? __ldcg(br.vb + bC + c) : mat_at(br.v, b, c);
+      br.a[bC + c] = e * v;
+    } else if (MODE == kInst) {
+      for (int n = 0; n < br.N; ++n)
+        br.a[(static_cast<int64_t>(n) * B + b) * C + c] = e * mat_at(br.v, n, c);
+    } else {
+      const float v = mat_at(br.v, b, c);
+      const float ga = sample_sum(br, b, c);
+      br.a[bC + c] = e * v;
+      store_as(br.dv, bC + c, br.dv_dt, ga * e);
+      br.gz2[bC + c] = ga * v * e * (1.f - e);
+    }
+  });
+  __syncthreads();
+  if (MODE != kBwd) return;
+  // 4. g_z1 = (w2^T g_z2) * (z1 > 0)   (z1 > 0 <=> h > 0, NaN included)
+  float* gz1 = br.gz1 + static_cast<int64_t>(b) * Cr;
+  const float* gz2 = br.gz2 + bC;
+  matvec(transposed(br.w2), Cr, C, [&](int c) { return __ldcg(gz2 + c); },
+         [&](int r, float g) { gz1[r] = __ldcg(h + r) > 0.f ? g : 0.f; });
+  __syncthreads();
+  // 5. the dx bias k = (w1^T g_z1) / HW
+  matvec(transposed(br.w1), C, Cr, [&](int r) { return __ldcg(gz1 + r); },
+         [&](int c, float g) { br.k[bC + c] = g / hw; });
+  __syncthreads();
+}
+
+// dw2[c, r] = sum_b g_z2[b, c] h[b, r];  dw1[r, c] = sum_b g_z1[b, r] s[b, c]; b in order.
+// Block blk of nblk of the branch takes a grid-stride share of the 2 * C * Cr elements.
+__device__ void weight_grads(const Branch& br, int blk, int nblk) {
+  const int C = br.C, Cr = br.Cr, B = br.B;
+  const int64_t n2 = static_cast<int64_t>(C) * Cr;
+  for (int64_t e = static_cast<int64_t>(blk) * kThreads + threadIdx.x; e < 2 * n2;
+       e += static_cast<int64_t>(nblk) * kThreads) {
+    float acc = 0.f;
+    if (e < n2) {
+      const int c = static_cast<int>(e / Cr), r = static_cast<int>(e - static_cast<int64_t>(c) * Cr);
+      for (int b = 0; b < B; ++b)
+        acc += __ldcg(br.gz2 + static_cast<int64_t>(b) * C + c) *
+               __ldcg(br.h + static_cast<int64_t>(b) * Cr + r);
+      store_as(br.dw2, e, br.dw2_dt, acc);
+    } else {
+      const int64_t f = e - n2;
+      const int r = static_cast<int>(f / C), c = static_cast<int>(f - static_cast<int64_t>(r) * C);
+      for (int b = 0; b < B; ++b)
+        acc += __ldcg(br.gz1 + static_cast<int64_t>(b) * Cr + r) *
+               __ldcg(br.s + static_cast<int64_t>(b) * C + c);
+      store_as(br.dw1, f, br.dw1_dt, acc);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------ tiles
+template <class D, int V>
+struct alignas(sizeof(typename D::raw_t) * V) Pack {
+  typename D::raw_t v[V];
+};
+
+template <class D, int V>
+__device__ __forceinline__ Pack<D, V> load_pack(const typename D::raw_t* p) {
+  Pack<D, V> r;
+  if constexpr (sizeof(Pack<D, V>) == 16) {
+    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+    memcpy(&r, &u, 16);
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) r.v[j] = __ldg(p + j);
+  }
+  return r;
+}
+
+// Streaming store (evict-first: keeps x, which the two-phase path reads again, in L2).
+template <class D, int V>
+__device__ __forceinline__ void store_pack(typename D::raw_t* p, const Pack<D, V>& r) {
+  if constexpr (sizeof(Pack<D, V>) == 16) {
+    uint4 u;
+    memcpy(&u, &r, 16);
+    __stcs(reinterpret_cast<uint4*>(p), u);
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) p[j] = r.v[j];
+  }
+}
+
+struct Tile {
+  int b, ct, sp, p0, p1;  // sample, channel tile, split; pixels [p0, p1)
+};
+
+__device__ __forceinline__ int branch_index(const Group& g) {
+  int bi = 0;
+  for (int i = 1; i < g.nbr; ++i)
+    if (static_cast<int>(blockIdx.x) >= g.br[i].block0) bi = i;
+  return bi;
+}
+
+__device__ __forceinline__ Tile tile_of(const Branch& br, int local) {
+  Tile t;
+  const int per_sample = br.nct * br.nsp;
+  t.b = local / per_sample;
+  const int r = local - t.b * per_sample;
+  t.ct = r / br.nsp;
+  t.sp = r - t.ct * br.nsp;
+  t.p0 = t.sp * br.L;
+  t.p1 = min(t.p0 + br.L, br.HW);
+  return t;
+}
+
+// This thread's vectors in the tile: offsets base + k * step (within the sample), k < n,
+// all of channel c (NCHW) or of channels c .. c+V-1 (NHWC); c = -1: none.
+struct ThreadMap {
+  int64_t base, step;  // int64: base + k * step is in range only for k < n
+  int n, c, lane, row;
+};
+
+template <int V>
+__device__ __forceinline__ ThreadMap thread_map(const Branch& br, const Tile& tl) {
+  ThreadMap m{0, 0, 0, -1, 0, 0};
+  const int t = threadIdx.x;
+  m.lane = t % br.lanes;
+  m.row = t / br.lanes;
+  if (m.row >= br.rows) return m;
+  int c, pstart, pstep;
+  if (!br.nhwc) {
+    c = tl.ct * br.ctile + m.row;
+    pstart = tl.p0 + m.lane * V;
+    pstep = br.lanes * V;
+    if (c >= br.C) return m;
+    m.base = static_cast<int64_t>(c) * br.HW + pstart;
+    m.step = pstep;
+  } else {
+    c = tl.ct * br.ctile + m.lane * V;
+    pstart = tl.p0 + m.row;
+    pstep = br.rows;
+    if (c >= br.C) return m;
+    m.base = static_cast<int64_t>(pstart) * br.C + c;
+    m.step = static_cast<int64_t>(pstep) * br.C;
+  }
+  m.c = c;
+  m.n = pstart < tl.p1 ? (tl.p1 - pstart + pstep - 1) / pstep : 0;  // <= kRegVecs (plan)
+  return m;
+}
+
+// Loads this thread's vectors (backward: dy, after adding dy * x), accumulates the
+// per-channel sums and writes the tile's partial sums (NCHW: a shuffle tree over the lanes
+// of a plane; NHWC: the rows in order through shared memory).  All threads call it.
+template <class D, int V, int MODE>
+__device__ __forceinline__ void reduce_tile(const Branch& br, const Tile& tl,
+                                            const ThreadMap& m, Pack<D, V> (&keep)[kRegVecs],
+                                            float* red) {
+  using raw_t = typename D::raw_t;
+  const int64_t sbase = static_cast<int64_t>(tl.b) * br.C * br.HW;
+  const raw_t* x = static_cast<const raw_t*>(br.x) + sbase;
+  float acc[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) acc[j] = 0.f;
+#pragma unroll
+  for (int k = 0; k < kRegVecs; ++k) {
+    if (k < m.n) {
+      const int64_t off = m.base + k * m.step;
+      const Pack<D, V> px = load_pack<D, V>(x + off);
+      if (MODE == kBwd) {
+        const Pack<D, V> pd = load_pack<D, V>(static_cast<const raw_t*>(br.dy) + sbase + off);
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[j] += D::to_float(pd.v[j]) * D::to_float(px.v[j]);
+        keep[k] = pd;
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[j] += D::to_float(px.v[j]);
+        keep[k] = px;
+      }
+    }
+  }
+  float* part = br.part + (static_cast<int64_t>(tl.b) * br.nsp + tl.sp) * br.C;
+  if (!br.nhwc) {
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < V; ++j) s += acc[j];
+    for (int off = br.lanes / 2; off > 0; off >>= 1) s += __shfl_xor_sync(kFullMask, s, off);
+    if (m.c >= 0 && m.lane == 0) part[m.c] = s;
+  } else {
+    if (m.row < br.rows) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) red[m.row * br.ctile + m.lane * V + j] = acc[j];
+    }
+    __syncthreads();
+    const int t = threadIdx.x;
+    const int c = tl.ct * br.ctile + t;
+    if (t < br.ctile && c < br.C) {
+      float s = 0.f;
+      for (int r = 0; r < br.rows; ++r) s += red[r * br.ctile + t];
+      part[c] = s;
+    }
+  }
+}
+
+// Loads the thread's vectors of src (the two-phase apply kernel).
+template <class D, int V>
+__device__ __forceinline__ void load_tile(const typename D::raw_t* src, const ThreadMap& m,
+                                          Pack<D, V> (&keep)[kRegVecs]) {
+#pragma unroll
+  for (int k = 0; k < kRegVecs; ++k)
+    if (k < m.n) keep[k] = load_pack<D, V>(src + m.base + k * m.step);
+}
+
+// out = keep * a (+ k) for the thread's vectors (instances: N outputs).  Scales via __ldcg
+// (written in this launch by the single-pass kernel).
+template <class D, int V, int MODE>
+__device__ __forceinline__ void apply_tile(const Branch& br, const Tile& tl, const ThreadMap& m,
+                                           const Pack<D, V> (&keep)[kRegVecs]) {
+  if (m.n == 0) return;
+  using raw_t = typename D::raw_t;
+  const int64_t sample = static_cast<int64_t>(br.C) * br.HW;
+  const int64_t bC = static_cast<int64_t>(tl.b) * br.C;
+  for (int n = 0; n < br.N; ++n) {
+    const int64_t arow = (static_cast<int64_t>(n) * br.B) * br.C + bC;
+    float sc[V], kb[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int c = br.nhwc ? m.c + j : m.c;
+      sc[j] = __ldcg(br.a + arow + c);
+      kb[j] = MODE == kBwd ? __ldcg(br.k + bC + c) : 0.f;
+    }
+    raw_t* out = static_cast<raw_t*>(br.out) + (static_cast<int64_t>(n) * br.B + tl.b) * sample;
+#pragma unroll
+    for (int k = 0; k < kRegVecs; ++k) {
+      if (k < m.n) {
+        Pack<D, V> o;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float in = D::to_float(keep[k].v[j]);
+          o.v[j] = D::from_float(MODE == kBwd ? __fadd_rn(__fmul_rn(in, sc[j]), kb[j])
+                                              : __fmul_rn(in, sc[j]));
+        }
+        store_pack<D, V>(out + m.base + k * m.step, o);
+      }
+    }
+  }
+}
+
+// threadFenceReduction: publish this block's partials, take a ticket of sample b; true
+// (block-uniform) in the block that drew the last one, which also resets the counter.
+__device__ __forceinline__ bool arrive_last(unsigned* ticket, int nblk, int* flag_sh) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const bool last = atomicAdd(ticket, 1u) == static_cast<unsigned>(nblk - 1);
+    if (last) atomicExch(ticket, 0u);  // every block of the sample has arrived
+    *flag_sh = last ? 1 : 0;
+  }
+  __syncthreads();
+  const bool last = *flag_sh != 0;
+  if (last) __threadfence();
+  return last;
+}
+
+// Single pass, the MLP block: publish the scales to the sample's waiting blocks.
+__device__ __forceinline__ void release_sample(unsigned* flag) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) atomicExch(flag, 1u);
+}
+
+// Single pass, the other nblk - 1 blocks: wait for the scales, then count out; the last to
+// leave resets the flag.  Terminates because the cooperative launch makes every block of
+// the grid co-resident (the MLP block is running).
+__device__ __forceinline__ void wait_sample(unsigned* flag, int nblk) {
+  if (threadIdx.x == 0) {
+    while (*static_cast<volatile unsigned*>(flag) == 0u) __nanosleep(100);
+    __threadfence();
+    if (atomicAdd(flag, 1u) == static_cast<unsigned>(nblk - 1)) atomicExch(flag, 0u);
+  }
+  __syncthreads();
+}
+
+// ==================================================================== kernels
+template <class D, int V, int MODE>
+__device__ __forceinline__ void reduce_body(const Branch& br, const Tile& tl, float* red,
+                                            int* flag_sh) {
+  const ThreadMap m = thread_map<V>(br, tl);
+  Pack<D, V> keep[kRegVecs];  // unused here: dead after inlining
+  reduce_tile<D, V, MODE>(br, tl, m, keep, red);
+  if (arrive_last(br.ticket + tl.b, br.nct * br.nsp, flag_sh)) mlp_sample<MODE>(br, tl.b);
+}
+
+// Two-phase, kernel 1: the tile's partial sums; the last block of a sample runs its MLP.
+template <class D, int MODE>
+__global__ void __launch_bounds__(kThreads, 2) mimb_reduce_kernel(const Group g) {
+  __shared__ float red[kThreads * D::kVec];
+  __shared__ int flag_sh;
+  const Branch& br = g.br[branch_index(g)];
+  const Tile tl = tile_of(br, static_cast<int>(blockIdx.x) - br.block0);
+  if (br.vec)
+    reduce_body<D, D::kVec, MODE>(br, tl, red, &flag_sh);
+  else
+    reduce_body<D, 1, MODE>(br, tl, red, &flag_sh);
+}
+
+template <class D, int V, int MODE>
+__device__ __forceinline__ void apply_body(const Branch& br, const Tile& tl) {
+  const ThreadMap m = thread_map<V>(br, tl);
+  Pack<D, V> keep[kRegVecs];
+  const int64_t sbase = static_cast<int64_t>(tl.b) * br.C * br.HW;
+  load_tile<D, V>(static_cast<const typename D::raw_t*>(MODE == kBwd ? br.dy : br.x) + sbase,
+                  m, keep);
+  apply_tile<D, V, MODE>(br, tl, m, keep);
+}
+
+// Two-phase, kernel 2: scale the tile; backward: also a share of dw1 / dw2.
+template <class D, int MODE>
+__global__ void __launch_bounds__(kThreads, 2) mimb_apply_kernel(const Group g) {
+  const Branch& br = g.br[branch_index(g)];
+  const int local = static_cast<int>(blockIdx.x) - br.block0;
+  const Tile tl = tile_of(br, local);
+  if (br.vec)
+    apply_body<D, D::kVec, MODE>(br, tl);
+  else
+    apply_body<D, 1, MODE>(br, tl);
+  if (MODE == kBwd) weight_grads(br, local, br.nblocks);
+}
+
+template <class D, int V, int MODE>
+__device__ __forceinline__ void single_pass_body(const Branch& br, const Tile& tl, float* red,
+                                                 int* flag_sh) {
+  const ThreadMap m = thread_map<V>(br, tl);
+  Pack<D, V> keep[kRegVecs];
+  reduce_tile<D, V, MODE>(br, tl, m, keep, red);
+  const int nblk = br.nct * br.nsp;
+  if (arrive_last(br.ticket + tl.b, nblk, flag_sh)) {
+    mlp_sample<MODE>(br, tl.b);
+    if (nblk > 1) release_sample(br.flag + tl.b);
+  } else {
+    wait_sample(br.flag + tl.b, nblk);
+  }
+  apply_tile<D, V, MODE>(br, tl, m, keep);
+}
+
+// Single pass (cooperative launch only): reduce, per-sample MLP, scale from registers.
+template <class D, int MODE>
+__global__ void __launch_bounds__(kThreads, 2) mimb_single_pass_kernel(const Group g) {
+  __shared__ float red[kThreads * D::kVec];
+  __shared__ int flag_sh;
+  const Branch& br = g.br[branch_index(g)];
+  const int local = static_cast<int>(blockIdx.x) - br.block0;
+  const Tile tl = tile_of(br, local);
+  if (br.vec)
+    single_pass_body<D, D::kVec, MODE>(br, tl, red, &flag_sh);
+  else
+    single_pass_body<D, 1, MODE>(br, tl, red, &flag_sh);
+  if (MODE == kBwd) {
+    cooperative_groups::this_grid().sync();  // every sample's MLP is done
+    weight_grads(br, local, br.nblocks);
+  }
+}
+
+// ==================================================================== host: checks
+int dt_code(ScalarType t) {
+  return t == ScalarType::Half ? kDtF16 : t == ScalarType::BFloat16 ? kDtBF16 : kDtF32;
+}
+
+bool is_channels_last(const Tensor& t) {  // dims of size 1 may have any stride, as in torch
+  int64_t expect = 1;
+  for (int d : {1, 3, 2, 0}) {
+    const int64_t n = t.size(d);
+    if (n != 1 && t.stride(d) != expect) return false;
+    expect *= n;
+  }
+  return true;
+}
+
+void check_float(const Tensor& t, const char* op, const std::string& name, int64_t dims,
+                 const char* shape, int32_t dev) {
+  STD_TORCH_CHECK(t.is_cuda() && t.get_device_index() == dev, "mipnet_cuda::", op, ": ", name,
+                  " must be a CUDA tensor on cuda:", dev);
+  STD_TORCH_CHECK(t.dim() == dims, "mipnet_cuda::", op, ": ", name, " must be ", dims, "-D ",
+                  shape, ", got ", t.dim(), " dims");
+  STD_TORCH_CHECK(is_supported_float(t.scalar_type()), "mipnet_cuda::", op, ": ", name,
+                  " must be float32, float16 or bfloat16, got ", dtype_name(t.scalar_type()));
+}
+
+void check_size(const Tensor& t, const char* op, const std::string& name, int64_t d,
+                int64_t want, const char* what) {
+  STD_TORCH_CHECK(t.size(d) == want, "mipnet_cuda::", op, ": ", name, ".size(", d,
+                  ") must be ", what, " = ", want, ", got ", t.size(d));
+}
+
+Mat as_mat(const Tensor& t) {
+  if (t.dim() == 1) return Mat{t.data_ptr(), 0, t.stride(0), dt_code(t.scalar_type())};
+  return Mat{t.data_ptr(), t.stride(0), t.stride(1), dt_code(t.scalar_type())};
+}
+
+// x's checks and layout; fills the data fields of br.  Returns whether outputs are
+// channels_last.
+bool setup_x(Branch& br, const Tensor& x, const char* op, const std::string& name, int32_t dev) {
+  check_float(x, op, name, 4, "[B, C, H, W]", dev);
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  STD_TORCH_CHECK(B * C == 0 || HW > 0, "mipnet_cuda::", op, ": ", name,
+                  " has an empty spatial size ", x.size(2), "x", x.size(3),
+                  "; the mean over H*W is undefined");
+  const bool nchw = x.is_contiguous();
+  const bool cl = is_channels_last(x);
+  STD_TORCH_CHECK(nchw || cl, "mipnet_cuda::", op, ": ", name,
+                  " must be contiguous (NCHW) or channels_last (NHWC)");
+  STD_TORCH_CHECK(C * HW <= kMaxSampleElems, "mipnet_cuda::", op, ": ", name, " has C*H*W = ",
+                  C * HW, " elements per sample; at most 2^30 are supported");
+  STD_TORCH_CHECK(B <= INT_MAX, "mipnet_cuda::", op, ": ", name, " has too many samples");
+  br.x = x.data_ptr();
+  br.B = static_cast<int>(B);
+  br.C = static_cast<int>(C);
+  br.HW = static_cast<int>(HW);
+  br.N = 1;
+  br.nhwc = (!nchw || (HW == 1 && C > 1)) ? 1 : 0;
+  return !nchw;
+}
+
+void setup_excite(Branch& br, const Tensor& x, const Tensor& w1, const Tensor& w2,
+                  const char* op, const std::string& p, int32_t dev) {
+  check_float(w1, op, "w1" + p, 2, "[Cr, C]", dev);
+  check_float(w2, op, "w2" + p, 2, "[C, Cr]", dev);
+  check_size(w1, op, "w1" + p, 1, x.size(1), "C (x.size(1))");
+  check_size(w2, op, "w2" + p, 0, x.size(1), "C (x.size(1))");
+  check_size(w2, op, "w2" + p, 1, w1.size(0), "Cr (w1.size(0))");
+  STD_TORCH_CHECK(w1.size(0) >= 1 && w1.size(0) <= INT_MAX, "mipnet_cuda::", op, ": w1", p,
+                  " must have 1 <= C/r rows");
+  br.Cr = static_cast<int>(w1.size(0));
+  br.w1 = as_mat(w1);
+  br.w2 = as_mat(w2);
+}
+
+void check_bc(const Tensor& t, const Tensor& x, const char* op, const std::string& name,
+              int32_t dev) {
+  check_float(t, op, name, 2, "[B, C]", dev);
+  check_size(t, op, name, 0, x.size(0), "B (x.size(0))");
+  check_size(t, op, name, 1, x.size(1), "C (x.size(1))");
+}
+
+Tensor alloc_4d(const Tensor& like, int64_t B, bool cl) {
+  const int64_t C = like.size(1), H = like.size(2), W = like.size(3);
+  if (!cl) return torch::stable::new_empty(like, {B, C, H, W});
+  return torch::stable::empty({B, C, H, W}, like.scalar_type(), std::nullopt, like.device(),
+                              std::nullopt, MemoryFormat::ChannelsLast);
+}
+
+// ==================================================================== host: planning
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The tiling of a branch (see "tiles" above): a function of its shape and vector width
+// only.  Each thread gets at most kRegVecs vectors per tile, the splits as even as possible;
+// the fewest tiles that allow, so that the single pass fits as often as possible.
+void plan_branch(Branch& br, int V) {
+  const int64_t C = br.C, HW = br.HW;
+  int64_t per, step;  // vectors per thread over a whole sample; pixels per thread step
+  if (!br.nhwc) {
+    const int64_t nv = cdiv(HW, V);
+    int lanes = 1;
+    while (lanes < kWarp && lanes < nv) lanes *= 2;
+    br.lanes = lanes;
+    br.rows = kThreads / lanes;
+    br.ctile = br.rows;
+    br.nct = static_cast<int>(cdiv(C, br.rows));
+    per = cdiv(nv, lanes);
+    step = static_cast<int64_t>(lanes) * V;
+  } else {
+    const int64_t nvc = cdiv(C, V);
+    br.nct = static_cast<int>(cdiv(nvc, kThreads));
+    br.lanes = static_cast<int>(cdiv(nvc, br.nct));
+    br.rows = kThreads / br.lanes;
+    br.ctile = br.lanes * V;
+    per = cdiv(HW, br.rows);
+    step = br.rows;
+  }
+  const int64_t chunk = cdiv(per, cdiv(per, kRegVecs));  // vectors per thread per split
+  br.L = static_cast<int>(std::min<int64_t>(chunk * step, HW));
+  br.nsp = static_cast<int>(cdiv(HW, br.L));
+}
+
+// Vector access for the branch: 16-byte aligned bases, and planes (NCHW) / pixel rows
+// (NHWC) a whole number of vectors long.
+bool vectorizable(const Branch& br, int V) {
+  auto aligned = [](const void* p) {
+    return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0;
+  };
+  const int64_t len = br.nhwc ? br.C : br.HW;
+  return len % V == 0 && aligned(br.x) && aligned(br.dy) && aligned(br.out);
+}
+
+// ==================================================================== host: state
+// Per (device, stream): the ticket / flag counters, zeroed once when (re)allocated and
+// returned to zero by every launch.  Kept alive for the process (intentionally leaked: no
+// destruction order issues at exit).
+unsigned* counters(int32_t dev, cudaStream_t stream, int64_t n, const Tensor& like) {
+  struct Entry {
+    Tensor t;
+    int64_t size;
+  };
+  static std::mutex mu;
+  static auto* table = new std::map<std::pair<int32_t, cudaStream_t>, Entry>();
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = table->find({dev, stream});
+  if (it == table->end() || it->second.size < n) {
+    const int64_t size = std::max<int64_t>(n, 1024);
+    Tensor t = torch::stable::new_zeros(like, {size}, ScalarType::Int);
+    it = table->insert_or_assign({dev, stream}, Entry{t, size}).first;
+  }
+  return static_cast<unsigned*>(it->second.t.data_ptr());
+}
+
+enum class Path { kAuto, kTwoPhase, kSinglePass };
+
+Path requested_path() {
+  const char* e = std::getenv("MIPNET_MIMB_CUDA_PATH");
+  if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return Path::kAuto;
+  if (std::strcmp(e, "two_phase") == 0) return Path::kTwoPhase;
+  if (std::strcmp(e, "single_pass") == 0) return Path::kSinglePass;
+  STD_TORCH_CHECK(false, "mipnet_cuda: MIPNET_MIMB_CUDA_PATH must be auto, two_phase or "
+                         "single_pass, got '", e, "'");
+  return Path::kAuto;
+}
+
+// Blocks of the single-pass kernel that fit on the device at once (0: no cooperative launch).
+template <class D, int MODE>
+int single_pass_capacity(int32_t dev) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};  // value + 1
+  const bool cacheable = dev >= 0 && dev < kMaxDevices;
+  if (cacheable) {
+    const int c = cache[dev].load(std::memory_order_relaxed);
+    if (c > 0) return c - 1;
+  }
+  int cap = 0;
+  if (device_attribute<cudaDevAttrCooperativeLaunch>(dev) != 0) {
+    int per_sm = 0;
+    const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm, mimb_single_pass_kernel<D, MODE>, kThreads, 0);
+    STD_TORCH_CHECK(err == cudaSuccess, "mipnet_cuda: occupancy query failed: ",
+                    cudaGetErrorString(err));
+    cap = per_sm * sm_count(dev);
+  }
+  if (cacheable) cache[dev].store(cap + 1, std::memory_order_relaxed);
+  return cap;
+}
+
+// ==================================================================== host: launch
+// Plans, allocates the workspace and launches one group (<= kMaxBranches branches, one x
+// dtype, all non-empty).  `like`: a tensor on the device (allocation options).
+template <class D, int MODE>
+void launch_group(Group& g, const Tensor& like, int32_t dev, const char* op) {
+  int64_t blocks = 0, ws = 0, ncount = 0;
+  auto take = [&](int64_t n) {  // workspace floats, 16-byte aligned
+    const int64_t o = ws;
+    ws += cdiv(n, 4) * 4;
+    return o;
+  };
+  std::vector<int64_t> off(static_cast<size_t>(g.nbr) * 9, -1);
+  for (int i = 0; i < g.nbr; ++i) {
+    Branch& br = g.br[i];
+    br.vec = vectorizable(br, D::kVec) ? 1 : 0;
+    plan_branch(br, br.vec ? D::kVec : 1);
+    const int64_t nblk = static_cast<int64_t>(br.B) * br.nct * br.nsp;
+    STD_TORCH_CHECK(blocks + nblk <= INT_MAX, "mipnet_cuda::", op,
+                    ": the inputs are too large (", blocks + nblk, " tiles)");
+    br.block0 = static_cast<int>(blocks);
+    br.nblocks = static_cast<int>(nblk);
+    blocks += nblk;
+    const int64_t BC = static_cast<int64_t>(br.B) * br.C, BCr = static_cast<int64_t>(br.B) * br.Cr;
+    int64_t* o = &off[static_cast<size_t>(i) * 9];
+    o[0] = take(BC * br.nsp);  // part
+    o[1] = take(BC * br.N);    // a
+    o[2] = take(BCr);          // h
+    if (MODE != kFwd) o[3] = take(BC);  // s (workspace copy)
+    if (MODE == kBwd) {
+      o[4] = take(BC);   // k
+      o[5] = take(BCr);  // gz1
+      o[6] = take(BC);   // gz2
+    }
+    if (MODE == kFwd && br.embed) {
+      o[7] = take(static_cast<int64_t>(br.B) * br.Ke);  // hv
+      o[8] = take(BC);                                  // vb
+    }
+    ncount += 2 * static_cast<int64_t>(br.B);
+  }
+  const Tensor work = torch::stable::new_empty(like, {std::max<int64_t>(ws, 4)}, ScalarType::Float);
+  float* wp = static_cast<float*>(work.data_ptr());
+  const cudaStream_t stream = current_stream(dev);
+  unsigned* cnt = counters(dev, stream, ncount, work);
+  int64_t coff = 0;
+  for (int i = 0; i < g.nbr; ++i) {
+    Branch& br = g.br[i];
+    const int64_t* o = &off[static_cast<size_t>(i) * 9];
+    auto at = [&](int j) { return o[j] < 0 ? nullptr : wp + o[j]; };
+    br.part = at(0);
+    br.a = at(1);
+    br.h = at(2);
+    if (MODE != kFwd) br.s = at(3);
+    br.k = at(4);
+    br.gz1 = at(5);
+    br.gz2 = at(6);
+    br.hv = at(7);
+    br.vb = at(8);
+    br.ticket = cnt + coff;
+    br.flag = cnt + coff + br.B;
+    coff += 2 * static_cast<int64_t>(br.B);
+  }
+
+  const Path path = requested_path();
+  const int cap = path == Path::kTwoPhase ? 0 : single_pass_capacity<D, MODE>(dev);
+  const bool single = path != Path::kTwoPhase && blocks <= cap;
+  STD_TORCH_CHECK(single || path != Path::kSinglePass, "mipnet_cuda::", op,
+                  ": MIPNET_MIMB_CUDA_PATH=single_pass but the launch does not fit on the device (",
+                  blocks, " tiles, ", cap, " co-resident blocks",
+                  cap == 0 ? ", no cooperative launch" : "", ")");
+  const unsigned grid = static_cast<unsigned>(blocks);
+  if (single) {
+    void* args[] = {&g};
+    const cudaError_t err = cudaLaunchCooperativeKernel(
+        reinterpret_cast<const void*>(&mimb_single_pass_kernel<D, MODE>), dim3(grid),
+        dim3(kThreads), args, 0, stream);
+    STD_TORCH_CHECK(err == cudaSuccess, "mipnet_cuda::", op,
+                    ": cooperative kernel launch failed: ", cudaGetErrorString(err));
+  } else {
+    mimb_reduce_kernel<D, MODE><<<grid, kThreads, 0, stream>>>(g);
+    check_launch(op);
+    mimb_apply_kernel<D, MODE><<<grid, kThreads, 0, stream>>>(g);
+  }
+  check_launch(op);
+}
+
+// Launches every non-empty branch of `all`, in groups of up to kMaxBranches consecutive
+// branches with the same x dtype.
+template <int MODE>
+void launch_all(std::vector<Branch>& all, const std::vector<ScalarType>& dts, const Tensor& like,
+                int32_t dev, const char* op) {
+  torch::stable::accelerator::DeviceGuard guard(dev);
+  size_t i = 0;
+  while (i < all.size()) {
+    Group g{};
+    g.nbr = 0;
+    const ScalarType dt = dts[i];
+    while (i < all.size() && g.nbr < kMaxBranches && dts[i] == dt) g.br[g.nbr++] = all[i++];
+    switch (dt) {
+      case ScalarType::Half: launch_group<F16, MODE>(g, like, dev, op); break;
+      case ScalarType::BFloat16: launch_group<BF16, MODE>(g, like, dev, op); break;
+      default: launch_group<F32, MODE>(g, like, dev, op); break;
+    }
+  }
+}
+
+// ==================================================================== ops
+struct FwdOut {
+  std::vector<Tensor> y, s;
+};
+
+// mimb_scale_fwd / mimb_fwd on lists of branches (embed: lam ... b2 given, one branch).
+FwdOut scale_fwd(const std::vector<Tensor>& xs, const std::vector<Tensor>& w1s,
+                 const std::vector<Tensor>& w2s, const std::vector<Tensor>& vs,
+                 const std::vector<Tensor>* embed, const char* op, bool grouped) {
+  STD_TORCH_CHECK(!xs.empty(), "mipnet_cuda::", op, ": xs must be a non-empty list");
+  STD_TORCH_CHECK(w1s.size() == xs.size() && w2s.size() == xs.size() && vs.size() == xs.size(),
+                  "mipnet_cuda::", op, ": the lists must have the same length");
+  STD_TORCH_CHECK(xs[0].is_cuda(), "mipnet_cuda::", op, ": x must be a CUDA tensor");
+  const int32_t dev = xs[0].get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(dev);
+  FwdOut out;
+  std::vector<Branch> run;
+  std::vector<ScalarType> dts;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const std::string p = grouped ? "s[" + std::to_string(i) + "]" : "";
+    const Tensor& x = xs[i];
+    Branch br{};
+    const bool cl = setup_x(br, x, op, "x" + p, dev);
+    setup_excite(br, x, w1s[i], w2s[i], op, p, dev);
+    Tensor y = alloc_4d(x, x.size(0), cl);
+    Tensor s = torch::stable::new_empty(x, {x.size(0), x.size(1)}, ScalarType::Float);
+    if (embed == nullptr) {
+      check_bc(vs[i], x, op, "v" + p, dev);
+      br.v = as_mat(vs[i]);
+    } else {
+      const Tensor &lam = (*embed)[0], &e1 = (*embed)[1], &b1 = (*embed)[2], &e2 = (*embed)[3],
+                   &b2 = (*embed)[4];
+      check_float(lam, op, "lam", 2, "[B, N]", dev);
+      check_float(e1, op, "e1", 2, "[K, N]", dev);
+      check_float(b1, op, "b1", 1, "[K]", dev);
+      check_float(e2, op, "e2", 2, "[C, K]", dev);
+      check_float(b2, op, "b2", 1, "[C]", dev);
+      const int64_t N = lam.size(1), K = e1.size(0);
+      check_size(lam, op, "lam", 0, x.size(0), "B (x.size(0))");
+      check_size(e1, op, "e1", 1, N, "N (lam.size(1))");
+      check_size(b1, op, "b1", 0, K, "K (e1.size(0))");
+      check_size(e2, op, "e2", 0, x.size(1), "C (x.size(1))");
+      check_size(e2, op, "e2", 1, K, "K (e1.size(0))");
+      check_size(b2, op, "b2", 0, x.size(1), "C (x.size(1))");
+      STD_TORCH_CHECK(N <= INT_MAX && K <= INT_MAX, "mipnet_cuda::", op, ": e1 is too large");
+      br.embed = 1;
+      br.Ke = static_cast<int>(K);
+      br.Nl = static_cast<int>(N);
+      br.lam = as_mat(lam);
+      br.e1 = as_mat(e1);
+      br.b1 = as_mat(b1);
+      br.e2 = as_mat(e2);
+      br.b2 = as_mat(b2);
+    }
+    br.out = y.data_ptr();
+    br.s = static_cast<float*>(s.data_ptr());
+    if (static_cast<int64_t>(br.B) * br.C > 0) {
+      run.push_back(br);
+      dts.push_back(x.scalar_type());
+    }
+    out.y.push_back(y);
+    out.s.push_back(s);
+  }
+  launch_all<kFwd>(run, dts, xs[0], dev, op);
+  return out;
+}
+
+std::tuple<Tensor, Tensor> mimb_scale_fwd_cuda(Tensor x, Tensor w1, Tensor w2, Tensor v) {
+  FwdOut o = scale_fwd({x}, {w1}, {w2}, {v}, nullptr, "mimb_scale_fwd", false);
+  return std::make_tuple(o.y[0], o.s[0]);
+}
+
+std::tuple<Tensor, Tensor> mimb_fwd_cuda(Tensor x, Tensor lam, Tensor w1, Tensor w2, Tensor e1,
+                                         Tensor b1, Tensor e2, Tensor b2) {
+  const std::vector<Tensor> embed{lam, e1, b1, e2, b2};
+  FwdOut o = scale_fwd({x}, {w1}, {w2}, {x}, &embed, "mimb_fwd", false);
+  return std::make_tuple(o.y[0], o.s[0]);
+}
+
+std::tuple<std::vector<Tensor>, std::vector<Tensor>> mimb_scale_grouped_fwd_cuda(
+    std::vector<Tensor> xs, std::vector<Tensor> w1s, std::vector<Tensor> w2s,
+    std::vector<Tensor> vs) {
+  FwdOut o = scale_fwd(xs, w1s, w2s, vs, nullptr, "mimb_scale_grouped_fwd", true);
+  return std::make_tuple(o.y, o.s);
+}
+
+std::vector<Tensor> instances(const std::vector<Tensor>& xs, const std::vector<Tensor>& w1s,
+                              const std::vector<Tensor>& w2s, const std::vector<Tensor>& tables,
+                              const char* op, bool grouped) {
+  STD_TORCH_CHECK(!xs.empty(), "mipnet_cuda::", op, ": xs must be a non-empty list");
+  STD_TORCH_CHECK(w1s.size() == xs.size() && w2s.size() == xs.size() &&
+                      tables.size() == xs.size(),
+                  "mipnet_cuda::", op, ": the lists must have the same length");
+  STD_TORCH_CHECK(xs[0].is_cuda(), "mipnet_cuda::", op, ": x must be a CUDA tensor");
+  const int32_t dev = xs[0].get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(dev);
+  std::vector<Tensor> ys;
+  std::vector<Branch> run;
+  std::vector<ScalarType> dts;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const std::string p = grouped ? "s[" + std::to_string(i) + "]" : "";
+    const Tensor& x = xs[i];
+    Branch br{};
+    const bool cl = setup_x(br, x, op, "x" + p, dev);
+    setup_excite(br, x, w1s[i], w2s[i], op, p, dev);
+    const Tensor& table = tables[i];
+    check_float(table, op, "table" + p, 2, "[N, C]", dev);
+    check_size(table, op, "table" + p, 1, x.size(1), "C (x.size(1))");
+    const int64_t N = table.size(0);
+    STD_TORCH_CHECK(N * x.size(0) <= INT_MAX, "mipnet_cuda::", op, ": table", p,
+                    " has too many instances");
+    Tensor y = alloc_4d(x, N * x.size(0), cl);
+    br.N = static_cast<int>(N);
+    br.v = as_mat(table);
+    br.out = y.data_ptr();
+    if (N * br.B * br.C > 0) {
+      run.push_back(br);
+      dts.push_back(x.scalar_type());
+    }
+    ys.push_back(y);
+  }
+  launch_all<kInst>(run, dts, xs[0], dev, op);
+  return ys;
+}
+
+Tensor mimb_instances_cuda(Tensor x, Tensor w1, Tensor w2, Tensor table) {
+  return instances({x}, {w1}, {w2}, {table}, "mimb_instances", false)[0];
+}
+
+std::vector<Tensor> mimb_instances_grouped_cuda(std::vector<Tensor> xs, std::vector<Tensor> w1s,
+                                                std::vector<Tensor> w2s,
+                                                std::vector<Tensor> tables) {
+  return instances(xs, w1s, w2s, tables, "mimb_instances_grouped", true);
+}
+
+struct BwdOut {
+  std::vector<Tensor> dx, dw1, dw2, dv;
+};
+
+BwdOut scale_bwd(const std::vector<Tensor>& dys, const std::vector<Tensor>& xs,
+                 const std::vector<Tensor>& w1s, const std::vector<Tensor>& w2s,
+                 const std::vector<Tensor>& vs, const std::vector<Tensor>& ss, const char* op,
+                 bool grouped) {
+  STD_TORCH_CHECK(!xs.empty(), "mipnet_cuda::", op, ": xs must be a non-empty list");
+  const size_t n = xs.size();
+  STD_TORCH_CHECK(dys.size() == n && w1s.size() == n && w2s.size() == n && vs.size() == n &&
+                      ss.size() == n,
+                  "mipnet_cuda::", op, ": the lists must have the same length");
+  STD_TORCH_CHECK(xs[0].is_cuda(), "mipnet_cuda::", op, ": x must be a CUDA tensor");
+  const int32_t dev = xs[0].get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(dev);
+  BwdOut out;
+  std::vector<Tensor> keep_dy;  // dy copies in x's layout, alive until the launch
+  std::vector<Branch> run;
+  std::vector<ScalarType> dts;
+  for (size_t i = 0; i < n; ++i) {
+    const std::string p = grouped ? "s[" + std::to_string(i) + "]" : "";
+    const Tensor& x = xs[i];
+    Branch br{};
+    const bool cl = setup_x(br, x, op, "x" + p, dev);
+    setup_excite(br, x, w1s[i], w2s[i], op, p, dev);
+    check_bc(vs[i], x, op, "v" + p, dev);
+    check_bc(ss[i], x, op, "s" + p, dev);
+    Tensor dy = dys[i];
+    check_float(dy, op, "dy" + p, 4, "[B, C, H, W]", dev);
+    for (int64_t d = 0; d < 4; ++d)
+      STD_TORCH_CHECK(dy.size(d) == x.size(d), "mipnet_cuda::", op, ": dy", p,
+                      " must have the shape of x", p, "; size ", dy.size(d), " != ", x.size(d),
+                      " at dim ", d);
+    STD_TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "mipnet_cuda::", op, ": dy", p, " is ",
+                    dtype_name(dy.scalar_type()), " but x", p, " is ",
+                    dtype_name(x.scalar_type()));
+    // dy in the kernels' layout of x (autograd may hand over another one).
+    const bool dy_ok = br.nhwc ? is_channels_last(dy) : dy.is_contiguous();
+    if (!dy_ok)
+      dy = torch::stable::contiguous(dy, br.nhwc ? MemoryFormat::ChannelsLast
+                                                 : MemoryFormat::Contiguous);
+    keep_dy.push_back(dy);
+    const Tensor &w1 = w1s[i], &w2 = w2s[i];
+    Tensor dx = alloc_4d(x, x.size(0), cl);
+    Tensor dw1 = torch::stable::new_empty(w1, {w1.size(0), w1.size(1)});
+    Tensor dw2 = torch::stable::new_empty(w2, {w2.size(0), w2.size(1)});
+    Tensor dv = torch::stable::new_empty(vs[i], {x.size(0), x.size(1)});
+    br.dy = dy.data_ptr();
+    br.out = dx.data_ptr();
+    br.v = as_mat(vs[i]);
+    br.s_in = as_mat(ss[i]);
+    br.dv = dv.data_ptr();
+    br.dw1 = dw1.data_ptr();
+    br.dw2 = dw2.data_ptr();
+    br.dv_dt = dt_code(vs[i].scalar_type());
+    br.dw1_dt = dt_code(w1.scalar_type());
+    br.dw2_dt = dt_code(w2.scalar_type());
+    if (static_cast<int64_t>(br.B) * br.C > 0) {
+      run.push_back(br);
+      dts.push_back(x.scalar_type());
+    } else {
+      torch::stable::zero_(dw1);
+      torch::stable::zero_(dw2);
+    }
+    out.dx.push_back(dx);
+    out.dw1.push_back(dw1);
+    out.dw2.push_back(dw2);
+    out.dv.push_back(dv);
+  }
+  launch_all<kBwd>(run, dts, xs[0], dev, op);
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> mimb_scale_bwd_cuda(Tensor dy, Tensor x, Tensor w1,
+                                                               Tensor w2, Tensor v, Tensor s) {
+  BwdOut o = scale_bwd({dy}, {x}, {w1}, {w2}, {v}, {s}, "mimb_scale_bwd", false);
+  return std::make_tuple(o.dx[0], o.dw1[0], o.dw2[0], o.dv[0]);
+}
+
+std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>
+mimb_scale_grouped_bwd_cuda(std::vector<Tensor> dys, std::vector<Tensor> xs,
+                            std::vector<Tensor> w1s, std::vector<Tensor> w2s,
+                            std::vector<Tensor> vs, std::vector<Tensor> ss) {
+  BwdOut o = scale_bwd(dys, xs, w1s, w2s, vs, ss, "mimb_scale_grouped_bwd", true);
+  return std::make_tuple(o.dx, o.dw1, o.dw2, o.dv);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace mipnet
+
+STABLE_TORCH_LIBRARY_IMPL(mipnet_cuda, CUDA, m) {
+  m.impl("mimb_scale_fwd", TORCH_BOX(&mipnet::cuda::mimb_scale_fwd_cuda));
+  m.impl("mimb_fwd", TORCH_BOX(&mipnet::cuda::mimb_fwd_cuda));
+  m.impl("mimb_scale_bwd", TORCH_BOX(&mipnet::cuda::mimb_scale_bwd_cuda));
+  m.impl("mimb_instances", TORCH_BOX(&mipnet::cuda::mimb_instances_cuda));
+  m.impl("mimb_scale_grouped_fwd", TORCH_BOX(&mipnet::cuda::mimb_scale_grouped_fwd_cuda));
+  m.impl("mimb_scale_grouped_bwd", TORCH_BOX(&mipnet::cuda::mimb_scale_grouped_bwd_cuda));
+  m.impl("mimb_instances_grouped", TORCH_BOX(&mipnet::cuda::mimb_instances_grouped_cuda));
+}
