@@ -1,0 +1,7 @@
+"""``python -m mipnet`` = the ``mipnet`` command (:mod:`mipnet.cli`)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

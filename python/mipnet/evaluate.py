@@ -1,0 +1,439 @@
+"""Evaluation of top-down (multi-instance) pose models with pycocotools (``mipnet eval``).
+
+Pipeline (HRNet's ``validate`` + ``COCODataset.evaluate``, with MIPNet's instance handling):
+
+1. crops of every person box -- ground-truth boxes or a detector's -- by
+   :class:`~mipnet.data.KeypointDataset` (the HRNet crop geometry of :mod:`mipnet.data.transforms`);
+2. a *batch predictor* maps ``(images [B, 3, H, W], heatmap_to_image [B, 2, 3])`` to image
+   coordinates ``[N, B, K, 2]`` and scores ``[N, B, K]`` for all N instances.  Here that is
+   :class:`HeatmapPredictor` (``forward_instances``, optional flip test with
+   ``mipnet_kernels.flip_merge``, ``decode_heatmaps(affine=...)``); the fast GPU
+   ``TopDownPredictor`` can replace it (any callable with that signature);
+3. rescoring (HRNet): ``box score × mean of the keypoint scores > in_vis_threshold`` (0 when
+   none is), where instances ``n >= 1`` first get ``box score × secondary_score_decay``
+   (MIPNet's ``TEST.DECAY_THRE = 0.5``, applied in its ``validate_lambda_quantitative`` to
+   every non-primary λ);
+4. OKS-NMS per image at ``oks_threshold`` (0.9) with ``mipnet_kernels.oks_nms``, the area of
+   each candidate being its crop's ``(scale · 200)²`` product as in HRNet;
+5. COCO results JSON and ``COCOeval(iouType="keypoints")``: AP, AP50, AP75, AP_M, AP_L, AR
+   (the dataset's sigmas; CrowdPose's 14).  The merged result (all instances) and each
+   instance alone are reported, as the paper does.
+
+Splits computed on top of pycocotools:
+
+* CrowdPose AP easy / medium / hard: the images with ``crowdIndex`` < 0.1, in [0.1, 0.8],
+  > 0.8 (CrowdPose's definition), each evaluated as its own image subset (``params.imgIds``).
+  GT records without ``area`` get ``bbox w·h·0.53``, the area rule of the CrowdPose API
+  (xtcocotools ``use_area=False``); the CrowdPose API reports no AP_M / AP_L, ours are
+  pycocotools' area ranges.
+* AP by occlusion (the demo's buckets): the people of one bucket are scored, everyone else
+  becomes an ignore region (``iscrowd=1``): a prediction matching them counts neither way.
+
+Every report says whether the boxes were ground truth or detections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import io
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from mipnet_kernels import decode_heatmaps, flip_merge
+
+from .data import KeypointDataset
+from .data.transforms import PIXEL_STD
+
+#: COCOeval.stats indices of the keypoint metrics we report.
+METRIC_NAMES = ("AP", "AP50", "AP75", "AP_M", "AP_L", "AR", "AR50", "AR75", "AR_M", "AR_L")
+#: CrowdPose's crowd-index split (Li et al., CVPR 2019).
+CROWD_SPLITS = (("easy", 0.0, 0.1), ("medium", 0.1, 0.8), ("hard", 0.8, float("inf")))
+#: CrowdPose API's area for OKS when a GT record has none: bbox w·h times this.
+CROWDPOSE_AREA_FACTOR = 0.53
+
+BatchPredictor = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+try:  # the batched kernel of mipnet_kernels (HRNet oks_nms semantics)
+    from mipnet_kernels import oks_nms
+except ImportError:  # pragma: no cover - an old mipnet_kernels without the NMS op
+    oks_nms = None
+
+
+# ------------------------------------------------------------------------------ inference
+class HeatmapPredictor:
+    """Minimal top-down inference: all N instances of a crop batch in image coordinates.
+
+    Args:
+        model: a :class:`~mipnet.models.PoseNet` (``forward_instances``), put in eval mode.
+        flip_pairs: the dataset's left/right joint pairs (flip test).
+        flip_test: average with the mirrored input's heatmaps (HRNet, shift on).
+        decode: ``decode_heatmaps`` mode (``"quarter"``: HRNet's quarter offset).
+        amp: ``"none"`` or ``"bf16"``/``"fp16"`` autocast for the network.
+    """
+
+    def __init__(self, model: nn.Module, flip_pairs, flip_test: bool = True, decode: str = "quarter",
+                 amp: str = "none"):
+        self.model = model.eval()
+        self.flip_pairs = flip_pairs
+        self.flip_test = flip_test
+        self.decode = decode
+        self.amp = amp
+        self.device = next(model.parameters()).device
+
+    def _heatmaps(self, images: Tensor) -> Tensor:
+        from .train import autocast
+
+        with torch.no_grad(), autocast(self.device, self.amp):
+            return self.model.forward_instances(images).float()  # [N, B, K, h, w]
+
+    def __call__(self, images: Tensor, heatmap_to_image: Tensor) -> tuple[Tensor, Tensor]:
+        images = images.to(self.device)
+        hm = self._heatmaps(images)
+        N, B = hm.shape[:2]
+        hm = hm.flatten(0, 1)
+        if self.flip_test:
+            flipped = self._heatmaps(images.flip(3)).flatten(0, 1)
+            hm = flip_merge(hm, flipped, self.flip_pairs, shift=True)
+        affine = heatmap_to_image.to(self.device, torch.float32).repeat(N, 1, 1)
+        coords, scores = decode_heatmaps(hm, mode=self.decode, affine=affine)
+        return coords.unflatten(0, (N, B)), scores.unflatten(0, (N, B))
+
+
+@dataclass
+class Predictions:
+    """Every instance of every crop: ``keypoints [S, N, K, 3]`` (image x, y, heatmap score)."""
+
+    keypoints: np.ndarray
+    image_ids: np.ndarray  # [S]
+    box_scores: np.ndarray  # [S]
+    areas: np.ndarray  # [S] (scale · pixel_std)² products of the crops
+    annotation_ids: np.ndarray  # [S] (-1 for detection boxes)
+
+    @property
+    def num_instances(self) -> int:
+        return self.keypoints.shape[1]
+
+
+def predict(predictor: BatchPredictor, dataset: KeypointDataset, batch_size: int = 64, workers: int = 0,
+            progress: bool = False) -> Predictions:
+    """Run ``predictor`` over every crop of ``dataset`` (no augmentation)."""
+    if dataset.train:
+        raise ValueError("dataset must be an evaluation dataset (train=False)")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    if progress:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc="inference", leave=False, dynamic_ncols=True)
+    kps, image_ids, scores, areas, ann_ids = [], [], [], [], []
+    for batch in loader:
+        meta = batch["meta"]
+        coords, conf = predictor(batch["image"], meta["heatmap_to_image"])
+        kp = torch.cat([coords, conf[..., None]], dim=-1).transpose(0, 1)  # [B, N, K, 3]
+        kps.append(kp.float().cpu().numpy())
+        image_ids.append(np.asarray(meta["image_id"]))
+        scores.append(np.asarray(meta["score"], dtype=np.float64))
+        areas.append(np.prod(np.asarray(meta["scale"]) * PIXEL_STD, axis=-1))
+        ann_ids.append(np.asarray(meta["annotation_id"]))
+    K = dataset.spec.num_joints
+    N = dataset.num_instances
+    if not kps:
+        empty = np.zeros(0)
+        return Predictions(np.zeros((0, N, K, 3), np.float32), empty.astype(np.int64), empty, empty,
+                           empty.astype(np.int64))
+    return Predictions(np.concatenate(kps), np.concatenate(image_ids), np.concatenate(scores),
+                       np.concatenate(areas), np.concatenate(ann_ids))
+
+
+# ------------------------------------------------------------------------------ post-processing
+def rescore(keypoints: np.ndarray, box_scores: np.ndarray, in_vis_threshold: float = 0.2) -> np.ndarray:
+    """HRNet's rescoring: ``box score × mean of the keypoint scores > in_vis_threshold`` (0 if none)."""
+    s = keypoints[..., 2]
+    valid = s > in_vis_threshold
+    count = valid.sum(-1)
+    mean = np.where(count > 0, (s * valid).sum(-1) / np.maximum(count, 1), 0.0)
+    return mean * box_scores
+
+
+def postprocess(preds: Predictions, instances: Sequence[int] | None = None, *, sigmas,
+                in_vis_threshold: float = 0.2, oks_threshold: float = 0.9,
+                secondary_score_decay: float = 0.5) -> list[dict]:
+    """COCO keypoint results of ``instances`` (default all): rescoring, then per-image OKS-NMS."""
+    N = preds.num_instances
+    instances = list(range(N)) if instances is None else list(instances)
+    if any(not 0 <= n < N for n in instances):
+        raise ValueError(f"instances must be in [0, {N}), got {instances}")
+    S, K = preds.keypoints.shape[0], preds.keypoints.shape[2]
+    if S == 0 or not instances:
+        return []
+    kp = preds.keypoints[:, instances].reshape(-1, K, 3)  # sample-major: [S * n]
+    decay = np.where(np.asarray(instances) == 0, 1.0, secondary_score_decay)
+    box = (preds.box_scores[:, None] * decay[None, :]).reshape(-1)
+    scores = rescore(kp, box, in_vis_threshold)
+    areas = np.repeat(preds.areas, len(instances))
+    image_ids = np.repeat(preds.image_ids, len(instances))
+    uniq, batch_idx = np.unique(image_ids, return_inverse=True)
+    if oks_nms is None:  # pragma: no cover
+        raise RuntimeError("mipnet_kernels.oks_nms is not available; update mipnet_kernels")
+    keep = oks_nms(torch.from_numpy(kp.astype(np.float64)), torch.from_numpy(scores.astype(np.float64)),
+                   torch.from_numpy(areas.astype(np.float64)), torch.from_numpy(batch_idx.astype(np.int64)),
+                   sigmas=list(sigmas), threshold=oks_threshold).numpy()
+    return [
+        {"image_id": int(image_ids[i]), "category_id": 1, "keypoints": np.round(kp[i], 3).reshape(-1).tolist(),
+         "score": float(scores[i])}
+        for i in keep
+    ]
+
+
+# ------------------------------------------------------------------------------ pycocotools
+def prepare_ground_truth(annotations: Mapping[str, Any] | str | os.PathLike, kind: str = "coco") -> dict:
+    """A COCO dict ready for ``COCOeval`` (a deep copy): ``num_keypoints`` and ``iscrowd`` filled
+    where missing, ``area`` too (CrowdPose: bbox w·h·0.53; otherwise bbox w·h)."""
+    if not isinstance(annotations, Mapping):
+        path = Path(annotations)
+        if not path.is_file():
+            raise FileNotFoundError(f"annotation file {str(path)!r} does not exist")
+        annotations = json.loads(path.read_text())
+    gt = copy.deepcopy(dict(annotations))
+    factor = CROWDPOSE_AREA_FACTOR if kind == "crowdpose" else 1.0
+    for ann in gt.get("annotations", []):
+        ann.setdefault("iscrowd", 0)
+        kp = ann.get("keypoints") or []
+        ann.setdefault("num_keypoints", int(sum(1 for v in kp[2::3] if v > 0)))
+        if "area" not in ann:
+            ann["area"] = float(ann["bbox"][2] * ann["bbox"][3] * factor)
+    gt.setdefault("categories", [{"id": 1, "name": "person"}])
+    return gt
+
+
+def coco_keypoint_metrics(gt: Mapping[str, Any], results: Sequence[dict], sigmas,
+                          image_ids: Sequence[int] | None = None,
+                          ignore_annotations: Sequence[int] = ()) -> dict[str, float]:
+    """pycocotools keypoint metrics of ``results`` against ``gt`` (a :func:`prepare_ground_truth` dict).
+
+    ``image_ids`` restricts the evaluation to those images; annotations in
+    ``ignore_annotations`` become ignore regions.  Metrics are -1 where pycocotools has
+    nothing to average (no GT person), 0 when there are GT people but no results.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    gt = copy.deepcopy(dict(gt))
+    ignore = set(int(a) for a in ignore_annotations)
+    for ann in gt["annotations"]:
+        if ann["id"] in ignore:
+            ann["iscrowd"] = 1
+    ids = sorted({im["id"] for im in gt["images"]} if image_ids is None else {int(i) for i in image_ids})
+    results = [r for r in results if r["image_id"] in set(ids)]
+    for r in results:
+        if len(r["keypoints"]) != 3 * len(sigmas):
+            raise ValueError(f"result keypoints have {len(r['keypoints']) // 3} joints, sigmas {len(sigmas)}")
+    scored = [a for a in gt["annotations"] if a["image_id"] in set(ids) and not a.get("iscrowd")
+              and a.get("num_keypoints", 0) > 0]
+    if not ids or not scored:
+        return {k: -1.0 for k in METRIC_NAMES}
+    if not results:
+        return {k: 0.0 for k in METRIC_NAMES}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(copy.deepcopy(list(results)))
+        ev = COCOeval(coco_gt, coco_dt, "keypoints")
+        ev.params.kpt_oks_sigmas = sigmas
+        ev.params.imgIds = ids
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {k: float(v) for k, v in zip(METRIC_NAMES, ev.stats)}
+
+
+def crowd_index_splits(gt: Mapping[str, Any]) -> dict[str, list[int]]:
+    """CrowdPose's easy / medium / hard image ids by ``crowdIndex`` (images without one are left out)."""
+    out: dict[str, list[int]] = {name: [] for name, _, _ in CROWD_SPLITS}
+    for im in gt["images"]:
+        ci = im.get("crowdIndex")
+        if ci is None:
+            continue
+        for name, lo, hi in CROWD_SPLITS:
+            if (lo <= ci < hi) if name != "medium" else (lo <= ci <= hi):
+                out[name].append(int(im["id"]))
+                break
+    return out
+
+
+def metrics_by_annotation_group(gt: Mapping[str, Any], results: Sequence[dict], sigmas,
+                                groups: Mapping[int, str]) -> dict[str, dict[str, float]]:
+    """Metrics per group of annotations (annotation id -> group name): each group is scored
+    with every other person as an ignore region."""
+    names = list(dict.fromkeys(groups.values()))
+    all_ids = [a["id"] for a in gt["annotations"]]
+    return {
+        name: coco_keypoint_metrics(gt, results, sigmas,
+                                    ignore_annotations=[i for i in all_ids if groups.get(i) != name])
+        for name in names
+    }
+
+
+def full_report(gt: Mapping[str, Any], results: Sequence[dict], sigmas, kind: str) -> dict:
+    """AP/AR of ``results``; for CrowdPose also AP easy / medium / hard."""
+    report = coco_keypoint_metrics(gt, results, sigmas)
+    if kind == "crowdpose":
+        for name, ids in crowd_index_splits(gt).items():
+            report[f"AP_{name}"] = coco_keypoint_metrics(gt, results, sigmas, image_ids=ids)["AP"] if ids else -1.0
+    return report
+
+
+# ------------------------------------------------------------------------------ driver
+@dataclass
+class EvalResult:
+    report: dict  # what metrics.json holds
+    predictions: Predictions  # every instance of every crop, before post-processing
+    results: list[dict]  # merged COCO results (after NMS)
+
+
+@dataclass
+class EvalSettings:
+    flip_test: bool = True
+    decode: str = "quarter"
+    in_vis_threshold: float = 0.2
+    oks_threshold: float = 0.9
+    secondary_score_decay: float = 0.5
+    batch_size: int = 64
+    workers: int = 0
+    amp: str = "none"
+    progress: bool = False
+
+
+def evaluate_model(model: nn.Module, dataset: KeypointDataset, settings: EvalSettings = EvalSettings(),
+                   output_dir: str | os.PathLike | None = None, predictor: BatchPredictor | None = None,
+                   annotation_groups: Mapping[int, str] | None = None) -> EvalResult:
+    """Evaluate ``model`` on ``dataset`` (GT or detection boxes, ``train=False``).
+
+    The report has merged and per-instance metrics, the boxes used and timings (and metrics
+    per annotation group when ``annotation_groups`` is given); with ``output_dir`` it writes
+    ``results.json`` (merged COCO results), ``results_instance<n>.json`` and ``metrics.json``.
+    """
+    start = time.perf_counter()
+    spec = dataset.spec
+    predictor = predictor or HeatmapPredictor(model, spec.flip_pairs, settings.flip_test, settings.decode,
+                                              settings.amp)
+    preds = predict(predictor, dataset, settings.batch_size, settings.workers, settings.progress)
+    inference_s = time.perf_counter() - start
+    gt = prepare_ground_truth(dataset.annotation_file, dataset.kind)
+    post = dict(sigmas=spec.sigmas, in_vis_threshold=settings.in_vis_threshold,
+                oks_threshold=settings.oks_threshold, secondary_score_decay=settings.secondary_score_decay)
+    merged = postprocess(preds, None, **post)
+    per_instance = {str(n): postprocess(preds, [n], **post) for n in range(preds.num_instances)}
+    boxes = "ground truth" if dataset.use_gt_boxes else "detections"
+    report: dict[str, Any] = {
+        "boxes": boxes,
+        "kind": dataset.kind,
+        "num_instances": preds.num_instances,
+        "num_crops": int(preds.keypoints.shape[0]),
+        "settings": {k: getattr(settings, k) for k in ("flip_test", "decode", "in_vis_threshold",
+                                                      "oks_threshold", "secondary_score_decay")},
+        "nms": "mipnet_kernels.oks_nms",
+        "merged": full_report(gt, merged, spec.sigmas, dataset.kind),
+        "per_instance": {n: full_report(gt, r, spec.sigmas, dataset.kind) for n, r in per_instance.items()},
+    }
+    if annotation_groups is not None:
+        report["merged_by_group"] = metrics_by_annotation_group(gt, merged, spec.sigmas, annotation_groups)
+    report["inference_seconds"] = inference_s
+    report["seconds"] = time.perf_counter() - start
+    if output_dir is not None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(merged))
+        for n, r in per_instance.items():
+            (out / f"results_instance{n}.json").write_text(json.dumps(r))
+        (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    return EvalResult(report, preds, merged)
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """A short table: merged and per-instance AP/AR (and CrowdPose splits), with the boxes used."""
+    keys = [k for k in ("AP", "AP50", "AP75", "AP_M", "AP_L", "AR", "AP_easy", "AP_medium", "AP_hard")
+            if k in report["merged"]]
+    rows = [("merged", report["merged"])] + [(f"λ={n}", m) for n, m in report["per_instance"].items()]
+    lines = [f"{report['kind']} keypoints on {report['boxes']} boxes, N={report['num_instances']}, "
+             f"{report['num_crops']} crops",
+             f"{'':>8} " + " ".join(f"{k:>9}" for k in keys)]
+    lines += [f"{name:>8} " + " ".join(f"{m[k]:9.4f}" for k in keys) for name, m in rows]
+    return "\n".join(lines)
+
+
+def eval_dataset(cfg, files=None) -> KeypointDataset:
+    """The evaluation dataset of a :class:`~mipnet.config.Config` (GT boxes unless ``data.val_boxes``)."""
+    from .train import dataset_kwargs, resolve_data
+
+    files = files or resolve_data(cfg)
+    return KeypointDataset(files.val_annotations, files.val_images, files.kind, train=False,
+                           boxes=files.val_boxes, **dataset_kwargs(cfg))
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import CHECKPOINT_NAME, load_trained, resolve_device, set_threads
+
+    user_cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
+    ckpt = args.checkpoint or (user_cfg.eval.checkpoint if user_cfg else None)
+    if ckpt is None:
+        base = user_cfg or load_config()
+        ckpt = str(Path(base.train.output_dir) / CHECKPOINT_NAME)
+    device = resolve_device(user_cfg.train.device if user_cfg else "auto")
+    model, trained_cfg, _ = load_trained(ckpt, device)
+    # The data/eval sections of the command line win; the model -- and the crop geometry it
+    # was trained for -- are what the checkpoint holds.
+    cfg = trained_cfg
+    if user_cfg is not None:
+        geometry = {k: getattr(trained_cfg.data, k) for k in ("input_size", "heatmap_size", "sigma")}
+        cfg = dataclasses.replace(user_cfg, model=trained_cfg.model,
+                                  data=dataclasses.replace(user_cfg.data, **geometry))
+    if args.boxes:
+        cfg.data.val_boxes = args.boxes
+    cfg.validate(need_val_data=True)
+    set_threads(cfg.train.threads)
+    e = cfg.eval
+    dataset = eval_dataset(cfg)
+    if dataset.spec.num_joints != model.num_keypoints:
+        raise ValueError(f"the checkpoint predicts {model.num_keypoints} keypoints but data.kind="
+                         f"{dataset.kind!r} has {dataset.spec.num_joints}")
+    settings = EvalSettings(e.flip_test, e.decode, e.in_vis_threshold, e.oks_threshold, e.secondary_score_decay,
+                            e.batch_size, cfg.data.workers, e.amp, progress=True)
+    out = args.output_dir or e.output_dir or str(Path(cfg.train.output_dir) / "eval")
+    report = evaluate_model(model, dataset, settings, out).report
+    print(format_report(report))
+    print(f"wrote {out}/results.json and {out}/metrics.json", file=sys.stderr)
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML config (its data and eval sections are used)")
+    parser.add_argument("--checkpoint", help="checkpoint of mipnet train (default: train.output_dir/checkpoint.pth)")
+    parser.add_argument("--boxes", help="detection results JSON (default: ground-truth boxes)")
+    parser.add_argument("--output-dir", help="where results.json and metrics.json go")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. eval.flip_test=false")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mipnet.evaluate", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,474 @@
+"""Multi-instance training of MIPNet (``mipnet train`` / ``python -m mipnet.train``).
+
+The loss of the paper's Eq. 1: each image of a batch is trained on all N instances in the
+same step -- the batch is repeated N times, copy ``n`` with ``λ = n`` and instance ``n``'s
+targets (fallbacks to the primary are already in the targets, :mod:`mipnet.data.targets`),
+as the official code does (``train_lambda`` in rawalkhirodkar/MIPNet concatenates the
+batch with itself under complementary λ).  The per-instance loss is HRNet's
+``JointsMSELoss`` with target weights, so the mean over the ``N·B`` copies is
+``1/N Σ_i L_i``.
+
+Runs the same on CPU, one GPU, or many under ``torchrun`` (``DistributedDataParallel`` and
+a ``DistributedSampler``; the process group is initialised from the environment, gloo on CPU,
+nccl on GPU).  Every epoch ends with an atomic checkpoint (``output_dir/checkpoint.pth``:
+model, optimizer, scheduler, grad scaler, epoch, RNG states, config); ``train.resume=true``
+continues from it exactly -- augmentation draws depend only on ``(seed, epoch, index)`` and
+the sampler's order only on ``(seed, epoch)``, so a resumed run sees the same batches.
+Progress: a tqdm bar (loss, samples/s) and ``output_dir/metrics.jsonl`` (one JSON object per
+``log_every`` steps and per epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .config import Config, config_from_dict, dump_config, load_config
+from .data import KeypointDataset, synthetic
+
+CHECKPOINT_NAME = "checkpoint.pth"
+METRICS_NAME = "metrics.jsonl"
+
+
+# ------------------------------------------------------------------------------ loss
+def joints_mse_loss(pred: Tensor, target: Tensor, target_weight: Tensor) -> Tensor:
+    """HRNet's ``JointsMSELoss(use_target_weight=True)``: ``0.5 · mean over joints of
+    MSE(pred·w, target·w)``, the MSE averaged over the batch and the heatmap pixels.
+
+    ``pred``/``target`` ``[B, K, h, w]``, ``target_weight`` ``[B, K]``; computed in float32.
+    """
+    if pred.shape != target.shape or pred.dim() != 4:
+        raise ValueError(f"pred and target must be [B, K, h, w] of one shape, got {list(pred.shape)} "
+                         f"and {list(target.shape)}")
+    if target_weight.shape != pred.shape[:2]:
+        raise ValueError(f"target_weight must be [B, K] = {list(pred.shape[:2])}, got {list(target_weight.shape)}")
+    w = target_weight.float()[..., None, None]
+    return 0.5 * ((pred.float() - target.float()) * w).pow(2).mean()
+
+
+def repeat_instances(images: Tensor, target: Tensor, target_weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The batch of one multi-instance step: ``images [B, 3, H, W]``, ``target [B, N, K, h, w]``,
+    ``target_weight [B, N, K]`` -> ``images [N·B, ...]``, ``lam [N·B]`` (instance-major:
+    sample ``n·B + b`` is image ``b`` with ``λ = n``), ``target [N·B, K, h, w]``, ``weight [N·B, K]``."""
+    B, N = target.shape[:2]
+    lam = torch.arange(N, device=images.device).repeat_interleave(B)
+    return (
+        images.repeat(N, 1, 1, 1),
+        lam,
+        target.transpose(0, 1).flatten(0, 1),
+        target_weight.transpose(0, 1).flatten(0, 1),
+    )
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
+    """Write ``state`` with ``torch.save`` atomically: a temporary file in the same folder,
+    flushed to disk, then ``os.replace`` -- a crash mid-write leaves the previous checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def rng_state() -> dict:
+    """Every RNG a training step may touch, as tensors and plain Python values (so the
+    checkpoint loads with ``torch.load(weights_only=True)``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------ set-up
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def init_distributed(device_kind: str) -> Distributed:
+    """From torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); one process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    info = Distributed(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        if device_kind == "cuda":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo", init_method="env://")
+    return info
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device='cuda' but torch sees no CUDA device")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, amp: str):
+    """The autocast context of ``amp`` (``"none"``, ``"bf16"``, ``"fp16"``) on ``device``."""
+    if amp == "none":
+        return nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp='fp16' needs a CUDA device (use 'bf16' on CPU)")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def make_model(cfg: Config, num_keypoints: int) -> nn.Module:
+    """The network of ``cfg.model`` (a paper architecture or a small demo net), with
+    ``init_checkpoint`` loaded non-strictly when given."""
+    from .models import ARCHS, build_model, load_checkpoint
+
+    m = cfg.model
+    if m.arch in ARCHS:
+        model = build_model(m.arch, num_instances=m.num_instances, num_keypoints=num_keypoints)
+    else:
+        from .demo import build_small_model
+
+        model = build_small_model(m.arch, num_instances=m.num_instances, num_keypoints=num_keypoints)
+    if m.init_checkpoint:
+        load_checkpoint(model, m.init_checkpoint, strict=False)
+    return model
+
+
+@dataclass
+class DataFiles:
+    """Resolved dataset files (for synthetic data: the rendered cache)."""
+
+    kind: str  # a KeypointDataset kind
+    train_annotations: Optional[Path]
+    train_images: Optional[Path]
+    val_annotations: Optional[Path]
+    val_images: Optional[Path]
+    val_boxes: Optional[Path]
+
+
+def synthetic_dir(cfg: Config) -> Path:
+    """Cache folder of the synthetic dataset of ``cfg.data.synthetic`` (keyed by its parameters)."""
+    s = cfg.data.synthetic
+    key = json.dumps([s.train_images, s.val_images, list(s.image_size), s.seed], separators=(",", ":"))
+    return Path(s.cache_dir).expanduser() / f"crowd-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+
+
+def ensure_synthetic(cfg: Config) -> Path:
+    """Render the synthetic train (``seed``) and val (``seed + 1``) sets once; reuse them after."""
+    s = cfg.data.synthetic
+    root = synthetic_dir(cfg)
+    for split, n, seed in (("train", s.train_images, s.seed), ("val", s.val_images, s.seed + 1)):
+        if not (root / split / "annotations.json").is_file():  # written last, atomically
+            synthetic.generate(root / split, n, image_size=s.image_size, seed=seed)
+    return root
+
+
+def resolve_data(cfg: Config, dist_info: Distributed | None = None) -> DataFiles:
+    d = cfg.data
+    if d.kind == "synthetic":
+        dist_info = dist_info or Distributed()
+        if dist_info.is_main:
+            root = ensure_synthetic(cfg)
+        dist_info.barrier()
+        root = synthetic_dir(cfg)
+        return DataFiles("coco", root / "train" / "annotations.json", root / "train" / "images",
+                         root / "val" / "annotations.json", root / "val" / "images", None)
+
+    def opt(p):
+        return None if p is None else Path(p).expanduser()
+
+    return DataFiles(d.kind, opt(d.train_annotations), opt(d.train_images), opt(d.val_annotations),
+                     opt(d.val_images), opt(d.val_boxes))
+
+
+def dataset_kwargs(cfg: Config) -> dict:
+    d = cfg.data
+    return dict(input_size=d.input_size, heatmap_size=d.heatmap_size, sigma=d.sigma,
+                num_instances=cfg.model.num_instances, selection=d.selection, min_keypoints=d.min_keypoints)
+
+
+def train_dataset(cfg: Config, files: DataFiles) -> KeypointDataset:
+    return KeypointDataset(files.train_annotations, files.train_images, files.kind, train=cfg.data.augment,
+                           seed=cfg.train.seed, **dataset_kwargs(cfg))
+
+
+def set_threads(threads: Optional[int]) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------ training
+@dataclass
+class TrainResult:
+    model: nn.Module  # the trained network (unwrapped, on its device)
+    history: list[dict]  # one record per epoch run in this call
+    checkpoint: Path
+    seconds: float
+
+
+class Trainer:
+    """One training run of :class:`~mipnet.config.Config` (see the module docstring)."""
+
+    def __init__(self, cfg: Config, model: nn.Module | None = None):
+        cfg.validate(need_train_data=True)
+        self.cfg = cfg
+        t = cfg.train
+        set_threads(t.threads)
+        device_kind = resolve_device(t.device).type
+        self.dist = init_distributed(device_kind)
+        self.device = resolve_device(t.device, self.dist.local_rank)
+        autocast(self.device, t.amp)  # fails early for fp16 on CPU
+        self.out = Path(t.output_dir)
+        self.ckpt_path = self.out / CHECKPOINT_NAME
+        if t.resume and not self.ckpt_path.is_file():
+            raise FileNotFoundError(f"train.resume is set but {str(self.ckpt_path)!r} does not exist")
+
+        torch.manual_seed(t.seed)
+        np.random.seed(t.seed)
+        random.seed(t.seed)
+        files = resolve_data(cfg, self.dist)
+        self.dataset = train_dataset(cfg, files)
+        if len(self.dataset) == 0:
+            raise ValueError(f"the training set {str(files.train_annotations)!r} has no usable person")
+        self.num_keypoints = self.dataset.spec.num_joints
+        self.model = (model if model is not None else make_model(cfg, self.num_keypoints)).to(self.device)
+        if getattr(self.model, "num_instances", cfg.model.num_instances) != cfg.model.num_instances:
+            raise ValueError("the model's num_instances differs from model.num_instances")
+        self.net = (nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.dist.enabled else self.model)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(t.lr_steps), t.lr_factor)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16")
+        self.sampler = DistributedSampler(self.dataset, num_replicas=self.dist.world_size, rank=self.dist.rank,
+                                          shuffle=True, seed=t.seed)
+        self.loader = DataLoader(
+            self.dataset, batch_size=t.batch_size, sampler=self.sampler, num_workers=cfg.data.workers,
+            pin_memory=self.device.type == "cuda", drop_last=len(self.sampler) > t.batch_size,
+            persistent_workers=cfg.data.workers > 0,
+        )
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(dump_config(cfg))
+        self.start_epoch, self.step = 0, 0
+        if t.resume:
+            self._load(torch.load(self.ckpt_path, map_location="cpu", weights_only=True))
+
+    # -------------------------------------------------------------- state
+    def state(self, epoch: int) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,  # epochs completed
+            "step": self.step,
+            "rng": rng_state(),
+            "config": dataclasses.asdict(self.cfg),
+            "arch": self.cfg.model.arch,
+            "num_instances": self.cfg.model.num_instances,
+            "num_keypoints": self.num_keypoints,
+            "kind": self.dataset.kind,
+        }
+
+    def _load(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
+        set_rng_state(ckpt["rng"])
+
+    # -------------------------------------------------------------- loop
+    def _log(self, record: dict) -> None:
+        if self.dist.is_main:
+            with open(self.out / METRICS_NAME, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _reduce(self, value: Tensor) -> float:
+        value = value.detach()
+        if self.dist.enabled:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.dist.world_size
+        return value.item()
+
+    def train_epoch(self, epoch: int) -> dict:
+        t, N = self.cfg.train, self.cfg.model.num_instances
+        self.net.train()
+        self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+        total = len(self.loader) if t.max_steps_per_epoch is None else min(len(self.loader), t.max_steps_per_epoch)
+        bar = None
+        if self.dist.is_main and t.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{t.epochs}", dynamic_ncols=True, leave=False)
+        losses, seen, start = [], 0, time.perf_counter()
+        for i, batch in enumerate(self.loader):
+            if i >= total:
+                break
+            images = batch["image"].to(self.device, non_blocking=True)
+            target = batch["target"].to(self.device, non_blocking=True)
+            weight = batch["target_weight"].to(self.device, non_blocking=True)
+            images, lam, target, weight = repeat_instances(images, target, weight)
+            with autocast(self.device, t.amp):
+                pred = self.net(images, lam if N > 1 else None)
+            loss = joints_mse_loss(pred, target, weight)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.step += 1
+            value = self._reduce(loss)
+            if not np.isfinite(value):
+                raise RuntimeError(f"loss is {value} at epoch {epoch + 1}, step {i + 1}; "
+                                   "lower train.lr or use train.amp='none'")
+            losses.append(value)
+            seen += batch["image"].shape[0] * self.dist.world_size
+            rate = seen / max(time.perf_counter() - start, 1e-9)
+            if bar is not None:
+                bar.set_postfix(loss=f"{value:.3e}", samples_s=f"{rate:.1f}")
+                bar.update()
+            if self.step % t.log_every == 0:
+                self._log({"type": "step", "epoch": epoch + 1, "step": self.step, "loss": value,
+                           "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": rate})
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - start
+        record = {"type": "epoch", "epoch": epoch + 1, "step": self.step,
+                  "loss": float(np.mean(losses)) if losses else float("nan"),
+                  "lr": self.optimizer.param_groups[0]["lr"], "samples": seen,
+                  "samples_per_s": seen / max(seconds, 1e-9), "seconds": seconds, "step_losses": losses}
+        self.scheduler.step()
+        return record
+
+    def fit(self) -> TrainResult:
+        t = self.cfg.train
+        start = time.perf_counter()
+        history = []
+        for epoch in range(self.start_epoch, t.epochs):
+            record = self.train_epoch(epoch)
+            self._log({k: v for k, v in record.items() if k != "step_losses"})
+            if self.dist.is_main:
+                save_checkpoint(self.state(epoch + 1), self.ckpt_path)
+                print(f"epoch {epoch + 1}/{t.epochs}: loss {record['loss']:.4e}, "
+                      f"{record['samples_per_s']:.1f} samples/s, {record['seconds']:.1f} s", file=sys.stderr)
+            self.dist.barrier()
+            history.append(record)
+        return TrainResult(self.model, history, self.ckpt_path, time.perf_counter() - start)
+
+
+def train(cfg: Config, model: nn.Module | None = None) -> TrainResult:
+    """Train ``cfg`` (optionally a given, unwrapped ``model`` instead of ``make_model(cfg)``)."""
+    return Trainer(cfg, model).fit()
+
+
+def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, Config, dict]:
+    """Model, config and raw checkpoint of a :func:`train` checkpoint."""
+    from .models import load_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "num_keypoints" not in ckpt:
+        raise ValueError(f"checkpoint {str(path)!r} was not written by mipnet train "
+                         "(for official weights use model.init_checkpoint)")
+    cfg = config_from_dict(ckpt["config"])
+    model = make_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_checkpoint=None)),
+                       int(ckpt["num_keypoints"]))
+    load_checkpoint(model, ckpt, strict=True)
+    return model.to(device), cfg, ckpt
+
+
+# ------------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML config file (see configs/)")
+    parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.pth")
+    parser.add_argument("--output-dir", help="shortcut for train.output_dir=...")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. train.epochs=10 model.num_instances=2")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    if getattr(args, "resume", False):
+        overrides.append("train.resume=true")
+    return load_config(args.config, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    trainer = Trainer(config_from_args(args))
+    result = trainer.fit()
+    if trainer.dist.is_main:
+        print(f"trained {len(result.history)} epoch(s) in {result.seconds:.1f} s; checkpoint {result.checkpoint}")
+    if trainer.dist.enabled:
+        dist.destroy_process_group()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mipnet.train", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""mipnet demo: the plumbing of the synthetic crowd benchmark on a micro setting (a few images,
+one step per run), and its small network.  The real run (``make demo``) is measured, not tested."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from mipnet import cli
+from mipnet.demo import FIGURE_NAME, QUICK, RESULTS_NAME, build_small_model, run_demo
+
+
+def test_micro_demo_writes_results_with_the_promised_keys(tmp_path):
+    settings = dataclasses.replace(QUICK, train_images=4, val_images=3, epochs=1, batch_size=4,
+                                   max_steps_per_epoch=1, workers=0)
+    returned = run_demo(tmp_path, settings, threads=1, progress=False)
+    results = json.loads((tmp_path / RESULTS_NAME).read_text())
+    assert results == json.loads(json.dumps(returned))
+    assert results["boxes"] == "ground truth"
+    for name in ("baseline", "mipnet"):
+        r = results[name]
+        assert set(r["AP_by_iou"]) == {"<0.3", "0.3-0.5", ">0.5"}
+        assert isinstance(r["AP"], float) and r["seconds"] > 0
+    assert set(results["mipnet"]["per_instance"]) == {"0", "1"}
+    assert set(results["baseline"]["per_instance"]) == {"0"}
+    assert sum(results["val_people_by_iou"].values()) > 0
+    if results["val_people_by_iou"][">0.5"]:
+        assert (tmp_path / FIGURE_NAME).stat().st_size > 0
+
+
+def test_small_model_is_a_posenet_with_mimbs_only_for_mipnet():
+    base = build_small_model("resnet_tiny", num_instances=1)
+    mip = build_small_model("resnet_tiny", num_instances=2).eval()
+    assert base.layer3_se is None and mip.layer3_se is not None and mip.layer4_se is not None
+    x = torch.randn(2, 3, 64, 64)
+    assert base(x).shape == (2, 17, 16, 16)
+    both = mip.forward_instances(x)
+    torch.testing.assert_close(both[1], mip(x, lam=1), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="arch"):
+        build_small_model("resnet_huge")
+
+
+def test_demo_cli_rejects_bad_arguments(capsys):
+    assert cli.main(["demo", "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err
