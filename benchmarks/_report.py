@@ -40,10 +40,17 @@ MIMB_GPU_FWD_MIN_SPEEDUP_VS_COMPILE = 1.5
 MIMB_GPU_FWD_ROOFLINE_FACTOR = 1.3  # for x >= 8 MB
 MIMB_GPU_ROOFLINE_MIN_BYTES = 8 * 1024 * 1024
 MIMB_GPU_BWD_MIN_SPEEDUP_VS_EAGER = 2.0
+# OKS-NMS issue (benchmarks/test_nms_bench.py; rows carry "workload" and "peer_mode").
+NMS_OPS = ("oks_nms", "soft_oks_nms")
+NMS_CPU_MIN_SPEEDUP_VS_NUMPY = 50.0  # cpu backend on coco_val_n2
+NMS_GPU_COCO_MAX_S = 5e-3  # cuda/triton on coco_val_n2 (200,000 candidates)
+NMS_GPU_COCO_MIN_SPEEDUP_VS_NUMPY = 1000.0
+NMS_GPU_SMALL_MAX_S = 100e-6  # cuda/triton on small_batch
 
 FUSED_GPU_BACKENDS = ("cuda", "triton")
 BACKEND_ORDER = {"cuda": 0, "triton": 1, "cpu": 2, "reference": 3, "numpy": 4, "compile": 5, "eager": 6}
-OP_ORDER = {"decode_heatmaps": 0, "flip_merge": 1, "mimb": 2, "mimb_scale": 3, "mimb_instances": 4}
+OP_ORDER = {"decode_heatmaps": 0, "flip_merge": 1, "mimb": 2, "mimb_scale": 3, "mimb_instances": 4,
+            "oks_nms": 5, "soft_oks_nms": 6}
 MODE_ORDER = {"argmax": 0, "quarter": 1, "dark": 2, "udp": 3}
 DEVICE_ORDER = {"cuda": 0, "cpu": 1}
 
@@ -406,10 +413,39 @@ def _mimb_target(row: dict) -> str:
     return "PASS" if not fails else "FAIL: " + ", ".join(fails)
 
 
+def _nms_target(row: dict) -> str:
+    """The OKS-NMS issue's targets (hard NMS rows); '' for rows without one."""
+    if row["op"] != "oks_nms":
+        return ""
+    workload, t, sx = row.get("workload"), row["time"], row.get("speedup_numpy")
+    if row["device"] == "cpu" and row["backend"] == "cpu" and workload == "coco_val_n2":
+        if sx is None:
+            return "n/a: no numpy row"
+        return "PASS" if sx >= NMS_CPU_MIN_SPEEDUP_VS_NUMPY else f"FAIL: numpy {sx:.1f}x<{NMS_CPU_MIN_SPEEDUP_VS_NUMPY:g}x"
+    if row["device"] != "cuda" or row["backend"] not in FUSED_GPU_BACKENDS:
+        return ""
+    fails = []
+    if workload == "coco_val_n2":
+        if t >= NMS_GPU_COCO_MAX_S:
+            fails.append(f"{t * 1e3:.2f} ms>=5 ms")
+        if sx is None:
+            fails.append("no numpy row")
+        elif sx < NMS_GPU_COCO_MIN_SPEEDUP_VS_NUMPY:
+            fails.append(f"numpy {sx:.0f}x<1000x")
+    elif workload == "small_batch":
+        if t >= NMS_GPU_SMALL_MAX_S:
+            fails.append(f"{t * 1e6:.0f} us>=100 us")
+    else:
+        return ""
+    return "PASS" if not fails else "FAIL: " + ", ".join(fails)
+
+
 def _target(row: dict) -> str:
     t = row["time"]
     if row["op"] in MIMB_OPS:
         return _mimb_target(row)
+    if row["op"] in NMS_OPS:
+        return _nms_target(row)
     if row["device"] == "cuda" and row["backend"] in FUSED_GPU_BACKENDS and row.get("bytes_moved"):
         fails = []
         roof = row.get("t_over_copy")
@@ -522,6 +558,13 @@ def build_table(benchmarks: Iterable[dict], machine_info: dict | None = None) ->
             f"  Targets: cpu >= {MIMB_CPU_MIN_SPEEDUP_VS_EAGER:g}x eager at batch {MIMB_CPU_TARGET_BATCH};"
             f" cuda/triton fwd >= {MIMB_GPU_FWD_MIN_SPEEDUP_VS_EAGER:g}x eager, >= {MIMB_GPU_FWD_MIN_SPEEDUP_VS_COMPILE:g}x"
             f" compile, t/copy <= {MIMB_GPU_FWD_ROOFLINE_FACTOR:g}x for x >= 8 MB; fwd+bwd >= {MIMB_GPU_BWD_MIN_SPEEDUP_VS_EAGER:g}x eager."
+        )
+    if any(r["op"] in NMS_OPS for r in rows):
+        lines.append(
+            "OKS-NMS rows: shape = images-candidates of the workload (K=17, float32); x numpy is over"
+            " HRNet's per-image NumPy loop (tests/numpy_anchors.py), run once; '/mask' rows time the"
+            " sync-free mask form.  Targets: cpu >= 50x numpy on coco_val_n2; cuda/triton < 5 ms and"
+            " >= 1000x numpy on coco_val_n2, < 100 us on small_batch.  GB/s is not meaningful for NMS."
         )
     lines.append(
         "t/copy: median / (bytes at the measured copy bandwidth).  Targets: cuda/triton rows "

@@ -16,6 +16,7 @@ from ._backends import (
 from .keypoints import COCO_FLIP_PAIRS, COCO_SIGMAS, CROWDPOSE_FLIP_PAIRS, CROWDPOSE_SIGMAS
 from .ops import decode_heatmaps, flip_merge
 from .ops.mimb import mimb, mimb_instances, mimb_instances_grouped, mimb_scale, mimb_scale_grouped
+from .ops.nms import oks_iou, oks_nms, oks_nms_mask, soft_oks_nms, soft_oks_nms_mask
 from .nn import MIMB
 
 __version__ = "0.1.0"
@@ -40,7 +41,12 @@ __all__ = [
     "mimb_instances_grouped",
     "mimb_scale",
     "mimb_scale_grouped",
+    "oks_iou",
+    "oks_nms",
+    "oks_nms_mask",
     "select",
     "set_backend",
+    "soft_oks_nms",
+    "soft_oks_nms_mask",
     "use_backend",
 ]

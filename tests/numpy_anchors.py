@@ -354,3 +354,115 @@ def hrnet_flip_merge(output, output_flipped, matched_parts, shift=True):
     if shift:
         output_flipped[:, :, :, 1:] = output_flipped.copy()[:, :, :, 0:-1]
     return (output + output_flipped) * 0.5
+
+
+# --------------------------------------------------------------------------- OKS-NMS (HRNet)
+# HRNet ``lib/nms/nms.py`` (``oks_iou``, ``oks_nms``, ``soft_oks_nms``, ``rescore``), with
+# MMPose 0.x's fixes (``mmpose/core/post_processing/nms.py``).  Per image and per candidate
+# in Python, as the original.  Differences to the original code, on purpose:
+#
+# * ties are deterministic: candidates are ordered by descending score, equal scores by
+#   lower index (``argsort(-scores, kind="stable")``; HRNet's ``argsort()[::-1]`` puts the
+#   higher index first); in soft NMS, equal current scores go to the candidate that came
+#   first in that initial order;
+# * the visibility threshold keeps joints with both scores above it (MMPose's ``&``; HRNet's
+#   ``list(a) and list(b)`` keeps only the second list);
+# * the OKS is float64 (MMPose stores it in float32);
+# * soft NMS: ``method`` picks HRNet's ``rescore`` type (HRNet always calls the gaussian
+#   one), ``max_dets`` is a parameter (both hard-code 20; None: no limit), the loop also
+#   stops when the best current score is ``< score_threshold``, and the scores at pick time
+#   are returned with the kept indices.
+# ``hrnet_oks_nms_batched`` / ``hrnet_soft_oks_nms_batched`` are the evaluation loop around them: one call
+# per image, results concatenated by ascending image id.
+def hrnet_oks_iou(g, d, a_g, a_d, sigmas, vis_thr=None):
+    """OKS of one pose ``g`` (flat ``[K*3]``) with each row of ``d`` (``[n, K*3]``)."""
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    vars_ = (sigmas * 2) ** 2
+    xg, yg, vg = g[0::3], g[1::3], g[2::3]
+    ious = np.zeros(d.shape[0], dtype=np.float64)
+    for n_d in range(d.shape[0]):
+        xd, yd, vd = d[n_d, 0::3], d[n_d, 1::3], d[n_d, 2::3]
+        dx = xd - xg
+        dy = yd - yg
+        e = (dx**2 + dy**2) / vars_ / ((a_g + a_d[n_d]) / 2 + np.spacing(1)) / 2
+        if vis_thr is not None:
+            ind = (vg > vis_thr) & (vd > vis_thr)
+            e = e[ind]
+        ious[n_d] = np.sum(np.exp(-e)) / e.shape[0] if e.shape[0] != 0 else 0.0
+    return ious
+
+
+def hrnet_oks_nms(kpts, scores, areas, thr, sigmas, vis_thr=None):
+    """Greedy OKS-NMS of one image: indices kept, in visiting order (``> thr`` suppresses)."""
+    kpts = np.asarray(kpts, dtype=np.float64).reshape(len(scores), -1)
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    keep = []
+    while order.size > 0:
+        i = order[0]
+        keep.append(i)
+        oks_ovr = hrnet_oks_iou(kpts[i], kpts[order[1:]], areas[i], areas[order[1:]], sigmas, vis_thr)
+        inds = np.where(oks_ovr <= thr)[0]
+        order = order[inds + 1]
+    return keep
+
+
+def hrnet_rescore(overlap, scores, thr, method="gaussian"):
+    """HRNet's ``rescore``: linear ``s * (1 - o)`` where ``o >= thr``; gaussian ``s * exp(-o^2 / thr)``."""
+    if method == "linear":
+        inds = np.where(overlap >= thr)[0]
+        scores[inds] = scores[inds] * (1 - overlap[inds])
+    else:
+        scores = scores * np.exp(-(overlap**2) / thr)
+    return scores
+
+
+def hrnet_soft_oks_nms(kpts, scores, areas, thr, sigmas, vis_thr=None, method="gaussian", max_dets=20,
+                 score_threshold=0.0):
+    """Soft OKS-NMS of one image: ``(keep, scores at pick time)`` in pick order."""
+    kpts = np.asarray(kpts, dtype=np.float64).reshape(len(scores), -1)
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    first = np.arange(order.size)  # position in the initial order: the tie-break
+    scores = scores[order]
+    keep, kept_scores = [], []
+    while order.size > 0 and (max_dets is None or len(keep) < max_dets):
+        if scores[0] < score_threshold:
+            break
+        i = order[0]
+        keep.append(i)
+        kept_scores.append(scores[0])
+        oks_ovr = hrnet_oks_iou(kpts[i], kpts[order[1:]], areas[i], areas[order[1:]], sigmas, vis_thr)
+        order, first = order[1:], first[1:]
+        scores = hrnet_rescore(oks_ovr, scores[1:], thr, method)
+        tmp = np.lexsort((first, -scores))
+        order, first, scores = order[tmp], first[tmp], scores[tmp]
+    return keep, kept_scores
+
+
+def _per_image(batch_idx):
+    """``(image id, global indices)`` of each image with candidates, ascending ids."""
+    batch_idx = np.asarray(batch_idx)
+    by_image = np.argsort(batch_idx, kind="stable")
+    ids, starts = np.unique(batch_idx[by_image], return_index=True)
+    return zip(ids, np.split(by_image, starts[1:]))
+
+
+def hrnet_oks_nms_batched(keypoints, scores, areas, batch_idx, thr, sigmas, vis_thr=None):
+    """``oks_nms`` per image; global indices, by image then visiting order (int64)."""
+    keypoints, scores, areas = (np.asarray(a, dtype=np.float64) for a in (keypoints, scores, areas))
+    keep = [idx[hrnet_oks_nms(keypoints[idx], scores[idx], areas[idx], thr, sigmas, vis_thr)]
+            for _, idx in _per_image(batch_idx)]
+    return np.concatenate(keep).astype(np.int64) if keep else np.zeros(0, dtype=np.int64)
+
+
+def hrnet_soft_oks_nms_batched(keypoints, scores, areas, batch_idx, thr, sigmas, vis_thr=None, method="gaussian",
+                         max_dets=20, score_threshold=0.0):
+    """``soft_oks_nms`` per image: ``(keep int64, new scores float64)`` by image then pick order."""
+    keypoints, scores, areas = (np.asarray(a, dtype=np.float64) for a in (keypoints, scores, areas))
+    keep, new = [np.zeros(0, dtype=np.int64)], [np.zeros(0)]
+    for _, idx in _per_image(batch_idx):
+        k, s = hrnet_soft_oks_nms(keypoints[idx], scores[idx], areas[idx], thr, sigmas, vis_thr, method, max_dets,
+                            score_threshold)
+        keep.append(idx[np.asarray(k, dtype=np.int64)])
+        new.append(np.asarray(s, dtype=np.float64))
+    return np.concatenate(keep).astype(np.int64), np.concatenate(new)
