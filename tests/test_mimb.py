@@ -305,7 +305,7 @@ def test_mimb_instances_is_inference_only():
 # --------------------------------------------------------------------------- grouped
 # HRNet-W32-like branches (C = 32/64/128/256 at 1/4 .. 1/32 of a small input), B = 2.
 BRANCHES = [(2, 32, 16, 12), (2, 64, 8, 6), (2, 128, 4, 3), (2, 256, 2, 2)]
-INTERP_BRANCHES = [(2, 8, 5, 4), (2, 16, 3, 2)]
+INTERP_BRANCHES = [(2, 8, 5, 4), (2, 16, 3, 2), (2, 32, 4, 4), (2, 3, 1, 1)]
 
 
 def _branches(shapes, dtype, layout, N=2):
@@ -316,7 +316,8 @@ def _branches(shapes, dtype, layout, N=2):
 
 @pytest.mark.parametrize(
     "backend, device, dtype, layout",
-    backend_params([(d, lay) for d in DTYPES for lay in LAYOUTS], [(F32, "contiguous")]),
+    backend_params([(d, lay) for d in DTYPES for lay in LAYOUTS],
+                   [(F32, "contiguous"), (BF16, "channels_last")]),
 )
 def test_mimb_scale_grouped(backend, device, dtype, layout):
     dev = skip_unless_runs(backend, device)
@@ -358,12 +359,24 @@ def test_grouped_equals_single_calls(backend, device):
         with torch.no_grad():
             yi = mk.mimb_instances_grouped(g["x"], g["w1"], g["w2"], g["table"])
             yi_single = [mk.mimb_instances(*(s[k][i] for k in ("x", "w1", "w2", "table"))) for i in range(len(shapes))]
+    # Triton's grouped launch uses one tile shape for all its branches (those of the largest),
+    # so its sums associate differently from one launch per branch: equal up to float32
+    # rounding there, bit-identical on the other backends.
+    exact = backend != "triton"
+
+    def same(got, want, msg=""):
+        if exact:
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=msg)
+        else:
+            atol = 1e-6 * max(1.0, float(want.abs().max()))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=atol, msg=msg)
+
     for i in range(len(shapes)):
-        torch.testing.assert_close(ys[i], singles[i], rtol=0, atol=0)
-        torch.testing.assert_close(yi[i], yi_single[i], rtol=0, atol=0)
+        same(ys[i], singles[i])
+        same(yi[i], yi_single[i])
         for k in ("x", "w1", "w2", "v"):
             want = s[k][i].grad if i < len(shapes) - 1 else torch.zeros_like(s[k][i])
-            torch.testing.assert_close(g[k][i].grad, want, rtol=0, atol=0, msg=f"d{k}[{i}]")
+            same(g[k][i].grad, want, msg=f"d{k}[{i}]")
 
 
 # --------------------------------------------------------------------------- empty inputs

@@ -582,8 +582,8 @@ def _mimb_instances_grouped_cpu(xs, w1s, w2s, tables):
 
 
 # Triton: the two-phase kernels of mipnet_kernels/triton/mimb.py (reduce with the tiny MLP
-# run by the last program of each sample, then scale); float64 too.  The grouped forms loop
-# over the branches for now.
+# run by the last program of each sample, then scale); float64 too.  The grouped forms run
+# up to four branches per launch (two launches per group of branches).
 def _triton_scale_fwd(x, w1, w2, v):
     from ..triton import mimb_scale_fwd_triton
 
@@ -614,21 +614,26 @@ register("mimb_instances", "triton",
 @register("mimb_scale_grouped_fwd", "triton",
           reasons=lambda *a: _grouped_reasons(lambda x, w1, w2, v: _triton_dtype_reasons(x=x, w1=w1, w2=w2, v=v), *a))
 def _mimb_scale_grouped_fwd_triton(xs, w1s, w2s, vs):
-    return tuple(_loop(_scale_fwd_branch(_triton_scale_fwd), xs, w1s, w2s, vs))
+    from ..triton import mimb_scale_grouped_fwd_triton
+
+    return mimb_scale_grouped_fwd_triton(xs, w1s, w2s, vs)
 
 
 @register("mimb_scale_grouped_bwd", "triton",
           reasons=lambda *a: _grouped_reasons(
               lambda dy, x, w1, w2, v, s: _triton_dtype_reasons(dy=dy, x=x, w1=w1, w2=w2, v=v, s=s), *a))
 def _mimb_scale_grouped_bwd_triton(dys, xs, w1s, w2s, vs, ss):
-    return tuple(_loop(_scale_bwd_branch(_triton_scale_bwd), dys, xs, w1s, w2s, vs, ss))
+    from ..triton import mimb_scale_grouped_bwd_triton
+
+    return mimb_scale_grouped_bwd_triton(dys, xs, w1s, w2s, vs, ss)
 
 
 @register("mimb_instances_grouped", "triton",
           reasons=lambda *a: _grouped_reasons(lambda x, w1, w2, t: _triton_dtype_reasons(x=x, w1=w1, w2=w2, table=t), *a))
 def _mimb_instances_grouped_triton(xs, w1s, w2s, tables):
-    branch = _instances_branch(_triton_instances)
-    return [branch(*args) for args in zip(xs, w1s, w2s, tables)]
+    from ..triton import mimb_instances_grouped_triton
+
+    return mimb_instances_grouped_triton(xs, w1s, w2s, tables)
 
 
 # CUDA: csrc/cuda/mimb_kernel.cu -- a single-pass cooperative kernel when the launch fits on

@@ -46,13 +46,22 @@ separate multiply and add, as in the reference (memory-bound: costs nothing).
 from __future__ import annotations
 
 import contextlib
+import math
+from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops.mimb import _dense, compute_dtype, out_memory_format
+from ..ops.mimb import (
+    _dense,
+    _instances_branch,
+    _scale_bwd_branch,
+    _scale_fwd_branch,
+    compute_dtype,
+    out_memory_format,
+)
 from ._launch import num_warps
 
 #: Elements per tile of both kernels: 16 float32 per thread at 8 warps (4 x 16-byte vectors).
@@ -119,12 +128,17 @@ def _reduce_settings(B: int, C: int, HW: int, channels_last: bool) -> dict:
     ``_TARGET_PROGRAMS`` programs or every chunk is a single tile.
     """
     t = _tile_settings(C, HW, channels_last)
-    programs = B * triton.cdiv(C, t["BLOCK_C"])
-    tiles = triton.cdiv(HW, t["BLOCK_P"])
-    split = max(1, min(tiles, _TARGET_PROGRAMS // max(programs, 1)))
-    chunk = triton.cdiv(tiles, split) * t["BLOCK_P"]
-    split = triton.cdiv(HW, chunk)
+    split, chunk = _split(B, C, HW, t["BLOCK_C"], t["BLOCK_P"])
     return dict(t, SPLIT=split, CHUNK=chunk)
+
+
+def _split(B: int, C: int, HW: int, block_c: int, block_p: int) -> tuple[int, int]:
+    """``(SPLIT, CHUNK)`` of the reduction for ``[block_c, block_p]`` tiles."""
+    programs = B * triton.cdiv(C, block_c)
+    tiles = triton.cdiv(HW, block_p)
+    split = max(1, min(tiles, _TARGET_PROGRAMS // max(programs, 1)))
+    chunk = triton.cdiv(tiles, split) * block_p
+    return triton.cdiv(HW, chunk), chunk
 
 
 def _device_guard(t: Tensor):
@@ -178,7 +192,8 @@ def _mimb_excite_chunk(w2_ptr, h, cc, cm, CR, sw2_c, sw2_r, CR_PAD: tl.constexpr
 
 
 @triton.jit
-def _mimb_reduce_mlp_kernel(
+def _reduce_mlp_program(
+    pid,  # program id within this launch (within the branch for grouped launches)
     x_ptr,  # input, shape (B, C, H, W), NCHW or NHWC (strides below), float16/bfloat16/float32/float64
     dy_ptr,  # upstream gradient, x's shape, layout and dtype (read iff MODE == 2)
     part_ptr,  # scratch partial sums, shape (B, SPLIT, C), contiguous, accumulation dtype ACC
@@ -211,7 +226,7 @@ def _mimb_reduce_mlp_kernel(
     CR_PAD: tl.constexpr,  # next power of two >= CR
 ):
     ACC = part_ptr.dtype.element_ty
-    pid = tl.program_id(0)  # ((b * num_cblocks) + cblock) * SPLIT + split
+    # pid = ((b * num_cblocks) + cblock) * SPLIT + split
     split = pid % SPLIT
     bc = pid // SPLIT
     b = bc // num_cblocks
@@ -285,7 +300,8 @@ def _mimb_reduce_mlp_kernel(
 
 
 @triton.jit
-def _mimb_scale_kernel(
+def _scale_program(
+    pid,  # program id within this launch (within the branch for grouped launches)
     in_ptr,  # input (x, or dy in backward), shape (B, C, H, W), NCHW or NHWC (strides below)
     a_ptr,  # per-channel scales, shape (N, B, C), contiguous, accumulation dtype
     bias_ptr,  # per-channel additive term, shape (B, C), a's dtype (read iff HAS_BIAS)
@@ -303,7 +319,7 @@ def _mimb_scale_kernel(
     BLOCK_P: tl.constexpr,  # pixels per tile (power of two)
 ):
     ACC = a_ptr.dtype.element_ty
-    pid = tl.program_id(0)  # ((b * num_cblocks) + cblock) * num_pblocks + pblock
+    # pid = ((b * num_cblocks) + cblock) * num_pblocks + pblock
     pblk = pid % num_pblocks
     bc = pid // num_pblocks
     b = bc // num_cblocks
@@ -336,6 +352,141 @@ def _mimb_scale_kernel(
             y.to(out_ptr.dtype.element_ty),
             mask=m,
         )
+
+
+# Single-op kernels: the programs above with every size a kernel argument (Triton
+# specialises unit strides and 16-divisible sizes, so the loads vectorise).
+@triton.jit
+def _mimb_reduce_mlp_kernel(
+    x_ptr, dy_ptr, part_ptr, count_ptr, w1_ptr, w2_ptr, mult_ptr, s_ptr, a_ptr,
+    dv_ptr, gz2_ptr, h_ptr, gz1_ptr, bias_ptr,
+    B, C, CR, HW, stride_c, stride_p, CHUNK, num_cblocks, SPLIT, NA,
+    sw1_r, sw1_c, sw2_c, sw2_r, smult_r, smult_c,
+    MODE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    MLP_C: tl.constexpr, CR_PAD: tl.constexpr,
+):
+    _reduce_mlp_program(
+        tl.program_id(0), x_ptr, dy_ptr, part_ptr, count_ptr, w1_ptr, w2_ptr, mult_ptr, s_ptr, a_ptr,
+        dv_ptr, gz2_ptr, h_ptr, gz1_ptr, bias_ptr,
+        B, C, CR, HW, stride_c, stride_p, CHUNK, num_cblocks, SPLIT, NA,
+        sw1_r, sw1_c, sw2_c, sw2_r, smult_r, smult_c,
+        MODE, BLOCK_C, BLOCK_P, MLP_C, CR_PAD,
+    )
+
+
+@triton.jit
+def _mimb_scale_kernel(
+    in_ptr, a_ptr, bias_ptr, out_ptr, B, C, HW, N, stride_c, stride_p, num_pblocks, num_cblocks,
+    HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    _scale_program(tl.program_id(0), in_ptr, a_ptr, bias_ptr, out_ptr, B, C, HW, N, stride_c, stride_p,
+                   num_pblocks, num_cblocks, HAS_BIAS, BLOCK_C, BLOCK_P)
+
+
+# Grouped kernels: up to four branch tensors (HRNet's branches: different C, H, W; one dtype
+# and layout) in one launch.  Program ids are concatenated branch by branch; each branch's
+# sizes and workspace offsets are a row of an int32 ``meta`` table (cached on the device
+# per shape signature, so a launch copies nothing from the host and CUDA graphs can
+# capture it); its tensors are kernel arguments.  The tiles are common to the group (those
+# of its largest branch); the unit stride is a literal (LAYOUT), and ALIGNED promises that
+# every branch's contiguous extent is a multiple of 16 so the loads still vectorise.
+@triton.jit
+def _branch_of(pid, meta_ptr, G: tl.constexpr, NCOL: tl.constexpr):
+    """The branch owning program ``pid``: the last whose first program (column 0) is <= pid."""
+    g = pid * 0
+    for i in tl.static_range(1, G):
+        g = tl.where(pid >= tl.load(meta_ptr + i * NCOL), i, g)
+    return g
+
+
+@triton.jit
+def _pick(g, p0, p1, p2, p3, G: tl.constexpr):
+    """``(p0, p1, p2, p3)[g]`` for the first ``G``."""
+    p = p0
+    if G > 1:
+        if g == 1:
+            p = p1
+    if G > 2:
+        if g == 2:
+            p = p2
+    if G > 3:
+        if g == 3:
+            p = p3
+    return p
+
+
+@triton.jit
+def _layout_strides(C, HW, LAYOUT: tl.constexpr, ALIGNED: tl.constexpr):
+    """``(stride_c, stride_p)`` with the unit stride a literal (LAYOUT 0: NCHW, 1: NHWC)."""
+    if LAYOUT == 0:
+        if ALIGNED:
+            HW = tl.multiple_of(HW, 16)
+        return HW, 1
+    else:
+        if ALIGNED:
+            C = tl.multiple_of(C, 16)
+        return 1, C
+
+
+_RM_COLS = ("start", "B", "C", "CR", "HW", "chunk", "num_cblocks", "split", "na", "sw1_r", "sw1_c",
+            "sw2_c", "sw2_r", "smult_r", "smult_c", "part", "s", "a", "dv", "gz2", "h", "gz1", "bias", "count")
+_SC_COLS = ("start", "B", "C", "HW", "N", "num_pblocks", "num_cblocks", "a", "bias")
+
+
+@triton.jit
+def _mimb_reduce_mlp_grouped_kernel(
+    meta_ptr,  # int32 (G, 24): the _RM_COLS of each branch
+    ws_ptr,  # accumulation-dtype workspace: every branch's part, s, a, dv, gz2, h, gz1, bias
+    count_ptr,  # int32 tickets, zero on entry
+    x0, x1, x2, x3, dy0, dy1, dy2, dy3, w1_0, w1_1, w1_2, w1_3, w2_0, w2_1, w2_2, w2_3, m0, m1, m2, m3,
+    G: tl.constexpr, LAYOUT: tl.constexpr, ALIGNED: tl.constexpr, MODE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, MLP_C: tl.constexpr, CR_PAD: tl.constexpr,
+):
+    NCOL: tl.constexpr = 24
+    pid = tl.program_id(0)
+    g = _branch_of(pid, meta_ptr, G, NCOL)
+    row = meta_ptr + g * NCOL
+    C = tl.load(row + 2)
+    HW = tl.load(row + 4)
+    stride_c, stride_p = _layout_strides(C, HW, LAYOUT, ALIGNED)
+    _reduce_mlp_program(
+        pid - tl.load(row + 0),
+        _pick(g, x0, x1, x2, x3, G), _pick(g, dy0, dy1, dy2, dy3, G),
+        ws_ptr + tl.load(row + 15), count_ptr + tl.load(row + 23),
+        _pick(g, w1_0, w1_1, w1_2, w1_3, G), _pick(g, w2_0, w2_1, w2_2, w2_3, G), _pick(g, m0, m1, m2, m3, G),
+        ws_ptr + tl.load(row + 16), ws_ptr + tl.load(row + 17), ws_ptr + tl.load(row + 18),
+        ws_ptr + tl.load(row + 19), ws_ptr + tl.load(row + 20), ws_ptr + tl.load(row + 21),
+        ws_ptr + tl.load(row + 22),
+        tl.load(row + 1), C, tl.load(row + 3), HW, stride_c, stride_p,
+        tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), tl.load(row + 8),
+        tl.load(row + 9), tl.load(row + 10), tl.load(row + 11), tl.load(row + 12),
+        tl.load(row + 13), tl.load(row + 14),
+        MODE, BLOCK_C, BLOCK_P, MLP_C, CR_PAD,
+    )
+
+
+@triton.jit
+def _mimb_scale_grouped_kernel(
+    meta_ptr,  # int32 (G, 9): the _SC_COLS of each branch
+    ws_ptr,  # the reduction's workspace (a and bias of every branch)
+    in0, in1, in2, in3, out0, out1, out2, out3,
+    G: tl.constexpr, LAYOUT: tl.constexpr, ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    NCOL: tl.constexpr = 9
+    pid = tl.program_id(0)
+    g = _branch_of(pid, meta_ptr, G, NCOL)
+    row = meta_ptr + g * NCOL
+    C = tl.load(row + 2)
+    HW = tl.load(row + 3)
+    stride_c, stride_p = _layout_strides(C, HW, LAYOUT, ALIGNED)
+    _scale_program(
+        pid - tl.load(row + 0), _pick(g, in0, in1, in2, in3, G),
+        ws_ptr + tl.multiple_of(tl.load(row + 7), 16), ws_ptr + tl.multiple_of(tl.load(row + 8), 16),
+        _pick(g, out0, out1, out2, out3, G),
+        tl.load(row + 1), C, HW, tl.load(row + 4), stride_c, stride_p,
+        tl.load(row + 5), tl.load(row + 6), HAS_BIAS, BLOCK_C, BLOCK_P,
+    )
 
 
 # --------------------------------------------------------------------------- launch helpers
@@ -468,4 +619,224 @@ def mimb_instances_triton(x: Tensor, w1: Tensor, w2: Tensor, table: Tensor) -> T
     return y
 
 
-__all__ = ["mimb_instances_triton", "mimb_scale_bwd_triton", "mimb_scale_fwd_triton"]
+# --------------------------------------------------------------------------- grouped launches
+#: Branches per grouped launch (the kernels take four tensor slots per argument).
+_GROUP = 4
+_META_CACHE: dict = {}
+_META_CACHE_MAX = 256
+
+
+def _meta(rows: list[tuple[int, ...]], device: torch.device) -> Tensor:
+    """The int32 meta table of a grouped launch, cached per (device, contents)."""
+    key = (device, tuple(rows))
+    table = _META_CACHE.get(key)
+    if table is None:
+        if any(not -(2**31) <= v < 2**31 for row in rows for v in row):
+            raise ValueError("grouped MIMB launch: a size or offset exceeds int32")
+        if len(_META_CACHE) >= _META_CACHE_MAX:
+            _META_CACHE.clear()
+        table = torch.tensor(rows, dtype=torch.int32, device=device)
+        _META_CACHE[key] = table
+    return table
+
+
+def _layout_class(x: Tensor) -> int:
+    """0: pixels contiguous (NCHW), 1: channels contiguous (NHWC) -- see ``_strides``."""
+    return 0 if _strides(x)[1] == 1 else 1
+
+
+def _groups(xs: Sequence[Tensor], *others: Sequence[Tensor]) -> list[list[int]]:
+    """Branch indices in launch groups of at most ``_GROUP`` with one layout and one dtype
+    per argument slot (the kernels' tensor slots share a pointer type)."""
+    by_key: dict = {}
+    for i, x in enumerate(xs):
+        key = (_layout_class(x), x.dtype) + tuple(o[i].dtype for o in others)
+        by_key.setdefault(key, []).append(i)
+    return [idx[k:k + _GROUP] for idx in by_key.values() for k in range(0, len(idx), _GROUP)]
+
+
+def _four(ts: Sequence[Tensor]) -> list[Tensor]:
+    return list(ts) + [ts[0]] * (_GROUP - len(ts))
+
+
+def _group_tiles(xs: Sequence[Tensor]) -> tuple[int, dict, bool]:
+    """``(LAYOUT, tile settings of the largest branch, ALIGNED)`` of a launch group."""
+    layout = _layout_class(xs[0])
+    big = max(xs, key=lambda t: t.numel())
+    B, C, H, W = big.shape
+    tiles = _tile_settings(C, H * W, layout == 1)
+    aligned = all((x.shape[2] * x.shape[3] if layout == 0 else x.shape[1]) % 16 == 0 for x in xs)
+    return layout, tiles, aligned
+
+
+class _Workspace:
+    """Regions of one accumulation-dtype buffer, each starting at a multiple of 16 elements."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def region(self, n: int) -> int:
+        offset = self.size
+        self.size += triton.cdiv(max(n, 1), 16) * 16
+        return offset
+
+
+def _grouped_reduce_mlp(mode: int, xs, dys, w1s, w2s, mults, ss) -> tuple[Tensor, list[dict], tuple]:
+    """One ``_mimb_reduce_mlp_grouped_kernel`` launch over a launch group.
+
+    Returns the workspace, per branch the views of its outputs (as ``_reduce_mlp``), and the
+    group's tile settings (reused by the scale launch).
+    """
+    acc = compute_dtype(xs[0])
+    device = xs[0].device
+    layout, tiles, aligned = _group_tiles(xs)
+    mlp = _mlp_settings(max(x.shape[1] for x in xs), max(w.shape[0] for w in w1s), tiles["num_warps"])
+    ws, rows, regions = _Workspace(), [], []
+    start = count = 0
+    for x, w1, w2, mult in zip(xs, w1s, w2s, mults):
+        B, C, H, W = x.shape
+        CR = w1.shape[0]
+        split, chunk = _split(B, C, H * W, tiles["BLOCK_C"], tiles["BLOCK_P"])
+        num_cblocks = triton.cdiv(C, tiles["BLOCK_C"])
+        na = mult.shape[0] if mode == 1 else 1
+        r = {"part": ws.region(B * split * C), "s": ws.region(B * C), "a": ws.region(na * B * C)}
+        sizes = {"s": (B, C), "a": (na, B, C)}
+        if mode == 2:
+            for k, shape in (("dv", (B, C)), ("gz2", (B, C)), ("h", (B, CR)), ("gz1", (B, CR)), ("bias", (B, C))):
+                r[k] = ws.region(math.prod(shape))
+                sizes[k] = shape
+        rows.append((start, B, C, CR, H * W, chunk, num_cblocks, split, na, *w1.stride(), *w2.stride(),
+                     *mult.stride(), *(r.get(k, 0) for k in ("part", "s", "a", "dv", "gz2", "h", "gz1", "bias")),
+                     count))
+        regions.append((r, sizes))
+        start += B * num_cblocks * split
+        count += B
+    buf = torch.empty(ws.size, dtype=acc, device=device)
+    views = [{k: buf[r[k]:r[k] + math.prod(shape)].view(shape) for k, shape in sizes.items()}
+             for r, sizes in regions]
+    if mode == 2:
+        for v, s in zip(views, ss):
+            v["s"].copy_(s)
+    tickets = torch.zeros(count, dtype=torch.int32, device=device)
+    with _device_guard(xs[0]):
+        _mimb_reduce_mlp_grouped_kernel[(start,)](
+            _meta(rows, device), buf, tickets,
+            *_four(xs), *_four(dys if dys is not None else xs), *_four(w1s), *_four(w2s), *_four(mults),
+            G=len(xs), LAYOUT=layout, ALIGNED=aligned, MODE=mode,
+            BLOCK_C=tiles["BLOCK_C"], BLOCK_P=tiles["BLOCK_P"], num_warps=tiles["num_warps"],
+            enable_fp_fusion=False, **mlp,
+        )
+    return buf, views, (layout, tiles, aligned, [r for r, _ in regions])
+
+
+def _grouped_scale(ins, outs, buf: Tensor, group: tuple, has_bias: bool) -> None:
+    """One ``_mimb_scale_grouped_kernel`` launch: ``outs[i] = ins[i] * a_i (+ bias_i)``."""
+    layout, tiles, aligned, regions = group
+    rows, start = [], 0
+    for inp, out, r in zip(ins, outs, regions):
+        B, C, H, W = inp.shape
+        num_pblocks = triton.cdiv(H * W, tiles["BLOCK_P"])
+        num_cblocks = triton.cdiv(C, tiles["BLOCK_C"])
+        rows.append((start, B, C, H * W, out.shape[0] // B, num_pblocks, num_cblocks, r["a"], r.get("bias", 0)))
+        start += B * num_cblocks * num_pblocks
+    with _device_guard(ins[0]):
+        _mimb_scale_grouped_kernel[(start,)](
+            _meta(rows, buf.device), buf, *_four(ins), *_four(outs),
+            G=len(ins), LAYOUT=layout, ALIGNED=aligned, HAS_BIAS=has_bias,
+            BLOCK_C=tiles["BLOCK_C"], BLOCK_P=tiles["BLOCK_P"], num_warps=tiles["num_warps"],
+            enable_fp_fusion=False,
+        )
+
+
+def _by_groups(n: int, nonempty: Sequence[int], groups: list[list[int]], run_group, run_single) -> list:
+    """Results for branches ``0..n-1``: launch groups over ``nonempty``, ``run_single`` else."""
+    out: list = [None] * n
+    for group in groups:
+        idx = [nonempty[k] for k in group]
+        for i, res in zip(idx, run_group(idx)):
+            out[i] = res
+    for i in range(n):
+        if out[i] is None:
+            out[i] = run_single(i)
+    return out
+
+
+def mimb_scale_grouped_fwd_triton(xs, w1s, w2s, vs) -> tuple[list[Tensor], list[Tensor]]:
+    """``mimb_scale_fwd_triton`` over branch lists: two launches per launch group."""
+    xs = [_dense(x) for x in xs]
+    live = [i for i, x in enumerate(xs) if x.numel() > 0]
+    for i in live:
+        _check_sizes(xs[i])
+
+    def run(idx):
+        gx = [xs[i] for i in idx]
+        buf, views, group = _grouped_reduce_mlp(0, gx, None, [w1s[i] for i in idx], [w2s[i] for i in idx],
+                                                [vs[i] for i in idx], None)
+        ys = [torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_memory_format(x)) for x in gx]
+        _grouped_scale(gx, ys, buf, group, False)
+        return [(y, v["s"].clone()) for y, v in zip(ys, views)]  # own storage: outputs must not alias
+
+    single = _scale_fwd_branch(mimb_scale_fwd_triton)
+    groups = _groups([xs[i] for i in live], [w1s[i] for i in live], [w2s[i] for i in live],
+                     [vs[i] for i in live])
+    res = _by_groups(len(xs), live, groups, run, lambda i: single(xs[i], w1s[i], w2s[i], vs[i]))
+    return [r[0] for r in res], [r[1] for r in res]
+
+
+def mimb_scale_grouped_bwd_triton(dys, xs, w1s, w2s, vs, ss):
+    """``mimb_scale_bwd_triton`` over branch lists: two launches per launch group (plus the
+    two weight-gradient matmuls per branch)."""
+    xs = [_dense(x) for x in xs]
+    dys = [dy.contiguous(memory_format=out_memory_format(x)) for dy, x in zip(dys, xs)]
+    live = [i for i, x in enumerate(xs) if x.numel() > 0]
+    for i in live:
+        _check_sizes(xs[i])
+
+    def run(idx):
+        gx, gdy = [xs[i] for i in idx], [dys[i] for i in idx]
+        buf, views, group = _grouped_reduce_mlp(2, gx, gdy, [w1s[i] for i in idx], [w2s[i] for i in idx],
+                                                [vs[i] for i in idx], [ss[i] for i in idx])
+        dxs = [torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_memory_format(x)) for x in gx]
+        _grouped_scale(gdy, dxs, buf, group, True)
+        return [(dx, (r["gz1"].T @ r["s"]).to(w1s[i].dtype).contiguous(),
+                 (r["gz2"].T @ r["h"]).to(w2s[i].dtype).contiguous(), r["dv"].to(vs[i].dtype, copy=True))
+                for dx, r, i in zip(dxs, views, idx)]
+
+    single = _scale_bwd_branch(mimb_scale_bwd_triton)
+    groups = _groups([xs[i] for i in live], [dys[i] for i in live], [w1s[i] for i in live],
+                     [w2s[i] for i in live], [vs[i] for i in live])
+    res = _by_groups(len(xs), live, groups, run,
+                     lambda i: single(dys[i], xs[i], w1s[i], w2s[i], vs[i], ss[i]))
+    return tuple([r[k] for r in res] for k in range(4))
+
+
+def mimb_instances_grouped_triton(xs, w1s, w2s, tables) -> list[Tensor]:
+    """``mimb_instances_triton`` over branch lists: two launches per launch group."""
+    xs = [_dense(x) for x in xs]
+    live = [i for i, x in enumerate(xs) if x.numel() > 0 and tables[i].shape[0] > 0]
+    for i in live:
+        _check_sizes(xs[i])
+
+    def run(idx):
+        gx = [xs[i] for i in idx]
+        gt = [tables[i] for i in idx]
+        buf, _, group = _grouped_reduce_mlp(1, gx, None, [w1s[i] for i in idx], [w2s[i] for i in idx], gt, None)
+        ys = [torch.empty((t.shape[0] * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device,
+                          memory_format=out_memory_format(x)) for x, t in zip(gx, gt)]
+        _grouped_scale(gx, ys, buf, group, False)
+        return ys
+
+    single = _instances_branch(mimb_instances_triton)
+    groups = _groups([xs[i] for i in live], [w1s[i] for i in live], [w2s[i] for i in live],
+                     [tables[i] for i in live])
+    return _by_groups(len(xs), live, groups, run, lambda i: single(xs[i], w1s[i], w2s[i], tables[i]))
+
+
+__all__ = [
+    "mimb_instances_grouped_triton",
+    "mimb_instances_triton",
+    "mimb_scale_bwd_triton",
+    "mimb_scale_fwd_triton",
+    "mimb_scale_grouped_bwd_triton",
+    "mimb_scale_grouped_fwd_triton",
+]
