@@ -29,8 +29,12 @@ SLUG = "cpu-amd-epyc"
 
 @pytest.fixture(scope="module")
 def recorded() -> dict:
-    """The newest committed CPU run, without the per-round data (not needed, 4 MB)."""
-    data = _report.load_run(RECORDED[-1])
+    """The newest committed CPU run of the decode + MIMB suites (the runs of other suites,
+    e.g. NMS alone, lack the rows these tests edit), without the per-round data (4 MB)."""
+    runs = (_report.load_run(path) for path in reversed(RECORDED))
+    data = next((d for d in runs if any(SLOW in b["fullname"] for b in d["benchmarks"])), None)
+    if data is None:
+        pytest.skip(f"no recorded run in {CPU_RESULTS} has {SLOW!r}")
     for b in data["benchmarks"]:
         b["stats"].pop("data", None)
     return data
@@ -312,11 +316,14 @@ def test_report_from_committed_json(tmp_path):
     pngs = report.write_report([CPU_RESULTS], md, plots)
     text = md.read_text()
     ops = {b["extra_info"]["op"] for run in RECORDED for b in _report.load_run(run)["benchmarks"]}
-    assert {p.name for p in pngs} == {f"op_cpu_{op}.png" for op in ops}
+    expected = {f"op_cpu_{op}.png" for op in ops}
+    if any("nms" in op for op in ops):  # the NMS suite's runs also give the scaling plot
+        expected.add("nms_vs_candidates.png")
+    assert {p.name for p in pngs} == expected
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
         assert f"](report/{png.name})" in text
-    assert "AMD EPYC" in text and "plot skipped" in text  # no model / NMS rows in the CPU runs
+    assert "AMD EPYC" in text and "plot skipped" in text  # no model-suite rows in the CPU runs
 
 
 def _synthetic(recorded: dict) -> dict:
