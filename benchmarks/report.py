@@ -265,18 +265,20 @@ def plot_latency_vs_batch(plt, series: dict[str, dict[int, float]], device: str,
 
 def plot_nms(plt, rows: list[dict], device: str, path: Path) -> None:
     """NMS time against the number of candidates (log-log), one line per op/mode/backend."""
-    series: dict[str, dict[float, float]] = defaultdict(dict)
+    series: dict[tuple, dict[float, float]] = defaultdict(dict)
     for r in rows:
-        label = " ".join(str(x) for x in (r["op"], r.get("mode") or "", r.get("backend", "")) if x)
-        label += f" ({r.get('device', '?')} tensors)"
-        series[label][r["candidates"]] = r["time"]
+        key = (r["op"], r.get("mode") or "", r.get("backend", ""), r.get("device", "?"))
+        series[key][r["candidates"]] = r["time"]
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for label, points in sorted(series.items()):
+    # colour = backend, line style = op (hard solid / soft dotted), NumPy anchors dashed
+    for (op, mode, backend, device_kind), points in sorted(series.items()):
         ns = sorted(points)
-        anchor = "numpy" in label
-        ax.plot(ns, [points[n] * 1e3 for n in ns], marker="o", linestyle="--" if anchor else "-",
-                color=BACKEND_COLORS["numpy"] if anchor else None,
-                label=label + (" (NumPy anchor)" if anchor else ""))
+        soft = op.startswith("soft")
+        label = " ".join(x for x in (op, mode, backend) if x) + f" ({device_kind} tensors)"
+        ax.plot(ns, [points[n] * 1e3 for n in ns], marker="s" if soft else "o",
+                linestyle="--" if backend == "numpy" else (":" if soft else "-"),
+                color=BACKEND_COLORS.get(backend),
+                label=label + (" (NumPy anchor)" if backend == "numpy" else ""))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("pose candidates per call (all images)")
