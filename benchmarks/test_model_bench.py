@@ -184,6 +184,8 @@ def test_model_latency(benchmark, request, device, arch, size, batch, dtype, mod
         dtype=str(dtype).replace("torch.", ""), graph=mode == "graph", num_instances=num_instances,
         params=sum(p.numel() for p in model.parameters()), gflops=flops / 1e9,
         flop_ratio_vs_baseline=flops / base_flops if base_flops else None,
+        # the FLOP-implied floor of ours / baseline latency (the report marks it)
+        flop_floor=flops / base_flops if base_flops and variant == "ours" else None,
     )
     timed = _cuda_graph(fn) if mode == "graph" else fn
     out = _stack(_time(benchmark, request, device, timed)).detach()
