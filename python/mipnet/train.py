@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .config import Config, config_from_dict, dump_config, load_config
 from .data import KeypointDataset, synthetic
@@ -263,7 +263,7 @@ class TrainResult:
 class Trainer:
     """One training run of :class:`~mipnet.config.Config` (see the module docstring)."""
 
-    def __init__(self, cfg: Config, model: nn.Module | None = None):
+    def __init__(self, cfg: Config, model: nn.Module | None = None, dataset: Dataset | None = None):
         cfg.validate(need_train_data=True)
         self.cfg = cfg
         t = cfg.train
@@ -280,10 +280,12 @@ class Trainer:
         torch.manual_seed(t.seed)
         np.random.seed(t.seed)
         random.seed(t.seed)
-        files = resolve_data(cfg, self.dist)
-        self.dataset = train_dataset(cfg, files)
-        if len(self.dataset) == 0:
-            raise ValueError(f"the training set {str(files.train_annotations)!r} has no usable person")
+        if dataset is None:
+            files = resolve_data(cfg, self.dist)
+            dataset = train_dataset(cfg, files)
+            if len(dataset) == 0:
+                raise ValueError(f"the training set {str(files.train_annotations)!r} has no usable person")
+        self.dataset = dataset
         self.num_keypoints = self.dataset.spec.num_joints
         self.model = (model if model is not None else make_model(cfg, self.num_keypoints)).to(self.device)
         if getattr(self.model, "num_instances", cfg.model.num_instances) != cfg.model.num_instances:
@@ -413,9 +415,11 @@ class Trainer:
         return TrainResult(self.model, history, self.ckpt_path, time.perf_counter() - start)
 
 
-def train(cfg: Config, model: nn.Module | None = None) -> TrainResult:
-    """Train ``cfg`` (optionally a given, unwrapped ``model`` instead of ``make_model(cfg)``)."""
-    return Trainer(cfg, model).fit()
+def train(cfg: Config, model: nn.Module | None = None, dataset: Dataset | None = None) -> TrainResult:
+    """Train ``cfg`` (optionally a given, unwrapped ``model`` instead of ``make_model(cfg)``, and a
+    given training ``dataset`` -- items and ``spec``/``kind``/``set_epoch`` as
+    :class:`~mipnet.data.KeypointDataset`, e.g. pre-rendered crops -- instead of ``cfg.data``'s)."""
+    return Trainer(cfg, model, dataset).fit()
 
 
 def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, Config, dict]:
