@@ -28,7 +28,8 @@ BENCH_JSON ?= benchmarks/out/results.json
 
 CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: help setup build test test-fast bench cuda-compile-check gpu-check sanitize info clean \
+.PHONY: help setup build test test-fast bench cuda-compile-check gpu-check gpu-build gpu-test gpu-bench \
+	sanitize info clean \
 	bench-check bench-baseline bench-report profile demo
 
 help:
@@ -118,14 +119,27 @@ demo: setup
 
 # ---------------------------------------------------------------- GPU machine
 GPU_LOG ?= benchmarks/out/gpu-check.log
+# Every step runs even when an earlier one fails (a GPU session is scarce); the exit status
+# says whether all passed.  Each step is also a target of its own, short enough for one
+# 10-minute device call: gpu-build, gpu-test, sanitize, gpu-bench.
+GPU_STEPS ?= gpu-build gpu-test sanitize gpu-bench
 gpu-check:
+	@status=0; for step in $(GPU_STEPS); do \
+	  echo "=== make $$step"; $(MAKE) --no-print-directory USE_VENV=0 $$step || { echo "=== $$step FAILED"; status=1; }; \
+	done; exit $$status
+
+gpu-build:
 	@mkdir -p benchmarks/out
 	set -o pipefail; MIPNET_KERNELS_FORCE_CUDA=1 $(PYTHON) -m pip install --no-build-isolation --no-deps --no-index -e . 2>&1 | tee benchmarks/out/build.log | tail -3
 	$(PYTHON) -m mipnet_kernels.info
 	$(PYTHON) -c "import mipnet_kernels as mk; b = mk.available_backends(); assert all(b[n]['available'] for n in ('cuda', 'triton', 'cpu')), b"
+
+gpu-test:
 	$(PYTHON) -m pytest tests -q -rs $(PYTEST_ARGS)
-	$(MAKE) USE_VENV=0 sanitize
-	$(PYTHON) -m pytest benchmarks -q --benchmark-json=$(BENCH_JSON) --mipnet-results-dir=benchmarks/results
+
+gpu-bench:
+	@mkdir -p $(dir $(BENCH_JSON))
+	$(PYTHON) -m pytest benchmarks -q --benchmark-json=$(BENCH_JSON) --mipnet-results-dir=benchmarks/results $(PYTEST_ARGS)
 
 # compute-sanitizer (memcheck, racecheck, initcheck, synccheck) over the tests of the CUDA
 # backend's kernels (test ids "cuda-cuda-...": backend cuda on CUDA tensors).

@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-import yaml
+
+def _yaml():
+    """PyYAML, imported on first use (configs are the only reason this package needs it)."""
+    import yaml
+
+    return yaml
+
 
 DATA_KINDS = ("synthetic", "coco", "crowdpose", "ochuman")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -279,8 +285,8 @@ def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
         if not sep or not key.strip():
             raise ValueError(f"override {item!r} must look like section.key=value")
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
+            value = _yaml().safe_load(raw)
+        except _yaml().YAMLError as e:
             raise ValueError(f"override {item!r}: value is not valid YAML: {e}") from None
         node = values
         parts = key.strip().split(".")
@@ -301,8 +307,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         if not p.is_file():
             raise FileNotFoundError(f"config file {str(p)!r} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
+            loaded = _yaml().safe_load(p.read_text())
+        except _yaml().YAMLError as e:
             raise ValueError(f"config file {str(p)!r} is not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}")
@@ -319,7 +325,7 @@ def dump_config(cfg: Config) -> str:
             return [plain(x) for x in v]
         return v
 
-    return yaml.safe_dump(plain(dataclasses.asdict(cfg)), sort_keys=False)
+    return _yaml().safe_dump(plain(dataclasses.asdict(cfg)), sort_keys=False)
 
 
 __all__ = [
