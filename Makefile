@@ -71,7 +71,7 @@ test: setup
 cuda-compile-check: setup
 	cmake -S . -B build-cuda-check -DMIPNET_CUDA_COMPILE_ONLY=ON \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
-	  -DPython3_EXECUTABLE=$$(realpath $(PY)) > /dev/null
+	  -DPython3_EXECUTABLE="$$($(PY) -c 'import sys; print(sys.executable)')" > /dev/null
 	cmake --build build-cuda-check -j2
 
 # ---------------------------------------------------------------- benchmarks

@@ -389,7 +389,8 @@ def _mimb_scale_kernel(
 # per shape signature, so a launch copies nothing from the host and CUDA graphs can
 # capture it); its tensors are kernel arguments.  The tiles are common to the group (those
 # of its largest branch); the unit stride is a literal (LAYOUT), and ALIGNED promises that
-# every branch's contiguous extent is a multiple of 16 so the loads still vectorise.
+# every branch's contiguous extent is a multiple of 16 so the loads still vectorise (checked
+# in the sm_90 PTX: 128-bit loads and stores, as the single-op kernel).
 @triton.jit
 def _branch_of(pid, meta_ptr, G: tl.constexpr, NCOL: tl.constexpr):
     """The branch owning program ``pid``: the last whose first program (column 0) is <= pid."""
@@ -415,19 +416,6 @@ def _pick(g, p0, p1, p2, p3, G: tl.constexpr):
     return p
 
 
-@triton.jit
-def _layout_strides(C, HW, LAYOUT: tl.constexpr, ALIGNED: tl.constexpr):
-    """``(stride_c, stride_p)`` with the unit stride a literal (LAYOUT 0: NCHW, 1: NHWC)."""
-    if LAYOUT == 0:
-        if ALIGNED:
-            HW = tl.multiple_of(HW, 16)
-        return HW, 1
-    else:
-        if ALIGNED:
-            C = tl.multiple_of(C, 16)
-        return 1, C
-
-
 _RM_COLS = ("start", "B", "C", "CR", "HW", "chunk", "num_cblocks", "split", "na", "sw1_r", "sw1_c",
             "sw2_c", "sw2_r", "smult_r", "smult_c", "part", "s", "a", "dv", "gz2", "h", "gz1", "bias", "count")
 _SC_COLS = ("start", "B", "C", "HW", "N", "num_pblocks", "num_cblocks", "a", "bias")
@@ -448,7 +436,19 @@ def _mimb_reduce_mlp_grouped_kernel(
     row = meta_ptr + g * NCOL
     C = tl.load(row + 2)
     HW = tl.load(row + 4)
-    stride_c, stride_p = _layout_strides(C, HW, LAYOUT, ALIGNED)
+    # The unit stride a literal and, when ALIGNED, the contiguous extent marked a multiple
+    # of 16 (and so the sample offsets b * C * HW): the loads and stores vectorise.  Written
+    # inline: hints applied inside a called @jit function do not reach this kernel's loads.
+    if LAYOUT == 0:
+        if ALIGNED:
+            HW = tl.multiple_of(HW, 16)
+        stride_c = HW
+        stride_p = 1
+    else:
+        if ALIGNED:
+            C = tl.multiple_of(C, 16)
+        stride_c = 1
+        stride_p = C
     _reduce_mlp_program(
         pid - tl.load(row + 0),
         _pick(g, x0, x1, x2, x3, G), _pick(g, dy0, dy1, dy2, dy3, G),
@@ -479,7 +479,19 @@ def _mimb_scale_grouped_kernel(
     row = meta_ptr + g * NCOL
     C = tl.load(row + 2)
     HW = tl.load(row + 3)
-    stride_c, stride_p = _layout_strides(C, HW, LAYOUT, ALIGNED)
+    # The unit stride a literal and, when ALIGNED, the contiguous extent marked a multiple
+    # of 16 (and so the sample offsets b * C * HW): the loads and stores vectorise.  Written
+    # inline: hints applied inside a called @jit function do not reach this kernel's loads.
+    if LAYOUT == 0:
+        if ALIGNED:
+            HW = tl.multiple_of(HW, 16)
+        stride_c = HW
+        stride_p = 1
+    else:
+        if ALIGNED:
+            C = tl.multiple_of(C, 16)
+        stride_c = 1
+        stride_p = C
     _scale_program(
         pid - tl.load(row + 0), _pick(g, in0, in1, in2, in3, G),
         ws_ptr + tl.multiple_of(tl.load(row + 7), 16), ws_ptr + tl.multiple_of(tl.load(row + 8), 16),
