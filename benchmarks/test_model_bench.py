@@ -7,7 +7,10 @@ Variants (``extra_info["variant"]``), each a full inference pass over one batch 
   instance, ``[model(images, lam_n) for n in (0, 1)]`` (one-hot float selectors, as the
   official ``lambda_vec``; no host synchronisation, so it can be graph-captured);
 * ``ours``      -- (c) MIPNet N=2 with ``model.forward_instances(images)``: the trunk once,
-  the first MIMBs writing both instances from one read, the rest as one batch of 2B.
+  the first MIMBs writing both instances from one read, the rest as one batch of 2B;
+* ``ours_eager_mimb`` -- (c) with every MIMB op on the ``reference`` backend (plain eager
+  PyTorch ops): the MIMB-only comparison inside the model, fused vs eager blocks; its row
+  records ``fused_mimb_speedup`` = this time / the ``ours`` time.
 
 Configurations: GPU -- HRNet-W32 at 256x192 and HRNet-W48 at 384x288, batch 24 (the paper's
 Table 3) and 48, fp32 and bf16 (the model and the crops cast to the dtype, channels_last),
@@ -35,13 +38,14 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import mipnet_kernels
 from mipnet.models import build_model
 
 from . import _timing
 from .test_decode_bench import DTYPE_IDS, _device_name, _extra_info
 
 NUM_INSTANCES = 2
-VARIANTS = ("baseline", "official", "ours")  # baseline first: the others' ratios need it
+VARIANTS = ("baseline", "official", "ours", "ours_eager_mimb")  # baseline first, ours before ours_eager_mimb
 GPU_CONFIGS = [("hrnet_w32", (256, 192)), ("hrnet_w48", (384, 288))]
 GPU_BATCHES = (24, 48)
 GPU_DTYPES = (torch.float32, torch.bfloat16)
@@ -72,6 +76,7 @@ CASES = list(_cases())
 _models: dict = {}
 _flops: dict = {}
 _baseline_time: dict = {}
+_ours_time: dict = {}
 _official_out: dict = {}
 
 
@@ -104,6 +109,10 @@ def _pass_fn(variant: str, model, images: torch.Tensor):
         def fn():
             with torch.no_grad():
                 return [model(images, lam) for lam in lams]
+    elif variant == "ours_eager_mimb":
+        def fn():
+            with mipnet_kernels.use_backend("reference"):
+                return model.forward_instances(images)
     else:
         def fn():
             return model.forward_instances(images)
@@ -200,6 +209,10 @@ def test_model_latency(benchmark, request, device, arch, size, batch, dtype, mod
             _baseline_time[key] = median
         elif key in _baseline_time:
             _extra_info(benchmark, ratio_vs_baseline=median / _baseline_time[key])
+        if variant == "ours":
+            _ours_time[key] = median
+        elif variant == "ours_eager_mimb" and key in _ours_time:
+            _extra_info(benchmark, fused_mimb_speedup=median / _ours_time[key])
     if variant == "official":
         _official_out[key] = out.clone()
     elif variant == "ours" and key in _official_out:
