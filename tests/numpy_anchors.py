@@ -1,9 +1,10 @@
-"""Independent NumPy anchors for heatmap decoding and the flip test.
+"""Independent NumPy anchors for heatmap decoding, the flip test and OKS-NMS.
 
 Written from the published code of HRNet (Sun et al., CVPR 2019,
 ``lib/core/inference.py`` / ``lib/utils/transforms.py``), DarkPose (Zhang et al., CVPR
 2020, ``lib/core/inference.py``) and MMPose 0.x (``mmpose/core/evaluation/top_down_eval.py``
-``_get_max_preds`` / ``post_dark_udp``).  This module deliberately does NOT import
+``_get_max_preds`` / ``post_dark_udp``); OKS-NMS from HRNet's ``lib/nms/nms.py``
+(``oks_iou`` / ``oks_nms`` / ``soft_oks_nms``), see its section below.  This module deliberately does NOT import
 ``mipnet_kernels``: it is the outside check of the op, and the baseline the benchmarks
 import ("the pipeline we beat"), so it keeps the original structure -- the per-joint
 Python loops included.
