@@ -34,9 +34,7 @@ the images of the large workloads, and skips the slow baselines on the crowded o
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,31 +44,8 @@ import mipnet_kernels
 from mipnet_kernels import COCO_SIGMAS, _backends, use_backend
 
 from . import _report, _timing
-
-ANCHORS_PATH = Path(__file__).resolve().parents[1] / "tests" / "numpy_anchors.py"
-
-
-def _load_numpy_anchors():
-    """``tests/numpy_anchors.py`` (imported as ``tests.numpy_anchors``, or by path)."""
-    try:
-        from tests import numpy_anchors as mod
-
-        if Path(mod.__file__).resolve() == ANCHORS_PATH:
-            return mod
-    except ImportError:
-        pass
-    spec = importlib.util.spec_from_file_location("mipnet_tests_numpy_anchors", ANCHORS_PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_ANCHOR_IMPORT_ERROR = ""
-try:
-    numpy_anchors = _load_numpy_anchors()
-except (ImportError, OSError) as exc:  # pragma: no cover - only when tests/ is not shipped
-    numpy_anchors = None
-    _ANCHOR_IMPORT_ERROR = f"tests/numpy_anchors.py could not be imported: {exc!r}"
+from ._anchors import ANCHOR_IMPORT_ERROR as _ANCHOR_IMPORT_ERROR
+from ._anchors import numpy_anchors
 
 K = 17
 THRESHOLD = 0.9  # HRNet / MIPNet OKS-NMS threshold
