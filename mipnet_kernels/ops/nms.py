@@ -687,6 +687,9 @@ def oks_nms_mask(keypoints: Tensor, scores: Tensor, areas: Tensor, batch_idx: Te
 
     ``validate``: run the value checks (finite keypoints, no NaN score, areas >= 0, batch_idx
     in range), which synchronise; default True on CPU tensors, False on GPU tensors.
+
+    Sync-free on the ``cuda`` backend (the default for CUDA tensors).  The ``triton`` backend
+    reads the largest image's candidate count once (one synchronisation) to size its launch.
     """
     sig = _prepare(keypoints, scores, areas, batch_idx, sigmas)
     return torch.ops.mipnet.oks_nms_mask(keypoints, scores, areas, batch_idx, num_images, sig, threshold,
