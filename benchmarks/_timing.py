@@ -144,6 +144,17 @@ def gpu_calibrate(fn: Callable[[], object], setup: Callable[[], None] | None) ->
     return {"rounds": rounds, "device_estimate_s": device_s, "host_call_s": statistics.median(host)}
 
 
+def gpu_pedantic(benchmark, fn: Callable[[], object], setup: Callable[[], None] | None) -> tuple[object, dict]:
+    """One timed GPU row: warm ``fn`` up, calibrate the rounds, reset the CUDA-event timer
+    and run ``benchmark.pedantic`` (each round after ``setup``).  Returns ``(result,
+    calibration)`` (:func:`gpu_calibrate`)."""
+    gpu_warmup(fn)
+    cal = gpu_calibrate(fn, setup)
+    CUDA_EVENT_TIMER.reset()
+    out = benchmark.pedantic(fn, setup=setup, rounds=cal["rounds"], warmup_rounds=1, iterations=1)
+    return out, cal
+
+
 def measure_copy_bandwidth(device: torch.device, nbytes: int = COPY_BYTES, reps: int = 20) -> dict:
     """Device-to-device copy bandwidth: (bytes read + bytes written) / median time.
 

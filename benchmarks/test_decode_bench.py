@@ -214,10 +214,7 @@ def _run(benchmark, request, device: str, backend: str, fn, bytes_moved: int):
             out = benchmark.pedantic(fn, rounds=1)
             torch.cuda.synchronize()
             return out
-        _timing.gpu_warmup(fn)
-        cal = _timing.gpu_calibrate(fn, env.setup)
-        _timing.CUDA_EVENT_TIMER.reset()
-        out = benchmark.pedantic(fn, setup=env.setup, rounds=cal["rounds"], warmup_rounds=1, iterations=1)
+        out, cal = _timing.gpu_pedantic(benchmark, fn, env.setup)
         _extra_info(
             benchmark,
             timer="cuda_event_timer",

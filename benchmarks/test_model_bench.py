@@ -159,10 +159,7 @@ def _time(benchmark, request, device: str, fn):
             out = benchmark.pedantic(fn, rounds=1)
             torch.cuda.synchronize()
             return out
-        _timing.gpu_warmup(fn)
-        cal = _timing.gpu_calibrate(fn, env.setup)
-        _timing.CUDA_EVENT_TIMER.reset()
-        out = benchmark.pedantic(fn, setup=env.setup, rounds=cal["rounds"], warmup_rounds=1, iterations=1)
+        out, cal = _timing.gpu_pedantic(benchmark, fn, env.setup)
         _extra_info(benchmark, timer="cuda_event_timer", host_call_s=cal["host_call_s"], l2_flush=env.flush_l2)
     if benchmark.enabled and benchmark.stats is not None:
         _extra_info(benchmark, time_median_s=float(benchmark.stats["median"]), rounds=benchmark.stats["rounds"])

@@ -148,10 +148,7 @@ def _run(benchmark, request, device: str, backend: str, fn, slow: bool):
         if slow:
             out = benchmark.pedantic(fn, setup=env.setup, rounds=1, iterations=1)
         else:
-            _timing.gpu_warmup(fn)
-            cal = _timing.gpu_calibrate(fn, env.setup)
-            _timing.CUDA_EVENT_TIMER.reset()
-            out = benchmark.pedantic(fn, setup=env.setup, rounds=cal["rounds"], warmup_rounds=1, iterations=1)
+            out, cal = _timing.gpu_pedantic(benchmark, fn, env.setup)
             benchmark.extra_info["host_call_s"] = cal["host_call_s"]
         benchmark.extra_info.update(timer="cuda_event_timer", copy_bandwidth_GBps=env.copy_bandwidth_GBps)
     else:

@@ -73,6 +73,18 @@ def extension_path(name: str) -> Path | None:
     return _find(name)
 
 
+_EXTENSION_OF = {"mipnet_cpu": "C++", "mipnet_cuda": "CUDA"}
+
+
+def missing_kernel(namespace: str, name: str) -> list[str]:
+    """The backend reason "not built" while the loaded extension has no
+    ``torch.ops.<namespace>.<name>`` (``namespace``: ``mipnet_cpu`` or ``mipnet_cuda``)."""
+    if hasattr(getattr(torch.ops, namespace), name):
+        return []
+    return [f"torch.ops.{namespace}.{name} is not built into the loaded {_EXTENSION_OF[namespace]} "
+            f"extension (rebuild with: {BUILD_COMMAND})"]
+
+
 def warn_if_missing() -> None:
     """One warning, at import, naming what is missing and how to build it."""
     missing = []

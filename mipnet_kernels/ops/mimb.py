@@ -477,13 +477,7 @@ register("mimb_instances_grouped", "reference")(mimb_instances_grouped_reference
 
 
 def _cpu_missing(name: str) -> list[str]:
-    """"not built" when the loaded C++ extension has no ``mipnet_cpu::name``."""
-    if not hasattr(torch.ops.mipnet_cpu, name):
-        return [
-            f"torch.ops.mipnet_cpu.{name} is not built into the loaded C++ extension "
-            f"(rebuild with: {_extension.BUILD_COMMAND})"
-        ]
-    return []
+    return _extension.missing_kernel("mipnet_cpu", name)
 
 
 def _kernel_dtype_reasons(**tensors: Tensor) -> list[str]:
@@ -643,13 +637,7 @@ _CUDA_MAX_SAMPLE_ELEMS = 2**30
 
 
 def _cuda_missing(name: str) -> list[str]:
-    """"not built" when the loaded CUDA extension has no ``mipnet_cuda::name``."""
-    if not hasattr(torch.ops.mipnet_cuda, name):
-        return [
-            f"torch.ops.mipnet_cuda.{name} is not built into the loaded CUDA extension "
-            f"(rebuild with: {_extension.BUILD_COMMAND})"
-        ]
-    return []
+    return _extension.missing_kernel("mipnet_cuda", name)
 
 
 def _cuda_x_reasons(x: Tensor) -> list[str]:

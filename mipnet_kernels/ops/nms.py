@@ -360,13 +360,10 @@ register("soft_oks_nms_sorted", "reference")(soft_oks_nms_sorted_reference)
 
 
 # --------------------------------------------------------------------------- compiled backends
-def _compiled_reasons(namespace: str, name: str, what: str):
+def _compiled_reasons(namespace: str, name: str):
     """"not built" while the loaded extension has no ``torch.ops.<namespace>.<name>``."""
     def reasons(*args) -> list[str]:
-        if not hasattr(getattr(torch.ops, namespace), name):
-            return [f"torch.ops.{namespace}.{name} is not built into the loaded {what} extension "
-                    f"(rebuild with: {_extension.BUILD_COMMAND})"]
-        return []
+        return _extension.missing_kernel(namespace, name)
     return reasons
 
 
@@ -406,9 +403,9 @@ def _triton_call(name: str):
 
 
 for _name in ("oks_nms_sorted", "soft_oks_nms_sorted"):
-    register(_name, "cpu", reasons=_compiled_reasons("mipnet_cpu", _name, "C++"))(
+    register(_name, "cpu", reasons=_compiled_reasons("mipnet_cpu", _name))(
         _compiled_call("mipnet_cpu", _name))
-    register(_name, "cuda", reasons=_compiled_reasons("mipnet_cuda", _name, "CUDA"))(
+    register(_name, "cuda", reasons=_compiled_reasons("mipnet_cuda", _name))(
         _compiled_call("mipnet_cuda", _name))
     register(_name, "triton", reasons=_triton_reasons(f"{_name}_triton"))(_triton_call(f"{_name}_triton"))
 
