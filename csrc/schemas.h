@@ -64,6 +64,30 @@
   "mimb_fwd(Tensor x, Tensor lam, Tensor w1, Tensor w2, Tensor e1, Tensor b1, Tensor e2, "  \
   "Tensor b2) -> (Tensor y, Tensor s)"
 
+// mimb_train_fwd(x, lam, w1, w2, e1, b1, gamma, beta, e2, b2, running_mean, running_var,
+//                momentum, eps, batch_norm) -> (y, state)     (CPU only)
+//   A training step's forward of the official block, the embedding's BatchNorm1d on batch
+//   statistics included: z = lam @ e1.T + b1; zn = (z - mean_B) * invstd (biased variance);
+//   v = sigmoid(relu(gamma * zn + beta) @ e2.T + b2); y as mimb_scale_fwd.  Updates
+//   running_mean / running_var in place (float32 [K], unbiased variance) unless they are
+//   empty; batch_norm=false drops the BatchNorm (zn = z; gamma, beta, running unused).
+//   state: float32 [B*(3C + Cr + K) + (K if batch_norm)] = [s | v | e | z1 | zn | invstd],
+//   for the backward only.
+// mimb_train_bwd(dy, x, lam, w1, w2, e1, gamma, beta, e2, state, batch_norm)
+//   -> (dx, dlam, dw1, dw2, de1, db1, dgamma, dbeta, de2, db2), each in its operand's dtype
+//   (dgamma / dbeta [0] without the BatchNorm).
+#define MIPNET_MIMB_TRAIN_FWD_SCHEMA                                                        \
+  "mimb_train_fwd(Tensor x, Tensor lam, Tensor w1, Tensor w2, Tensor e1, Tensor b1, "        \
+  "Tensor gamma, Tensor beta, Tensor e2, Tensor b2, Tensor(a!) running_mean, "               \
+  "Tensor(b!) running_var, float momentum, float eps, bool batch_norm) -> "                  \
+  "(Tensor y, Tensor state)"
+
+#define MIPNET_MIMB_TRAIN_BWD_SCHEMA                                                        \
+  "mimb_train_bwd(Tensor dy, Tensor x, Tensor lam, Tensor w1, Tensor w2, Tensor e1, "        \
+  "Tensor gamma, Tensor beta, Tensor e2, Tensor state, bool batch_norm) -> (Tensor dx, "     \
+  "Tensor dlam, Tensor dw1, Tensor dw2, Tensor de1, Tensor db1, Tensor dgamma, "             \
+  "Tensor dbeta, Tensor de2, Tensor db2)"
+
 #define MIPNET_MIMB_INSTANCES_SCHEMA \
   "mimb_instances(Tensor x, Tensor w1, Tensor w2, Tensor table) -> Tensor"
 

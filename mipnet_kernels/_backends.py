@@ -271,14 +271,36 @@ def _profiled(label: str, device: torch.device) -> Iterator[None]:
         yield
 
 
-def dispatch(op: str, device: torch.device, *args):
-    """Run ``op`` on the selected backend (a named range when profiling, see the module doc)."""
-    name, _ = select(op, device, *args)
+def _run(op: str, name: str, device: torch.device, args: tuple):
     fn = _OPS[op].impls[name].fn
     if not (_NVTX or _profiler_enabled()):
         return fn(*args)
     with _profiled(f"mipnet::{op}[{name}]", device):
         return fn(*args)
+
+
+def dispatch(op: str, device: torch.device, *args):
+    """Run ``op`` on the selected backend (a named range when profiling, see the module doc)."""
+    name, _ = select(op, device, *args)
+    return _run(op, name, device, args)
+
+
+def dispatch_named(op: str, device: torch.device, *args) -> tuple[str, Any]:
+    """:func:`dispatch`, also returning the name of the backend that ran."""
+    name, _ = select(op, device, *args)
+    return name, _run(op, name, device, args)
+
+
+def dispatch_on(name: str, op: str, device: torch.device, *args):
+    """Run ``op`` on backend ``name`` (e.g. a backward on its forward's backend, whatever
+    the thread's choice is now); a ``RuntimeError`` with the reasons when it cannot."""
+    reasons = not_supported_reasons(op, name, device, *args)
+    if reasons:
+        raise RuntimeError(
+            f"mipnet_kernels: backend '{name}' ran the forward but cannot run {op}: "
+            + "; ".join(reasons)
+        )
+    return _run(op, name, device, args)
 
 
 def ops() -> dict[str, _Op]:

@@ -76,10 +76,16 @@ def extension_path(name: str) -> Path | None:
 _EXTENSION_OF = {"mipnet_cpu": "C++", "mipnet_cuda": "CUDA"}
 
 
+_FOUND: set[tuple[str, str]] = set()
+
+
 def missing_kernel(namespace: str, name: str) -> list[str]:
     """The backend reason "not built" while the loaded extension has no
     ``torch.ops.<namespace>.<name>`` (``namespace``: ``mipnet_cpu`` or ``mipnet_cuda``)."""
+    if (namespace, name) in _FOUND:
+        return []
     if hasattr(getattr(torch.ops, namespace), name):
+        _FOUND.add((namespace, name))  # ops are never unregistered: cache the hits only
         return []
     return [f"torch.ops.{namespace}.{name} is not built into the loaded {_EXTENSION_OF[namespace]} "
             f"extension (rebuild with: {BUILD_COMMAND})"]

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from .ops.mimb import (
     _check_x,
@@ -19,8 +20,25 @@ from .ops.mimb import (
     mimb_instances,
     mimb_scale,
 )
+from .ops.mimb import _dense
+from .ops.mimb_train import _MimbTrain, mimb_train
 
 __all__ = ["MIMB"]
+
+
+_PLAIN = (Tensor, nn.Parameter)
+
+
+def _eager_plain(*tensors: Tensor) -> bool:
+    """True when nothing but eager autograd sees these tensors: no torch.compile / export
+    tracing, functorch transform, tensor subclass, torch-function or dispatch mode."""
+    return (
+        not _is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and torch._C._len_torch_function_stack() == 0
+        and all(type(t) in _PLAIN for t in tensors)
+    )
 
 
 def _is_compiling() -> bool:
@@ -54,9 +72,16 @@ class MIMB(nn.Module):
     instance indices in ``[0, N)`` (N=2: 0 is the primary instance, official ``[1, 0]``) or a
     float selector ``[B, N]`` (one-hot or soft).
 
-    * Training mode: ``v = fc_lambda(lam)`` with plain modules (the BatchNorm on batch
-      statistics, updating its running statistics, as the official layer) and the fused
-      :func:`~mipnet_kernels.mimb_scale` for the rest.
+    * Training mode: the whole block -- the embedding with its BatchNorm on batch
+      statistics (updating the running statistics and ``num_batches_tracked`` as the
+      official layer's ``nn.BatchNorm1d`` does) and the squeeze-excite scaling -- is one
+      fused step, :func:`~mipnet_kernels.ops.mimb_train.mimb_train`: one call forward, one
+      backward (on the cpu backend one C++ kernel each way).  Where that cannot reproduce
+      the modules exactly or must not bypass them (``torch.compile`` / export tracing,
+      functorch transforms, autocast, tensor subclasses or dispatch modes, hooks on the
+      ``fc_lambda`` modules, a BatchNorm without affine parameters or running statistics,
+      a batch of one) it runs ``v = fc_lambda(lam)`` with the plain modules and the fused
+      :func:`~mipnet_kernels.mimb_scale` for the rest; the results agree to float rounding.
     * Eval mode: the BatchNorm is folded into the first embedding Linear
       (:meth:`folded_embedding`, exact up to float rounding) and the fused
       :func:`~mipnet_kernels.mimb` op runs the block.  For integer ``lam`` (and for any
@@ -242,13 +267,19 @@ class MIMB(nn.Module):
     def forward(self, x: Tensor, lam: Tensor) -> Tensor:
         self._check_x(x)
         idx, sel = self._selector(lam, x)
-        w1, w2 = self.w1, self.w2
         if self.training or self._embed_uses_batch_stats():
-            self._cache = None  # the BatchNorm's running statistics change
-            e1 = self.fc_lambda[0].weight
+            if self._cache is not None:  # the BatchNorm's running statistics change
+                self._cache = None
+            layers = self._fused_train_layers(x)
+            e1 = self.fc_lambda[0].weight if layers is None else layers[0]._parameters["weight"]
             sel = self._one_hot(idx, e1.dtype) if sel is None else sel.to(e1.dtype)
+            if layers is not None:
+                y = self._fused_train(x, sel, *layers)
+                if y is not None:
+                    return y
             v = self.fc_lambda(sel)
-            return mimb_scale(x, w1, w2, v)
+            return mimb_scale(x, self.w1, self.w2, v)
+        w1, w2 = self.w1, self.w2
         embed_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.fc_lambda.parameters())
         if embed_grad:
             e1f, b1f, e2, b2 = self.folded_embedding()
@@ -261,6 +292,67 @@ class MIMB(nn.Module):
         if not torch.is_grad_enabled():  # nothing is recorded: plain tensors take the fused kernel
             w1, w2 = w1.detach(), w2.detach()
         return mimb(x, sel, w1, w2, e1f, b1f, e2, b2)
+
+    def _fused_train_layers(self, x: Tensor):
+        """``(lin1, bn or None, lin2)`` when this training step may run as one fused
+        :func:`mimb_train` (else None: modules + ``mimb_scale``).
+
+        It needs what :func:`mimb_train` reproduces exactly: eager autograd (see
+        :func:`_eager_plain`), no autocast, the official embedding (exactly ``Linear,
+        BatchNorm1d | Identity, ReLU, Linear, Sigmoid`` -- a SyncBatchNorm or any other
+        replacement takes the module path), no hooks on those modules, and a BatchNorm in
+        training mode with affine parameters and running statistics over more than one
+        sample.  Plain dict lookups: this runs on every training step."""
+        if x.numel() == 0 or torch.is_autocast_enabled(x.device.type):
+            return None
+        if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+            return None
+        layers = self._modules["fc_lambda"]._modules
+        if len(layers) != 5:
+            return None
+        lin1, norm, relu, lin2, sig = layers.values()
+        if not (type(lin1) is nn.Linear and type(relu) is nn.ReLU and type(lin2) is nn.Linear
+                and type(sig) is nn.Sigmoid):
+            return None
+        for m in (lin1, norm, relu, lin2, sig):
+            if m._forward_hooks or m._forward_pre_hooks:
+                return None
+        if type(norm) is nn.BatchNorm1d:
+            if not (norm.training and norm.affine and norm.track_running_stats and x.shape[0] > 1
+                    and norm.running_mean is not None and norm.num_batches_tracked is not None):
+                return None
+        elif type(norm) is nn.Identity:
+            norm = None
+        else:
+            return None
+        return lin1, norm, lin2
+
+    def _fused_train(self, x: Tensor, sel: Tensor, lin1: nn.Linear, bn, lin2: nn.Linear):
+        """The training step as one :func:`mimb_train` (its autograd function straight away:
+        ``x`` and ``sel`` are validated and the weights are this module's), or None when it
+        may not run."""
+        fc = self._modules["fc"]._modules
+        w1, w2 = fc["0"]._parameters["weight"], fc["2"]._parameters["weight"]
+        p1, p2 = lin1._parameters, lin2._parameters
+        e1, b1, e2, b2 = p1["weight"], p1["bias"], p2["weight"], p2["bias"]
+        x = _dense(x)
+        if bn is None:
+            if not _eager_plain(x, sel, w1, w2, e1, b1, e2, b2):
+                return None
+            empty = x.new_empty(0, dtype=torch.float32)
+            return _MimbTrain.apply(x, sel, w1, w2, e1, b1, empty, empty, e2, b2, empty, empty,
+                                    0.0, 0.0, False)
+        gamma, beta = bn._parameters["weight"], bn._parameters["bias"]
+        if not _eager_plain(x, sel, w1, w2, e1, b1, e2, b2, gamma, beta):
+            return None
+        buffers = bn._buffers
+        # The momentum nn.BatchNorm1d would use for this step (it also counts the step).
+        count = buffers["num_batches_tracked"]
+        count.add_(1)
+        momentum = 1.0 / float(count) if bn.momentum is None else float(bn.momentum)
+        return _MimbTrain.apply(x, sel, w1, w2, e1, b1, gamma, beta, e2, b2,
+                                buffers["running_mean"], buffers["running_var"], momentum,
+                                float(bn.eps), True)
 
     def instances(self, x: Tensor) -> Tensor:
         """All N instances at once: ``[N*B, C, H, W]``, instance-major (``y[n*B + b]`` is

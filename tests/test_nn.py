@@ -196,9 +196,9 @@ def test_train_mode_matches_official(backend, device, B, C, H, W, N, r, kind, la
         for name in gf:
             flash(go[name], gf[name], g64[name], f"d {name}")
         for (name, bo), (_, bf) in zip(ours.named_buffers(), off.named_buffers()):
-            if dev.type == "cpu":  # the same BatchNorm code on the same inputs
-                assert torch.equal(bo, bf), f"buffer {name} after step {step}"
-            else:
+            if name.endswith("num_batches_tracked"):
+                assert torch.equal(bo.cpu(), bf), f"buffer {name} after step {step}"
+            else:  # the fused training step computes the statistics itself (float rounding)
                 torch.testing.assert_close(bo.cpu(), bf, msg=f"buffer {name} after step {step}")
 
 
@@ -472,10 +472,17 @@ def test_torch_compile_module(training):
     yb.square().sum().backward()
     torch.testing.assert_close(ya, yb, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+    # In training mode the eager module runs the fused step and the compiled one its modules:
+    # the embedding's first-layer gradients (zero in exact arithmetic for b1, behind the
+    # batch-statistics BatchNorm) are cancellation noise of the size of the layer's largest
+    # gradient times float32 eps; test_train_mode_matches_official checks both against
+    # float64 with flash-attention's rule.
+    scale = max(float(p.grad.abs().max()) for p in ref.parameters())
     for (n, pa), (_, pb) in zip(ours.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=4e-6 * max(scale, 1.0),
+                                   msg=lambda m, n=n: f"{n}: {m}")
     for (n, ba), (_, bb) in zip(ours.named_buffers(), ref.named_buffers()):
-        assert torch.equal(ba, bb), n
+        torch.testing.assert_close(ba, bb, rtol=1e-6, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
     if not training:  # the cached-table path (no grad), which caches nothing while compiling
         with torch.no_grad():
             torch.testing.assert_close(compiled(x, lam), ref(x, lam), rtol=1e-6, atol=1e-6)

@@ -4,6 +4,8 @@
 //   mimb_fwd(x, lam, w1, w2, e1, b1, e2, b2) -> (y, s)   (v = the embedding MLP, in here)
 //   mimb_scale_bwd(dy, x, w1, w2, v, s) -> (dx, dw1, dw2, dv)
 //   mimb_instances(x, w1, w2, table) -> y
+//   mimb_train_fwd / mimb_train_bwd: a training step of the whole block, the embedding's
+//                  BatchNorm on batch statistics included (see "training embedding")
 //
 // Schemas and contracts: csrc/schemas.h.  Specification: the PyTorch references in
 // mipnet_kernels/ops/mimb.py (ARCHITECTURE.md, "MIMB"):
@@ -54,6 +56,7 @@
 #include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <optional>
@@ -516,13 +519,26 @@ void reduce_part(const Geometry& g, const Kern<T>& K, const T* x, const T* dy, i
 }
 
 // ==================================================================== forward
-template <class T>
-void scale_fwd_impl(const Geometry& g, const T* x, T* y, const Mlp& mlp, const float* v,
-                    float* s) {
+// Extras of the forward's per-sample phase 2, for the fused training op: `vb(b)` gives
+// sample b's embedding v[b] (a float32 [C] row; computed there, in parallel, by the
+// training op), and when non-null e_out / z1_out [B, C] / [B, Cr] receive the excite
+// MLP's e and z1 (saved so that the backward does not recompute them).
+template <class VRow>
+struct FwdExtras {
+  VRow vb;
+  float* e_out = nullptr;
+  float* z1_out = nullptr;
+};
+
+template <class T, class VRow>
+void scale_fwd_impl(const Geometry& g, const T* x, T* y, const Mlp& mlp,
+                    const FwdExtras<VRow>& ex, float* s) {
   const int64_t B = g.B, C = g.C, Cr = mlp.Cr, HW = g.HW;
   std::vector<float> red(static_cast<size_t>(B * g.red_len));
   std::vector<float> a(static_cast<size_t>(B * C)), z2(static_cast<size_t>(B * C));
-  std::vector<float> z1(static_cast<size_t>(B * Cr)), h(static_cast<size_t>(B * Cr));
+  std::vector<float> z1(ex.z1_out ? 0 : static_cast<size_t>(B * Cr));
+  std::vector<float> h(static_cast<size_t>(B * Cr));
+  float* pz1 = ex.z1_out ? ex.z1_out : z1.data();
   const float n_f = static_cast<float>(HW);
   const Kern<T>& K = kern<T>();
   auto reduce = [&](int64_t b, int64_t k) { reduce_part<T, false>(g, K, x, x, b, k, red.data()); };
@@ -531,8 +547,10 @@ void scale_fwd_impl(const Geometry& g, const T* x, T* y, const Mlp& mlp, const f
     g.finish_sum(red.data(), b, sb);
     for (int64_t c = 0; c < C; ++c) sb[c] = sb[c] / n_f;
     float* ab = a.data() + b * C;
-    mlp.forward(sb, z1.data() + b * Cr, h.data() + b * Cr, z2.data() + b * C, ab);
-    for (int64_t c = 0; c < C; ++c) ab[c] = ab[c] * v[b * C + c];  // a = e * v
+    mlp.forward(sb, pz1 + b * Cr, h.data() + b * Cr, z2.data() + b * C, ab);
+    if (ex.e_out) std::copy(ab, ab + C, ex.e_out + b * C);
+    const float* vb = ex.vb(b);
+    for (int64_t c = 0; c < C; ++c) ab[c] = ab[c] * vb[c];  // a = e * v
   };
   const float* pa = a.data();
   auto apply = [&](int64_t b, int64_t k) {
@@ -548,6 +566,13 @@ void scale_fwd_impl(const Geometry& g, const T* x, T* y, const Mlp& mlp, const f
   };
   run_phases(g, B * C * HW * 2, reduce, mid, apply, 0, NoPost{});
 }
+
+// v given as a float32 [B, C] array.
+struct GivenV {
+  const float* v;
+  int64_t C;
+  const float* operator()(int64_t b) const { return v + b * C; }
+};
 
 // Checks of x, w1, w2 shared by the forward ops.
 void check_scale_xw(const Tensor& x, const Tensor& w1, const Tensor& w2, const char* op) {
@@ -574,27 +599,33 @@ ScaleFwd scale_fwd_alloc(const Tensor& x, const char* op) {
   return ScaleFwd{y, s, lay, B, C, H * W};
 }
 
+template <class VRow>
 void scale_fwd_run(const ScaleFwd& o, const Tensor& x, const Tensor& w1, const Tensor& w2,
-                   const float* pv) {
+                   const FwdExtras<VRow>& ex, float* ps) {
   std::vector<float> b1, b2;
   const Mlp mlp{as_mat(w1, b1), as_mat(w2, b2), o.C, w1.size(0)};
   const Geometry g(o.B, o.C, o.HW, o.lay.nhwc);
   const Tensor& y = o.y;
-  float* ps = static_cast<float*>(o.s.data_ptr());
   switch (x.scalar_type()) {
     case ScalarType::Half:
       scale_fwd_impl(g, static_cast<const Half*>(x.data_ptr()), static_cast<Half*>(y.data_ptr()),
-                     mlp, pv, ps);
+                     mlp, ex, ps);
       break;
     case ScalarType::BFloat16:
       scale_fwd_impl(g, static_cast<const BFloat16*>(x.data_ptr()),
-                     static_cast<BFloat16*>(y.data_ptr()), mlp, pv, ps);
+                     static_cast<BFloat16*>(y.data_ptr()), mlp, ex, ps);
       break;
     default:
       scale_fwd_impl(g, static_cast<const float*>(x.data_ptr()),
-                     static_cast<float*>(y.data_ptr()), mlp, pv, ps);
+                     static_cast<float*>(y.data_ptr()), mlp, ex, ps);
       break;
   }
+}
+
+void scale_fwd_run(const ScaleFwd& o, const Tensor& x, const Tensor& w1, const Tensor& w2,
+                   const float* pv) {
+  scale_fwd_run(o, x, w1, w2, FwdExtras<GivenV>{GivenV{pv, o.C}},
+                static_cast<float*>(o.s.data_ptr()));
 }
 
 std::tuple<Tensor, Tensor> mimb_scale_fwd_cpu(Tensor x, Tensor w1, Tensor w2, Tensor v) {
@@ -678,9 +709,21 @@ struct BwdOut {
   ScalarType t1, t2, tv;
 };
 
-template <class T>
+// Extras of the backward for the fused training op: e / z1 [B, C] / [B, Cr] saved by the
+// forward (else recomputed from s); hook.sample(b, dv_b) runs in phase 2 once sample b's
+// dv (float32 [C]) is known, and hook.post(i), i < hook.npost, after the weight-gradient
+// rows (all of phase 2 done) -- both in parallel with the other samples / rows.
+struct NoBwdHook {
+  int64_t npost = 0;
+  void sample(int64_t, const float*) const {}
+  void post(int64_t) const {}
+};
+
+template <class T, class Hook = NoBwdHook>
 void scale_bwd_impl(const Geometry& g, const T* dy, const T* x, T* dx, const Mlp& mlp,
-                    const float* v, const float* s, const BwdOut& out) {
+                    const float* v, const float* s, const BwdOut& out,
+                    const float* e_saved = nullptr, const float* z1_saved = nullptr,
+                    const Hook& hook = Hook{}) {
   const int64_t B = g.B, C = g.C, Cr = mlp.Cr, HW = g.HW;
   std::vector<float> red(static_cast<size_t>(B * g.red_len));
   std::vector<float> a(static_cast<size_t>(B * C)), kk(static_cast<size_t>(B * C));
@@ -707,14 +750,26 @@ void scale_bwd_impl(const Geometry& g, const T* dy, const T* x, T* dx, const Mlp
     const float* sb = s + b * C;
     const float* vb = v + b * C;
     float* ga = tmp.data() + 2 * b * C;  // g_a = sum_hw(dy * x), then dv
-    float* eb = ga + C;                   // z2, then e
     g.finish_sum(red.data(), b, ga);
     float* z1b = z1.data() + b * Cr;
+    float* hb = h.data() + b * Cr;
     float* gz1b = gz1.data() + b * Cr;
     float* gz2b = gz2.data() + b * C;
     float* ab = a.data() + b * C;
     float* kb = kk.data() + b * C;
-    mlp.forward(sb, z1b, h.data() + b * Cr, kb, eb);
+    const float* eb;
+    if (e_saved) {
+      eb = e_saved + b * C;
+      const float* zs = z1_saved + b * Cr;
+      for (int64_t r = 0; r < Cr; ++r) {
+        z1b[r] = zs[r];
+        hb[r] = zs[r] < 0.f ? 0.f : zs[r];  // as Mlp::forward
+      }
+    } else {
+      float* ebuf = ga + C;  // z2, then e
+      mlp.forward(sb, z1b, hb, kb, ebuf);
+      eb = ebuf;
+    }
     for (int64_t c = 0; c < C; ++c) {
       const float e = eb[c];
       const float gac = ga[c];
@@ -724,6 +779,7 @@ void scale_bwd_impl(const Geometry& g, const T* dy, const T* x, T* dx, const Mlp
       gz2b[c] = ge * (1.f - e) * e;  // sigmoid_backward: grad * (1 - y) * y
     }
     store_floats(ga, out.dv, out.tv, b * C, C);
+    hook.sample(b, ga);
     // g_h = w2^T g_z2, g_z1 = g_h * (z1 > 0)
     mlp.w2.mattvec(gz2b, gz1b, C, Cr);
     for (int64_t r = 0; r < Cr; ++r) gz1b[r] = z1b[r] > 0.f ? gz1b[r] : 0.f;
@@ -754,27 +810,29 @@ void scale_bwd_impl(const Geometry& g, const T* dy, const T* x, T* dx, const Mlp
       float* row = dw2f + i * Cr;
       mat_kern<float>().mattvec(h.data(), Cr, gz2.data() + i, C, row, B, Cr);
       if (out.t2 != ScalarType::Float) store_floats(row, out.dw2, out.t2, i * Cr, Cr);
-    } else {
+    } else if (i < C + Cr) {
       const int64_t r = i - C;
       float* row = dw1f + r * C;
       mat_kern<float>().mattvec(s, C, gz1.data() + r, Cr, row, B, C);
       if (out.t1 != ScalarType::Float) store_floats(row, out.dw1, out.t1, r * C, C);
+    } else {
+      hook.post(i - C - Cr);
     }
   };
-  run_phases(g, B * C * HW * 3, reduce, mid, apply, C + Cr, post);
+  run_phases(g, B * C * HW * 3, reduce, mid, apply, C + Cr + hook.npost, post);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> mimb_scale_bwd_cpu(Tensor dy, Tensor x, Tensor w1,
-                                                              Tensor w2, Tensor v, Tensor s) {
-  const char* op = "mimb_scale_bwd";
+// Checks of the backward's operands (op: the calling op's name, for messages); returns
+// dy in x's layout (autograd may hand over another one, e.g. an expanded gradient).
+Tensor check_scale_bwd(Tensor dy, const Tensor& x, const Tensor& w1, const Tensor& w2,
+                       const Tensor& v, const Tensor& s, const Layout& lay, const char* op) {
   check_cpu_float(dy, op, "dy", 4, "[B, C, H, W]");
   check_cpu_float(x, op, "x", 4, "[B, C, H, W]");
   check_cpu_float(w1, op, "w1", 2, "[Cr, C]");
   check_cpu_float(w2, op, "w2", 2, "[C, Cr]");
   check_cpu_float(v, op, "v", 2, "[B, C]");
   check_cpu_float(s, op, "s", 2, "[B, C]");
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
-  const int64_t Cr = w1.size(0);
+  const int64_t B = x.size(0), C = x.size(1);
   for (int64_t d = 0; d < 4; ++d)
     STD_TORCH_CHECK(dy.size(d) == x.size(d), "mipnet_cpu::", op,
                     ": dy must have the shape of x; size ", dy.size(d), " != ", x.size(d),
@@ -783,18 +841,56 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mimb_scale_bwd_cpu(Tensor dy, Tensor 
                   dtype_name(dy.scalar_type()), " but x is ", dtype_name(x.scalar_type()));
   check_size(w1, op, "w1", 1, C, "C (x.size(1))");
   check_size(w2, op, "w2", 0, C, "C (x.size(1))");
-  check_size(w2, op, "w2", 1, Cr, "Cr (w1.size(0))");
+  check_size(w2, op, "w2", 1, w1.size(0), "Cr (w1.size(0))");
   check_size(v, op, "v", 0, B, "B (x.size(0))");
   check_size(v, op, "v", 1, C, "C (x.size(1))");
   check_size(s, op, "s", 0, B, "B (x.size(0))");
   check_size(s, op, "s", 1, C, "C (x.size(1))");
-  const Layout lay = x_layout(x, op, "x");
-  // dy in x's layout (autograd may hand over another one, e.g. an expanded gradient).
   const bool dy_ok = lay.nhwc ? is_channels_last(dy) : dy.is_contiguous();
   if (!dy_ok)
     dy = torch::stable::contiguous(dy, lay.nhwc ? MemoryFormat::ChannelsLast
                                                 : MemoryFormat::Contiguous);
+  return dy;
+}
 
+// The backward's data passes and MLP (B * C > 0): dx into dx, the rest into `out`.
+template <class Hook = NoBwdHook>
+void scale_bwd_run(const Tensor& dy, const Tensor& x, const Tensor& dx, const Tensor& w1,
+                   const Tensor& w2, const float* pv, const float* ps, const Layout& lay,
+                   const BwdOut& out, const float* e_saved = nullptr,
+                   const float* z1_saved = nullptr, const Hook& hook = Hook{}) {
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  std::vector<float> b1, b2;
+  const Mlp mlp{as_mat(w1, b1), as_mat(w2, b2), C, w1.size(0)};
+  const Geometry g(B, C, HW, lay.nhwc);
+  switch (x.scalar_type()) {
+    case ScalarType::Half:
+      scale_bwd_impl(g, static_cast<const Half*>(dy.data_ptr()),
+                     static_cast<const Half*>(x.data_ptr()), static_cast<Half*>(dx.data_ptr()),
+                     mlp, pv, ps, out, e_saved, z1_saved, hook);
+      break;
+    case ScalarType::BFloat16:
+      scale_bwd_impl(g, static_cast<const BFloat16*>(dy.data_ptr()),
+                     static_cast<const BFloat16*>(x.data_ptr()),
+                     static_cast<BFloat16*>(dx.data_ptr()), mlp, pv, ps, out, e_saved, z1_saved,
+                     hook);
+      break;
+    default:
+      scale_bwd_impl(g, static_cast<const float*>(dy.data_ptr()),
+                     static_cast<const float*>(x.data_ptr()), static_cast<float*>(dx.data_ptr()),
+                     mlp, pv, ps, out, e_saved, z1_saved, hook);
+      break;
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> mimb_scale_bwd_cpu(Tensor dy, Tensor x, Tensor w1,
+                                                              Tensor w2, Tensor v, Tensor s) {
+  const char* op = "mimb_scale_bwd";
+  check_cpu_float(x, op, "x", 4, "[B, C, H, W]");
+  const Layout lay = x_layout(x, op, "x");
+  dy = check_scale_bwd(dy, x, w1, w2, v, s, lay, op);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Cr = w1.size(0);
   Tensor dx = alloc_4d(x, B, C, H, W, lay.out_cl);
   Tensor dw1 = torch::stable::new_empty(w1, {Cr, C});
   Tensor dw2 = torch::stable::new_empty(w2, {C, Cr});
@@ -804,32 +900,327 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mimb_scale_bwd_cpu(Tensor dy, Tensor 
     torch::stable::zero_(dw2);
     return std::make_tuple(dx, dw1, dw2, dv);
   }
-
-  std::vector<float> b1, b2, bv, bs;
-  const Mlp mlp{as_mat(w1, b1), as_mat(w2, b2), C, Cr};
-  const float* pv = as_float_2d(v, bv);
-  const float* ps = as_float_2d(s, bs);
-  const Geometry g(B, C, HW, lay.nhwc);
+  std::vector<float> bv, bs;
   const BwdOut out{dw1.data_ptr(), dw2.data_ptr(), dv.data_ptr(), w1.scalar_type(),
                    w2.scalar_type(), v.scalar_type()};
-  switch (x.scalar_type()) {
-    case ScalarType::Half:
-      scale_bwd_impl(g, static_cast<const Half*>(dy.data_ptr()),
-                     static_cast<const Half*>(x.data_ptr()), static_cast<Half*>(dx.data_ptr()),
-                     mlp, pv, ps, out);
-      break;
-    case ScalarType::BFloat16:
-      scale_bwd_impl(g, static_cast<const BFloat16*>(dy.data_ptr()),
-                     static_cast<const BFloat16*>(x.data_ptr()),
-                     static_cast<BFloat16*>(dx.data_ptr()), mlp, pv, ps, out);
-      break;
-    default:
-      scale_bwd_impl(g, static_cast<const float*>(dy.data_ptr()),
-                     static_cast<const float*>(x.data_ptr()), static_cast<float*>(dx.data_ptr()),
-                     mlp, pv, ps, out);
-      break;
-  }
+  scale_bwd_run(dy, x, dx, w1, w2, as_float_2d(v, bv), as_float_2d(s, bs), lay, out);
   return std::make_tuple(dx, dw1, dw2, dv);
+}
+
+// ==================================================================== training step
+// The official block in training mode (SELambdaLayer: fc_lambda's BatchNorm1d on batch
+// statistics), embedding included, so that a training step of a MIMB is one forward and
+// one backward call:
+//   z = lam @ e1.T + b1                          [B, K]
+//   mean, var = batch mean / biased variance of z (float64 sums)
+//   zn = (z - mean) * invstd,  invstd = 1 / sqrt(var + eps)
+//   a = gamma * zn + beta;  h = relu(a);  v = sigmoid(h @ e2.T + b2)          [B, C]
+// then the block as mimb_scale_fwd with that v, and the running statistics updated as
+// torch's BatchNorm does: running = (1 - momentum) * running + momentum * batch (unbiased
+// variance, B / (B - 1)).  Without the BatchNorm (batch_norm=false): a = zn = z, and
+// gamma, beta, the running statistics are unused (may be empty).
+//
+// The statistics (O(B * K * N)) are serial; the per-sample O(C * K) parts run in the
+// block's phase 2 (v[b] forward; dv -> du -> dh backward) and the O(B * C * K) gradient
+// of e2 in its post phase, in parallel like the excite MLP.  The forward saves one
+// float32 state tensor for the backward:
+//   [ s: B*C | v: B*C | e: B*C | z1: B*Cr | zn: B*K | invstd: K (0 without BatchNorm) ]
+// (e and z1 of the excite MLP, so the backward does not recompute them).
+
+struct TrainState {
+  float *s, *v, *e, *z1, *zn, *invstd;
+  static int64_t numel(int64_t B, int64_t C, int64_t Cr, int64_t K, bool bn) {
+    return B * (3 * C + Cr + K) + (bn ? K : 0);
+  }
+  TrainState(float* p, int64_t B, int64_t C, int64_t Cr, int64_t K)
+      : s(p), v(s + B * C), e(v + B * C), z1(e + B * C), zn(z1 + B * Cr), invstd(zn + B * K) {}
+};
+
+void check_vec(const Tensor& t, const char* op, const char* name, int64_t n, const char* what) {
+  check_cpu_float(t, op, name, 1, "[K]");
+  check_size(t, op, name, 0, n, what);
+}
+
+void check_running(const Tensor& t, const char* op, const char* name, int64_t K) {
+  STD_TORCH_CHECK(t.is_cpu() && t.dim() == 1 && t.size(0) == K &&
+                      t.scalar_type() == ScalarType::Float && t.is_contiguous(),
+                  "mipnet_cpu::", op, ": ", name, " must be a contiguous float32 CPU tensor [K] = [",
+                  K, "]");
+}
+
+// Checks shared by the training forward and backward: lam [B, N], e1 [K, N], e2 [C, K],
+// gamma / beta [K] when batch_norm.
+void check_embed_train(const Tensor& lam, const Tensor& e1, const Tensor& e2,
+                       const Tensor& gamma, const Tensor& beta, int64_t B, int64_t C,
+                       bool batch_norm, const char* op) {
+  check_cpu_float(lam, op, "lam", 2, "[B, N]");
+  check_cpu_float(e1, op, "e1", 2, "[K, N]");
+  check_cpu_float(e2, op, "e2", 2, "[C, K]");
+  const int64_t N = lam.size(1), K = e1.size(0);
+  check_size(lam, op, "lam", 0, B, "B (x.size(0))");
+  check_size(e1, op, "e1", 1, N, "N (lam.size(1))");
+  check_size(e2, op, "e2", 0, C, "C (x.size(1))");
+  check_size(e2, op, "e2", 1, K, "K (e1.size(0))");
+  if (batch_norm) {
+    check_vec(gamma, op, "gamma", K, "K (e1.size(0))");
+    check_vec(beta, op, "beta", K, "K (e1.size(0))");
+    STD_TORCH_CHECK(B > 1, "mipnet_cpu::", op,
+                    ": the embedding's BatchNorm needs more than 1 sample per batch in training "
+                    "(batch statistics), got B = ", B);
+  }
+}
+
+// v[b] of the training forward, computed in phase 2 (per sample, any thread).
+struct TrainV {
+  const float *zn, *gam, *bet, *b2;
+  const Mat* e2;
+  SigmoidFn sigmoid;
+  float *h, *u, *v;  // [B, K], [B, C] scratch; v: the state's
+  int64_t C, K;
+  bool bn;
+  const float* operator()(int64_t b) const {
+    float* hb = h + b * K;
+    float* ub = u + b * C;
+    const float* zb = zn + b * K;
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = bn ? gam[k] * zb[k] + bet[k] : zb[k];
+      hb[k] = a < 0.f ? 0.f : a;  // NaN propagates, as torch.relu
+    }
+    e2->matvec(hb, ub, C, K);
+    for (int64_t c = 0; c < C; ++c) ub[c] = ub[c] + b2[c];
+    sigmoid(ub, v + b * C, C);
+    return v + b * C;
+  }
+};
+
+std::tuple<Tensor, Tensor> mimb_train_fwd_cpu(Tensor x, Tensor lam, Tensor w1, Tensor w2,
+                                              Tensor e1, Tensor b1, Tensor gamma, Tensor beta,
+                                              Tensor e2, Tensor b2, Tensor running_mean,
+                                              Tensor running_var, double momentum, double eps,
+                                              bool batch_norm) {
+  const char* op = "mimb_train_fwd";
+  check_scale_xw(x, w1, w2, op);
+  const int64_t B = x.size(0), C = x.size(1), N = lam.size(1), K = e1.size(0);
+  const int64_t Cr = w1.size(0);
+  check_embed_train(lam, e1, e2, gamma, beta, B, C, batch_norm, op);
+  check_vec(b1, op, "b1", K, "K (e1.size(0))");
+  check_vec(b2, op, "b2", C, "C (x.size(1))");
+  const bool track = batch_norm && running_mean.numel() > 0;
+  if (track) {
+    check_running(running_mean, op, "running_mean", K);
+    check_running(running_var, op, "running_var", K);
+  }
+  const Layout lay = x_layout(x, op, "x");
+  const int64_t H = x.size(2), W = x.size(3);
+  Tensor y = alloc_4d(x, B, C, H, W, lay.out_cl);
+  Tensor state = torch::stable::new_empty(
+      x, {TrainState::numel(B, C, Cr, K, batch_norm)}, ScalarType::Float);
+  if (B * C == 0) {
+    torch::stable::zero_(state);
+    return std::make_tuple(y, state);
+  }
+  const TrainState st(static_cast<float*>(state.data_ptr()), B, C, Cr, K);
+
+  // z = lam @ e1.T + b1, then the batch statistics (serial, O(B * K * N)).
+  std::vector<float> bl, bb1, bb2, be1, be2, bg, bbt;
+  const float* pl = as_float_2d(lam, bl);
+  const float* pb1 = as_float_1d(b1, bb1);
+  const Mat m1 = as_mat(e1, be1), m2 = as_mat(e2, be2);
+  float* pz = st.zn;
+  for (int64_t b = 0; b < B; ++b) {
+    float* zb = pz + b * K;
+    m1.matvec(pl + b * N, zb, K, N);
+    for (int64_t k = 0; k < K; ++k) zb[k] = zb[k] + pb1[k];
+  }
+  const float* pg = nullptr;
+  const float* pbt = nullptr;
+  if (batch_norm) {
+    pg = as_float_1d(gamma, bg);
+    pbt = as_float_1d(beta, bbt);
+    float* prm = track ? static_cast<float*>(running_mean.data_ptr()) : nullptr;
+    float* prv = track ? static_cast<float*>(running_var.data_ptr()) : nullptr;
+    for (int64_t k = 0; k < K; ++k) {
+      double sum = 0.0;
+      for (int64_t b = 0; b < B; ++b) sum += pz[b * K + k];
+      const double mean = sum / static_cast<double>(B);
+      double ss = 0.0;
+      for (int64_t b = 0; b < B; ++b) {
+        const double d = pz[b * K + k] - mean;
+        ss += d * d;
+      }
+      const float is = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(B) + eps));
+      st.invstd[k] = is;
+      const float mf = static_cast<float>(mean);
+      for (int64_t b = 0; b < B; ++b) pz[b * K + k] = (pz[b * K + k] - mf) * is;
+      if (track) {
+        prm[k] = static_cast<float>((1.0 - momentum) * prm[k] + momentum * mean);
+        prv[k] = static_cast<float>((1.0 - momentum) * prv[k] +
+                                    momentum * ss / static_cast<double>(B - 1));
+      }
+    }
+  }
+  std::vector<float> h(static_cast<size_t>(B * K)), u(static_cast<size_t>(B * C));
+  const TrainV vrow{st.zn, pg, pbt, as_float_1d(b2, bb2), &m2, sigmoid_fn(),
+                    h.data(), u.data(), st.v, C, K, batch_norm};
+  const ScaleFwd o{y, Tensor(), lay, B, C, H * W};
+  scale_fwd_run(o, x, w1, w2, FwdExtras<TrainV>{vrow, st.e, st.z1}, st.s);
+  return std::make_tuple(y, state);
+}
+
+// The backward's per-sample dv -> (du, dh) and the e2 / b2 gradient rows (see above).
+struct TrainBwdHook {
+  int64_t npost;  // C: one post item per row of de2
+  int64_t B, C, K;
+  bool bn;
+  const float *v, *zn, *gam, *bet;
+  const Mat* e2;
+  float *du, *h, *da;  // [B, C], [B, K], [B, K]
+  float *de2, *db2;    // [C, K], [C] float32
+  void sample(int64_t b, const float* dvb) const {
+    float* dub = du + b * C;
+    const float* vb = v + b * C;
+    for (int64_t c = 0; c < C; ++c) dub[c] = dvb[c] * (1.f - vb[c]) * vb[c];  // sigmoid
+    float* dab = da + b * K;
+    e2->mattvec(dub, dab, C, K);  // dh = du @ e2
+    const float* zb = zn + b * K;
+    float* hb = h + b * K;
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = bn ? gam[k] * zb[k] + bet[k] : zb[k];
+      hb[k] = a < 0.f ? 0.f : a;
+      dab[k] = a > 0.f ? dab[k] : 0.f;  // relu backward (threshold_backward)
+    }
+  }
+  // de2[c, :] = sum_b du[b, c] h[b, :];  db2[c] = sum_b du[b, c]   (b in order)
+  void post(int64_t c) const {
+    mat_kern<float>().mattvec(h, K, du + c, C, de2 + c * K, B, K);
+    float acc = 0.f;
+    for (int64_t b = 0; b < B; ++b) acc += du[b * C + c];
+    db2[c] = acc;
+  }
+};
+
+// A float32 scratch for an output of dtype t, or the output's own data when it is float32.
+float* float_out(const Tensor& t, std::vector<float>& buf) {
+  if (t.scalar_type() == ScalarType::Float) return static_cast<float*>(t.data_ptr());
+  buf.resize(static_cast<size_t>(t.numel()));
+  return buf.data();
+}
+
+void finish_out(const float* f, const Tensor& t) {
+  if (t.scalar_type() != ScalarType::Float)
+    store_floats(f, t.data_ptr(), t.scalar_type(), 0, t.numel());
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+mimb_train_bwd_cpu(Tensor dy, Tensor x, Tensor lam, Tensor w1, Tensor w2, Tensor e1,
+                   Tensor gamma, Tensor beta, Tensor e2, Tensor state, bool batch_norm) {
+  const char* op = "mimb_train_bwd";
+  check_scale_xw(x, w1, w2, op);
+  const Layout lay = x_layout(x, op, "x");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Cr = w1.size(0);
+  check_cpu_float(dy, op, "dy", 4, "[B, C, H, W]");
+  for (int64_t d = 0; d < 4; ++d)
+    STD_TORCH_CHECK(dy.size(d) == x.size(d), "mipnet_cpu::", op,
+                    ": dy must have the shape of x; size ", dy.size(d), " != ", x.size(d),
+                    " at dim ", d);
+  STD_TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "mipnet_cpu::", op, ": dy is ",
+                  dtype_name(dy.scalar_type()), " but x is ", dtype_name(x.scalar_type()));
+  if (!(lay.nhwc ? is_channels_last(dy) : dy.is_contiguous()))
+    dy = torch::stable::contiguous(dy, lay.nhwc ? MemoryFormat::ChannelsLast
+                                                : MemoryFormat::Contiguous);
+  check_embed_train(lam, e1, e2, gamma, beta, B, C, batch_norm, op);
+  const int64_t N = lam.size(1), K = e1.size(0);
+  STD_TORCH_CHECK(state.is_cpu() && state.scalar_type() == ScalarType::Float &&
+                      state.is_contiguous() && state.dim() == 1 &&
+                      state.numel() == TrainState::numel(B, C, Cr, K, batch_norm),
+                  "mipnet_cpu::", op, ": state must be the forward's float32 state of ",
+                  TrainState::numel(B, C, Cr, K, batch_norm), " values, got ", state.numel());
+
+  Tensor dx = alloc_4d(x, B, C, H, W, lay.out_cl);
+  Tensor dw1 = torch::stable::new_empty(w1, {Cr, C});
+  Tensor dw2 = torch::stable::new_empty(w2, {C, Cr});
+  Tensor dlam = torch::stable::new_empty(lam, {B, N});
+  Tensor de1 = torch::stable::new_empty(e1, {K, N});
+  Tensor db1 = torch::stable::new_empty(e1, {K});
+  Tensor dgamma = torch::stable::new_empty(batch_norm ? gamma : e1, {batch_norm ? K : 0});
+  Tensor dbeta = torch::stable::new_empty(batch_norm ? beta : e1, {batch_norm ? K : 0});
+  Tensor de2 = torch::stable::new_empty(e2, {C, K});
+  Tensor db2 = torch::stable::new_empty(e2, {C});
+  auto result = [&] {
+    return std::make_tuple(dx, dlam, dw1, dw2, de1, db1, dgamma, dbeta, de2, db2);
+  };
+  if (B * C == 0) {
+    for (Tensor* t : {&dw1, &dw2, &dlam, &de1, &db1, &dgamma, &dbeta, &de2, &db2})
+      torch::stable::zero_(*t);
+    return result();
+  }
+  const TrainState st(static_cast<float*>(state.data_ptr()), B, C, Cr, K);
+
+  std::vector<float> bl, be1, be2, bg, bbt, bde2, bdb2;
+  const Mat m1 = as_mat(e1, be1), m2 = as_mat(e2, be2);
+  const float* pg = batch_norm ? as_float_1d(gamma, bg) : nullptr;
+  const float* pbt = batch_norm ? as_float_1d(beta, bbt) : nullptr;
+  std::vector<float> du(static_cast<size_t>(B * C)), h(static_cast<size_t>(B * K)),
+      da(static_cast<size_t>(B * K));
+  float* de2f = float_out(de2, bde2);
+  float* db2f = float_out(db2, bdb2);
+  const TrainBwdHook hook{C, B, C, K, batch_norm, st.v, st.zn, pg, pbt, &m2,
+                          du.data(), h.data(), da.data(), de2f, db2f};
+  // dv is written into du (float32), then turned into du by the hook, sample by sample.
+  const BwdOut out{dw1.data_ptr(), dw2.data_ptr(), du.data(), w1.scalar_type(),
+                   w2.scalar_type(), ScalarType::Float};
+  scale_bwd_run(dy, x, dx, w1, w2, st.v, st.s, lay, out, st.e, st.z1, hook);
+  finish_out(de2f, de2);
+  finish_out(db2f, db2);
+
+  // dz from da (serial, O(B * K)): through the BatchNorm when present,
+  //   dgamma = sum_b da * zn;  dbeta = sum_b da;  g = da * gamma
+  //   dz = invstd * (g - mean_b(g) - zn * mean_b(g * zn))
+  const float* pz = st.zn;
+  std::vector<float>& dz = da;  // in place
+  if (batch_norm) {
+    std::vector<float> bdg, bdbt;
+    float* dg = float_out(dgamma, bdg);
+    float* dbt = float_out(dbeta, bdbt);
+    const float inv_b = 1.f / static_cast<float>(B);
+    for (int64_t k = 0; k < K; ++k) {
+      float sg = 0.f, sgz = 0.f;
+      for (int64_t b = 0; b < B; ++b) {
+        const float d = da[b * K + k], z = pz[b * K + k];
+        sg += d;
+        sgz += d * z;
+      }
+      dg[k] = sgz;
+      dbt[k] = sg;
+      // g = da * gamma: mean_b(g) = gamma * sg / B, mean_b(g * zn) = gamma * sgz / B
+      const float mg = pg[k] * sg * inv_b, mgz = pg[k] * sgz * inv_b;
+      for (int64_t b = 0; b < B; ++b) {
+        const float gk = da[b * K + k] * pg[k], z = pz[b * K + k];
+        dz[b * K + k] = st.invstd[k] * (gk - mg - z * mgz);
+      }
+    }
+    finish_out(dg, dgamma);
+    finish_out(dbt, dbeta);
+  }
+  // de1[k, :] = sum_b dz[b, k] lam[b, :];  db1[k] = sum_b dz[b, k];  dlam[b] = dz[b] @ e1
+  const float* pl = as_float_2d(lam, bl);
+  std::vector<float> bde1, bdb1, bdlam;
+  float* de1f = float_out(de1, bde1);
+  float* db1f = float_out(db1, bdb1);
+  float* dlamf = float_out(dlam, bdlam);
+  const MatKern<float>& mk = mat_kern<float>();
+  for (int64_t k = 0; k < K; ++k) {
+    mk.mattvec(pl, N, dz.data() + k, K, de1f + k * N, B, N);
+    float acc = 0.f;
+    for (int64_t b = 0; b < B; ++b) acc += dz[b * K + k];
+    db1f[k] = acc;
+  }
+  for (int64_t b = 0; b < B; ++b) m1.mattvec(dz.data() + b * K, dlamf + b * N, K, N);
+  finish_out(de1f, de1);
+  finish_out(db1f, db1);
+  finish_out(dlamf, dlam);
+  return result();
 }
 
 // ==================================================================== instances
@@ -921,4 +1312,6 @@ STABLE_TORCH_LIBRARY_IMPL(mipnet_cpu, CPU, m) {
   m.impl("mimb_scale_bwd", TORCH_BOX(&mipnet::cpu::mimb_scale_bwd_cpu));
   m.impl("mimb_fwd", TORCH_BOX(&mipnet::cpu::mimb_fwd_cpu));
   m.impl("mimb_instances", TORCH_BOX(&mipnet::cpu::mimb_instances_cpu));
+  m.impl("mimb_train_fwd", TORCH_BOX(&mipnet::cpu::mimb_train_fwd_cpu));
+  m.impl("mimb_train_bwd", TORCH_BOX(&mipnet::cpu::mimb_train_bwd_cpu));
 }
