@@ -26,7 +26,8 @@ backward ``mimb_train_bwd(dy, x, lam, w1, w2, e1, gamma, beta, e2, state, batch_
          Linear).
 
 Saved for backward: ``x``, the small operands and ``state``, a tuple of per-sample vectors
-the backend defines (the torch composites: ``(s [B, C], v [B, C], zn [B, K], invstd [K])``;
+the backend defines (the torch composites: ``(s [B, C], v [B, C], z [B, K], a [B, K],
+mean [K], invstd [K])``;
 the cpu kernel: one float32 tensor that also holds the excite MLP's ``e`` and ``z1``, so its
 backward does not recompute them) -- no full-size intermediate, as ``mimb_scale``.  The
 backward runs on the backend that ran the forward.
@@ -35,7 +36,7 @@ Backends (``mipnet_kernels._backends``, ops ``mimb_train_fwd`` / ``mimb_train_bw
 
 * ``cpu``: ``torch.ops.mipnet_cpu.mimb_train_fwd`` / ``_bwd`` (csrc/cpu/mimb_kernel.cpp),
   everything in one C++ call each way (compiled-kernel dtypes; float32 running stats).
-* ``cuda`` / ``triton`` / ``reference``: the embedding in plain tensor ops (tiny) and the
+* ``cuda`` / ``triton`` / ``reference``: the embedding with the modules' own ATen kernels and the
   backend's own ``mimb_scale_fwd`` / ``mimb_scale_bwd`` kernels.
 
 :class:`mipnet_kernels.nn.MIMB` uses this in training mode when it runs eagerly (not under
@@ -74,47 +75,45 @@ __all__ = ["mimb_train", "mimb_train_bwd_reference", "mimb_train_fwd_reference"]
 
 
 # --------------------------------------------------------------------------- embedding
+# The composite (reference, triton, cuda) runs the embedding with the same ATen kernels as
+# the official modules -- addmm, native_batch_norm (which also updates the running
+# statistics), relu, sigmoid -- and their backward kernels, so on a GPU it launches no more
+# kernels than the modules do; its saved state is (s, v, z, a, mean, invstd).
 def _embed_fwd(lam, e1, b1, gamma, beta, e2, b2, running_mean, running_var, momentum, eps,
                batch_norm, ct):
-    """``(v, zn, invstd)`` of the training-mode embedding in dtype ``ct`` (torch ops)."""
-    z = lam.to(ct) @ e1.to(ct).T + b1.to(ct)
+    """``(v, z, a, mean, invstd)`` of the training-mode embedding, in dtype ``ct``."""
+    z = torch.addmm(b1.to(ct), lam.to(ct), e1.to(ct).T)
     if batch_norm:
-        B = z.shape[0]
-        mean = z.mean(0)
-        var = (z - mean).square().mean(0)
-        invstd = torch.rsqrt(var + eps)
-        zn = (z - mean) * invstd
-        a = gamma.to(ct) * zn + beta.to(ct)
-        if running_mean.numel():
-            with torch.no_grad():
-                running_mean.copy_((1 - momentum) * running_mean + momentum * mean)
-                running_var.copy_((1 - momentum) * running_var + momentum * (var * (B / (B - 1))))
+        rm = rv = None
+        if running_mean.numel():  # kept in the statistics' own dtype, as nn.BatchNorm1d does
+            rm, rv = running_mean.to(ct), running_var.to(ct)
+        a, mean, invstd = torch.native_batch_norm(z, gamma.to(ct), beta.to(ct), rm, rv, True,
+                                                  momentum, eps)
+        if rm is not None and rm is not running_mean:
+            running_mean.copy_(rm)
+            running_var.copy_(rv)
     else:
-        zn, invstd, a = z, z.new_empty(0), z
-    v = torch.sigmoid(torch.relu(a) @ e2.to(ct).T + b2.to(ct))
-    return v, zn, invstd
+        a, mean, invstd = z, z.new_empty(0), z.new_empty(0)
+    v = torch.sigmoid(torch.addmm(b2.to(ct), torch.relu(a), e2.to(ct).T))
+    return v, z, a, mean, invstd
 
 
-def _embed_bwd(dv, lam, e1, gamma, beta, e2, v, zn, invstd, batch_norm):
-    """``(dlam, de1, db1, dgamma, dbeta, de2, db2)`` from ``dv`` (torch ops, ``v``'s dtype)."""
+def _embed_bwd(dv, lam, e1, gamma, e2, v, z, a, mean, invstd, batch_norm):
+    """``(dlam, de1, db1, dgamma, dbeta, de2, db2)`` from ``dv`` (``v``'s dtype)."""
     ct = v.dtype
-    dv = dv.to(ct)
-    a = gamma.to(ct) * zn + beta.to(ct) if batch_norm else zn
-    h = torch.relu(a)
-    du = dv * (1 - v) * v
-    de2, db2 = du.T @ h, du.sum(0)
-    da = (du @ e2.to(ct)) * (a > 0).to(ct)
+    du = torch.ops.aten.sigmoid_backward(dv.to(ct), v)
+    de2, db2 = du.T @ torch.relu(a), du.sum(0)
+    da = torch.ops.aten.threshold_backward(du @ e2.to(ct), a, 0)
     if batch_norm:
-        dgamma, dbeta = (da * zn).sum(0), da.sum(0)
-        g = da * gamma.to(ct)
-        dz = invstd * (g - g.mean(0) - zn * (g * zn).mean(0))
-        dgamma, dbeta = dgamma.to(gamma.dtype), dbeta.to(beta.dtype)
+        # Training mode: the saved batch statistics are used and eps is not.
+        dz, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
+            da, z, gamma.to(ct), None, None, mean, invstd, True, 0.0, [True, True, True])
+        dgamma, dbeta = dgamma.to(gamma.dtype), dbeta.to(gamma.dtype)
     else:
         dz = da
         dgamma = dbeta = e1.new_empty(0)
-    lamf = lam.to(ct)
     return (
-        (dz @ e1.to(ct)).to(lam.dtype), (dz.T @ lamf).to(e1.dtype), dz.sum(0).to(e1.dtype),
+        (dz @ e1.to(ct)).to(lam.dtype), (dz.T @ lam.to(ct)).to(e1.dtype), dz.sum(0).to(e1.dtype),
         dgamma, dbeta, de2.to(e2.dtype), db2.to(e2.dtype),
     )
 
@@ -123,10 +122,11 @@ def _composite_fwd(scale_fwd):
     """``mimb_train_fwd`` as the torch embedding plus a backend's ``mimb_scale_fwd``."""
     def run(x, lam, w1, w2, e1, b1, gamma, beta, e2, b2, running_mean, running_var, momentum,
             eps, batch_norm):
-        v, zn, invstd = _embed_fwd(lam, e1, b1, gamma, beta, e2, b2, running_mean, running_var,
-                                   momentum, eps, batch_norm, compute_dtype(x))
+        v, z, a, mean, invstd = _embed_fwd(lam, e1, b1, gamma, beta, e2, b2, running_mean,
+                                           running_var, momentum, eps, batch_norm,
+                                           compute_dtype(x))
         y, s = scale_fwd(x, w1, w2, v)
-        return y, (s, v, zn, invstd)
+        return y, (s, v, z, a, mean, invstd)
 
     return run
 
@@ -134,17 +134,17 @@ def _composite_fwd(scale_fwd):
 def _composite_bwd(scale_bwd):
     """``mimb_train_bwd`` as a backend's ``mimb_scale_bwd`` plus the torch embedding backward."""
     def run(dy, x, lam, w1, w2, e1, gamma, beta, e2, state, batch_norm):
-        s, v, zn, invstd = state
+        s, v, z, a, mean, invstd = state
         dx, dw1, dw2, dv = scale_bwd(dy, x, w1, w2, v, s)
         dlam, de1, db1, dgamma, dbeta, de2, db2 = _embed_bwd(
-            dv, lam, e1, gamma, beta, e2, v, zn, invstd, batch_norm)
+            dv, lam, e1, gamma, e2, v, z, a, mean, invstd, batch_norm)
         return dx, dlam, dw1, dw2, de1, db1, dgamma, dbeta, de2, db2
 
     return run
 
 
 mimb_train_fwd_reference = _composite_fwd(mimb_scale_fwd_reference)
-mimb_train_fwd_reference.__doc__ = "Pure-PyTorch ``mimb_train_fwd``: ``(y, (s, v, zn, invstd))``."
+mimb_train_fwd_reference.__doc__ = "Pure-PyTorch ``mimb_train_fwd``: ``(y, (s, v, z, a, mean, invstd))``."
 mimb_train_bwd_reference = _composite_bwd(mimb_scale_bwd_reference)
 mimb_train_bwd_reference.__doc__ = "Pure-PyTorch ``mimb_train_bwd`` (the gradients of every input)."
 
@@ -251,7 +251,7 @@ def _scale_fwd_reasons(backend: str):
 
 def _scale_bwd_reasons(backend: str):
     def reasons(dy, x, lam, w1, w2, e1, gamma, beta, e2, state, batch_norm) -> list[str]:
-        if len(state) != 4:
+        if len(state) != 6:
             return [f"state is not the {backend} backend's: the forward ran on another backend"]
         s, v = state[:2]
         return _backends.not_supported_reasons("mimb_scale_bwd", backend, x.device,
