@@ -11,9 +11,11 @@ Rows (``op`` / ``mode``):
 * ``mimb`` / ``fwd`` -- eval-style forward with fixed weights (BatchNorm folded,
   :meth:`MIMB.folded_embedding`) and a one-hot ``lam [B, 2]``, under ``no_grad``.
 * ``mimb_scale`` / ``fwd+bwd`` -- one training step of the block: ``MIMB`` in train mode
-  (its forward is the plain ``fc_lambda`` embedding MLP + the fused ``mimb_scale``), then
-  ``backward(dy)`` into ``x`` and every parameter.  The eager row is the same through the
-  official layer, so both sides include the same tiny embedding MLP.
+  (eagerly, the fused ``mimb_train`` op: the embedding with its BatchNorm on batch
+  statistics and the squeeze-excite scale, one call forward and one backward), then
+  ``backward(dy)`` into ``x`` and every parameter.  The eager row is the same step through
+  the official layer (its modules).  The row keeps its historical name (the op it timed
+  before the training step was fused) so the regression gate's history stays comparable.
 * ``mimb_instances`` / ``N=2`` -- both instances from one read of ``x``; the eager row
   runs the official layer twice (once per one-hot selector), as MIPNet inference does.
 

@@ -20,32 +20,10 @@ from .ops.mimb import (
     mimb_instances,
     mimb_scale,
 )
-from .ops.mimb import _dense
+from .ops.mimb import _dense, _eager_plain, _is_compiling
 from .ops.mimb_train import _MimbTrain, mimb_train
 
 __all__ = ["MIMB"]
-
-
-_PLAIN = (Tensor, nn.Parameter)
-
-
-def _eager_plain(*tensors: Tensor) -> bool:
-    """True when nothing but eager autograd sees these tensors: no torch.compile / export
-    tracing, functorch transform, tensor subclass, torch-function or dispatch mode."""
-    return (
-        not _is_compiling()
-        and not torch._C._are_functorch_transforms_active()
-        and torch._C._len_torch_dispatch_stack() == 0
-        and torch._C._len_torch_function_stack() == 0
-        and all(type(t) in _PLAIN for t in tensors)
-    )
-
-
-def _is_compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # pragma: no cover - old torch
-        return False
 
 
 class MIMB(nn.Module):
