@@ -813,3 +813,62 @@ def test_bad_backward_inputs():
         torch.ops.mipnet.mimb_scale_bwd(x.half(), x, w1, w2, v, s)
     with pytest.raises(ValueError, match=r"s must have shape \[B, C\]"):
         torch.ops.mipnet.mimb_scale_bwd(x, x, w1, w2, v, s[:, :3])
+
+
+# --------------------------------------------------------------------------- eager path
+def _fwd_bwd(fn, inputs, dy):
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    y = fn(*leaves)
+    y.backward(dy)
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend, device", backend_device_params())
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_eager_path_equals_the_custom_ops(backend, device, layout):
+    """In plain eager mode the public functions skip the torch.library layers; they must give
+    bit-identical outputs and gradients to the torch.ops.mipnet.* ops (same kernels)."""
+    dev = skip_unless_runs(backend, device)
+    g = torch.Generator().manual_seed(5)
+    B, C, N, K = 3, 12, 2, 3
+    x = torch.randn(B, C, 5, 4, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w1, w2 = 0.5 * torch.randn(K, C, generator=g), 0.5 * torch.randn(C, K, generator=g)
+    v = torch.rand(B, C, generator=g)
+    lam = torch.softmax(torch.randn(B, N, generator=g), 1)
+    e1, b1, e2, b2 = (torch.randn(*s, generator=g) for s in ((K, N), (K,), (C, K), (C,)))
+    table = torch.rand(N, C, generator=g)
+    dy = torch.randn(x.shape, generator=g)
+    x, w1, w2, v, lam, e1, b1, e2, b2, table, dy = (
+        t.to(dev) for t in (x, w1, w2, v, lam, e1, b1, e2, b2, table, dy))
+    with mk.use_backend(backend):
+        for name, fn, op, inputs in (
+            ("mimb_scale", mk.mimb_scale, torch.ops.mipnet.mimb_scale, (x, w1, w2, v)),
+            ("mimb", mk.mimb, torch.ops.mipnet.mimb, (x, lam, w1, w2, e1, b1, e2, b2)),
+        ):
+            for a, b in zip(_fwd_bwd(fn, inputs, dy), _fwd_bwd(op, inputs, dy)):
+                assert torch.equal(a, b), name
+        with torch.no_grad():
+            assert torch.equal(mk.mimb_instances(x, w1, w2, table),
+                               torch.ops.mipnet.mimb_instances(x, w1, w2, table))
+            assert torch.equal(mk.mimb_scale(x, w1, w2, v), torch.ops.mipnet.mimb_scale(x, w1, w2, v))
+
+
+def test_eager_path_not_taken_under_a_dispatch_mode():
+    """A TorchDispatchMode (FakeTensor, make_fx, FlopCounterMode ...) sees the custom op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, w1, w2, v = torch.rand(2, 8, 3, 3), torch.rand(2, 8), torch.rand(8, 2), torch.rand(2, 8)
+    assert M._eager_plain(x, w1, w2, v)
+    with Record():
+        assert not M._eager_plain(x, w1, w2, v)
+        mk.mimb_scale(x, w1, w2, v)
+    assert any("mipnet.mimb_scale_fwd" in s for s in seen), seen
