@@ -61,6 +61,7 @@ then see only sorted rows + offsets -- the contract of ``oks_nms_sorted`` /
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import math
@@ -376,14 +377,20 @@ def _compiled_call(namespace: str, name: str):
 _TRITON_MODULE = "mipnet_kernels.triton.nms"
 
 
-def _triton_launcher(name: str):
-    """The launcher ``name`` of mipnet_kernels/triton/nms.py, or the reason it is missing."""
-    if importlib.util.find_spec(_TRITON_MODULE) is None:
-        return None, "mipnet_kernels/triton/nms.py does not exist yet (no Triton OKS-NMS kernels)"
-    fn = getattr(importlib.import_module(_TRITON_MODULE), name, None)
+@functools.lru_cache(maxsize=None)
+def _triton_launcher_of(module: str, name: str):
+    if importlib.util.find_spec(module) is None:
+        return None, f"{module} is missing from this installation (no Triton OKS-NMS kernels)"
+    fn = getattr(importlib.import_module(module), name, None)
     if fn is None:
-        return None, f"mipnet_kernels/triton/nms.py has no {name}"
+        return None, f"{module} has no {name}"
     return fn, None
+
+
+def _triton_launcher(name: str):
+    """The launcher ``name`` of mipnet_kernels/triton/nms.py, or the reason it is missing
+    (looked up once per module and name)."""
+    return _triton_launcher_of(_TRITON_MODULE, name)
 
 
 def _triton_reasons(name: str):
