@@ -261,6 +261,35 @@ def test_counters_reused_across_calls_and_streams(dev, monkeypatch, path):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("path", _params([(p,) for p in ("auto", *PATHS)]))
+def test_cuda_graph_capture_on_a_fresh_stream(dev, monkeypatch, path):
+    """The first call on a stream may happen inside a CUDA-graph capture (torch.cuda.graph
+    captures on its own stream): the counters then live in the captured call's workspace and
+    are zeroed by a captured memset.  Replays with new inputs match eager calls, and eager
+    calls on that stream afterwards (persistent counters) still do."""
+    monkeypatch.setenv(ENV, path)
+    (_, _, _, _, _), (x, w1, w2, v), _ = _inputs((8, 64, 16, 12, 4), F32, "contiguous", dev, seed=3)
+    static_x = x.clone()
+    with mk.use_backend("cuda"), torch.no_grad():
+        want = mk.mimb_scale(x, w1, w2, v)
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.graph(graph, stream=stream):
+            static_y = mk.mimb_scale(static_x, w1, w2, v)
+        for k in range(3):
+            static_x.copy_(x * (1 + k))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(static_y, mk.mimb_scale(x * (1 + k), w1, w2, v)), k
+        assert torch.equal(static_y, mk.mimb_scale(static_x, w1, w2, v))
+        del graph
+        with torch.cuda.stream(stream):
+            again = mk.mimb_scale(x, w1, w2, v)
+        torch.cuda.current_stream().wait_stream(stream)
+        assert torch.equal(again, want)
+
+
 def test_unaligned_and_mixed_operands(dev):
     """x at an odd element offset (no vector access), transposed / strided / mixed-dtype small
     operands: same results as the reference, within float32 rounding."""

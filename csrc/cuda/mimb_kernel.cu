@@ -771,7 +771,8 @@ bool vectorizable(const Branch& br, int V) {
 // ==================================================================== host: state
 // Per (device, stream): the ticket / flag counters, zeroed once when (re)allocated and
 // returned to zero by every launch.  Kept alive for the process (intentionally leaked: no
-// destruction order issues at exit).
+// destruction order issues at exit).  Not used while the stream is capturing a CUDA graph
+// (launch_group then keeps them in the call's workspace).
 unsigned* counters(int32_t dev, cudaStream_t stream, int64_t n, const Tensor& like) {
   struct Entry {
     Tensor t;
@@ -863,10 +864,28 @@ void launch_group(Group& g, const Tensor& like, int32_t dev, const char* op) {
     }
     ncount += 2 * static_cast<int64_t>(br.B);
   }
+  const cudaStream_t stream = current_stream(dev);
+  // While the stream is being captured into a CUDA graph the counters live in this call's
+  // workspace (the graph's memory pool) and are zeroed by a captured memset on every replay:
+  // allocating the persistent per-stream counters inside a capture would put them in that
+  // pool, and later calls would use memory the graph owns.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  const cudaError_t qerr = cudaStreamIsCapturing(stream, &capture);
+  STD_TORCH_CHECK(qerr == cudaSuccess, "mipnet_cuda::", op, ": cudaStreamIsCapturing failed: ",
+                  cudaGetErrorString(qerr));
+  const bool capturing = capture != cudaStreamCaptureStatusNone;
+  const int64_t cnt_off = capturing ? take(ncount) : -1;  // unsigned and float: 4 bytes each
   const Tensor work = torch::stable::new_empty(like, {std::max<int64_t>(ws, 4)}, ScalarType::Float);
   float* wp = static_cast<float*>(work.data_ptr());
-  const cudaStream_t stream = current_stream(dev);
-  unsigned* cnt = counters(dev, stream, ncount, work);
+  unsigned* cnt;
+  if (capturing) {
+    cnt = reinterpret_cast<unsigned*>(wp + cnt_off);
+    const cudaError_t merr = cudaMemsetAsync(cnt, 0, sizeof(unsigned) * ncount, stream);
+    STD_TORCH_CHECK(merr == cudaSuccess, "mipnet_cuda::", op, ": cudaMemsetAsync failed: ",
+                    cudaGetErrorString(merr));
+  } else {
+    cnt = counters(dev, stream, ncount, work);
+  }
   int64_t coff = 0;
   for (int i = 0; i < g.nbr; ++i) {
     Branch& br = g.br[i];
