@@ -358,3 +358,24 @@ def test_double_backward_is_refused_not_silently_wrong():
     (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gx.sum().backward()
+
+
+@pytest.mark.parametrize("backend, device", backend_device_params())
+@pytest.mark.parametrize("shape", [(0, 8, 3, 3), (3, 0, 3, 3)])
+def test_empty_without_batchnorm(backend, device, shape):
+    """Empty batches / channels (no BatchNorm: it needs B > 1): empty outputs, zero weight
+    gradients, on every backend."""
+    dev = skip_unless_runs(backend, device)
+    B, C = shape[:2]
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(*s, generator=g).to(dev).requires_grad_(True)
+          for s in ((2, C), (C, 2), (2, 2), (2,), (C, 2), (C,))]
+    x = torch.randn(shape, generator=g).to(dev).requires_grad_(True)
+    lam = torch.rand(B, 2, generator=g).to(dev)
+    w1, w2, e1, b1, e2, b2 = ws
+    with mk.use_backend(backend):
+        y = mimb_train(x, lam, w1, w2, e1, b1, None, None, e2, b2)
+        y.sum().backward()
+    assert y.shape == shape and x.grad.shape == shape
+    for w in ws:
+        assert w.grad is not None and w.grad.shape == w.shape and not w.grad.any()

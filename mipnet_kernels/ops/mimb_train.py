@@ -65,6 +65,8 @@ from .mimb import (
     _fast_embed,
     _fast_xw,
     _kernel_dtype_reasons,
+    _scale_bwd_branch,
+    _scale_fwd_branch,
     _triton_dtype_reasons,
     compute_dtype,
     mimb_scale_bwd_reference,
@@ -234,9 +236,12 @@ def _train_bwd_cpu(dy, x, lam, w1, w2, e1, gamma, beta, e2, state, batch_norm):
 
 
 def _scale_impl(op: str, backend: str):
-    """The ``backend`` implementation of ``op`` (looked up at call time)."""
+    """The ``backend`` implementation of ``op`` (looked up at call time), behind the op's
+    own handling of empty inputs and layouts (as ``mimb_scale`` runs it)."""
+    branch = _scale_fwd_branch if op == "mimb_scale_fwd" else _scale_bwd_branch
+
     def run(*args):
-        return _backends._OPS[op].impls[backend].fn(*args)
+        return branch(_backends._OPS[op].impls[backend].fn)(*args)
 
     return run
 
