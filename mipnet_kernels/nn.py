@@ -56,10 +56,12 @@ class MIMB(nn.Module):
       fused step, :func:`~mipnet_kernels.ops.mimb_train.mimb_train`: one call forward, one
       backward (on the cpu backend one C++ kernel each way).  Where that cannot reproduce
       the modules exactly or must not bypass them (``torch.compile`` / export tracing,
-      functorch transforms, autocast, tensor subclasses or dispatch modes, hooks on the
+      functorch transforms, tensor subclasses or dispatch modes, hooks on the
       ``fc_lambda`` modules, a BatchNorm without affine parameters or running statistics,
       a batch of one) it runs ``v = fc_lambda(lam)`` with the plain modules and the fused
       :func:`~mipnet_kernels.mimb_scale` for the rest; the results agree to float rounding.
+      Under autocast the fused step computes the embedding in float32 (the modules would
+      run its Linear layers in the autocast dtype), ``y`` in ``x``'s dtype either way.
     * Eval mode: the BatchNorm is folded into the first embedding Linear
       (:meth:`folded_embedding`, exact up to float rounding) and the fused
       :func:`~mipnet_kernels.mimb` op runs the block.  For integer ``lam`` (and for any
@@ -276,12 +278,12 @@ class MIMB(nn.Module):
         :func:`mimb_train` (else None: modules + ``mimb_scale``).
 
         It needs what :func:`mimb_train` reproduces exactly: eager autograd (see
-        :func:`_eager_plain`), no autocast, the official embedding (exactly ``Linear,
+        :func:`_eager_plain`), the official embedding (exactly ``Linear,
         BatchNorm1d | Identity, ReLU, Linear, Sigmoid`` -- a SyncBatchNorm or any other
         replacement takes the module path), no hooks on those modules, and a BatchNorm in
         training mode with affine parameters and running statistics over more than one
         sample.  Plain dict lookups: this runs on every training step."""
-        if x.numel() == 0 or torch.is_autocast_enabled(x.device.type):
+        if x.numel() == 0:
             return None
         if _module._global_forward_hooks or _module._global_forward_pre_hooks:
             return None

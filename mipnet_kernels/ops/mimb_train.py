@@ -40,13 +40,16 @@ Backends (``mipnet_kernels._backends``, ops ``mimb_train_fwd`` / ``mimb_train_bw
   backend's own ``mimb_scale_fwd`` / ``mimb_scale_bwd`` kernels.
 
 :class:`mipnet_kernels.nn.MIMB` uses this in training mode when it runs eagerly (not under
-``torch.compile``, functorch transforms, autocast, a tensor-subclass or dispatch mode, or
-with hooks on its embedding modules -- there it runs its modules and ``mimb_scale``, which
-compile and trace as usual).  The forward is not twice differentiable (as the BatchNorm
-path through ``mimb_scale`` is not either).
+``torch.compile``, functorch transforms, a tensor-subclass or dispatch mode, or with hooks
+on its embedding modules -- there it runs its modules and ``mimb_scale``, which compile and
+trace as usual).  Under autocast the op runs with autocast off: float32 arithmetic, ``y``
+in ``x``'s dtype, gradients in the operands' dtypes.  The forward is not twice
+differentiable (as the BatchNorm path through ``mimb_scale`` is not either).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor
@@ -274,13 +277,25 @@ for _name in ("cuda", "triton"):
 
 
 # --------------------------------------------------------------------------- autograd
+_NULL = contextlib.nullcontext()
+
+
+def _no_autocast(device_type: str):
+    """Autocast off inside the op (its arithmetic is float32 whatever the autocast dtype,
+    like the other MIMB custom ops, which autocast does not see)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return _NULL
+
+
 class _MimbTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lam, w1, w2, e1, b1, gamma, beta, e2, b2, running_mean, running_var,
                 momentum, eps, batch_norm):
-        ctx.backend, (y, state) = _backends.dispatch_named(
-            "mimb_train_fwd", x.device, x, lam, w1, w2, e1, b1, gamma, beta, e2, b2,
-            running_mean, running_var, momentum, eps, batch_norm)
+        with _no_autocast(x.device.type):
+            ctx.backend, (y, state) = _backends.dispatch_named(
+                "mimb_train_fwd", x.device, x, lam, w1, w2, e1, b1, gamma, beta, e2, b2,
+                running_mean, running_var, momentum, eps, batch_norm)
         ctx.save_for_backward(x, lam, w1, w2, e1, gamma, beta, e2, *state)
         ctx.batch_norm = batch_norm
         return y
@@ -291,9 +306,10 @@ class _MimbTrain(torch.autograd.Function):
         x, lam, w1, w2, e1, gamma, beta, e2, *state = ctx.saved_tensors
         bn = ctx.batch_norm
         # On the backend that ran the forward (the saved state is that backend's).
-        dx, dlam, dw1, dw2, de1, db1, dgamma, dbeta, de2, db2 = _backends.dispatch_on(
-            ctx.backend, "mimb_train_bwd", x.device, dy, x, lam, w1, w2, e1, gamma, beta, e2,
-            tuple(state), bn)
+        with _no_autocast(x.device.type):
+            dx, dlam, dw1, dw2, de1, db1, dgamma, dbeta, de2, db2 = _backends.dispatch_on(
+                ctx.backend, "mimb_train_bwd", x.device, dy, x, lam, w1, w2, e1, gamma, beta,
+                e2, tuple(state), bn)
         return (dx, dlam, dw1, dw2, de1, db1, dgamma if bn else None, dbeta if bn else None,
                 de2, db2, None, None, None, None, None)
 
