@@ -824,21 +824,31 @@ void scale_bwd_impl(const Geometry& g, const T* dy, const T* x, T* dx, const Mlp
 
 // Checks of the backward's operands (op: the calling op's name, for messages); returns
 // dy in x's layout (autograd may hand over another one, e.g. an expanded gradient).
-Tensor check_scale_bwd(Tensor dy, const Tensor& x, const Tensor& w1, const Tensor& w2,
-                       const Tensor& v, const Tensor& s, const Layout& lay, const char* op) {
+// dy [B, C, H, W] with x's shape and dtype, returned in x's layout (autograd may hand over
+// another one, e.g. an expanded gradient).
+Tensor check_dy(Tensor dy, const Tensor& x, const Layout& lay, const char* op) {
   check_cpu_float(dy, op, "dy", 4, "[B, C, H, W]");
-  check_cpu_float(x, op, "x", 4, "[B, C, H, W]");
-  check_cpu_float(w1, op, "w1", 2, "[Cr, C]");
-  check_cpu_float(w2, op, "w2", 2, "[C, Cr]");
-  check_cpu_float(v, op, "v", 2, "[B, C]");
-  check_cpu_float(s, op, "s", 2, "[B, C]");
-  const int64_t B = x.size(0), C = x.size(1);
   for (int64_t d = 0; d < 4; ++d)
     STD_TORCH_CHECK(dy.size(d) == x.size(d), "mipnet_cpu::", op,
                     ": dy must have the shape of x; size ", dy.size(d), " != ", x.size(d),
                     " at dim ", d);
   STD_TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "mipnet_cpu::", op, ": dy is ",
                   dtype_name(dy.scalar_type()), " but x is ", dtype_name(x.scalar_type()));
+  const bool dy_ok = lay.nhwc ? is_channels_last(dy) : dy.is_contiguous();
+  if (!dy_ok)
+    dy = torch::stable::contiguous(dy, lay.nhwc ? MemoryFormat::ChannelsLast
+                                                : MemoryFormat::Contiguous);
+  return dy;
+}
+
+Tensor check_scale_bwd(Tensor dy, const Tensor& x, const Tensor& w1, const Tensor& w2,
+                       const Tensor& v, const Tensor& s, const Layout& lay, const char* op) {
+  check_cpu_float(x, op, "x", 4, "[B, C, H, W]");
+  check_cpu_float(w1, op, "w1", 2, "[Cr, C]");
+  check_cpu_float(w2, op, "w2", 2, "[C, Cr]");
+  check_cpu_float(v, op, "v", 2, "[B, C]");
+  check_cpu_float(s, op, "s", 2, "[B, C]");
+  const int64_t B = x.size(0), C = x.size(1);
   check_size(w1, op, "w1", 1, C, "C (x.size(1))");
   check_size(w2, op, "w2", 0, C, "C (x.size(1))");
   check_size(w2, op, "w2", 1, w1.size(0), "Cr (w1.size(0))");
@@ -846,11 +856,7 @@ Tensor check_scale_bwd(Tensor dy, const Tensor& x, const Tensor& w1, const Tenso
   check_size(v, op, "v", 1, C, "C (x.size(1))");
   check_size(s, op, "s", 0, B, "B (x.size(0))");
   check_size(s, op, "s", 1, C, "C (x.size(1))");
-  const bool dy_ok = lay.nhwc ? is_channels_last(dy) : dy.is_contiguous();
-  if (!dy_ok)
-    dy = torch::stable::contiguous(dy, lay.nhwc ? MemoryFormat::ChannelsLast
-                                                : MemoryFormat::Contiguous);
-  return dy;
+  return check_dy(dy, x, lay, op);
 }
 
 // The backward's data passes and MLP (B * C > 0): dx into dx, the rest into `out`.
@@ -1119,16 +1125,7 @@ mimb_train_bwd_cpu(Tensor dy, Tensor x, Tensor lam, Tensor w1, Tensor w2, Tensor
   const Layout lay = x_layout(x, op, "x");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cr = w1.size(0);
-  check_cpu_float(dy, op, "dy", 4, "[B, C, H, W]");
-  for (int64_t d = 0; d < 4; ++d)
-    STD_TORCH_CHECK(dy.size(d) == x.size(d), "mipnet_cpu::", op,
-                    ": dy must have the shape of x; size ", dy.size(d), " != ", x.size(d),
-                    " at dim ", d);
-  STD_TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "mipnet_cpu::", op, ": dy is ",
-                  dtype_name(dy.scalar_type()), " but x is ", dtype_name(x.scalar_type()));
-  if (!(lay.nhwc ? is_channels_last(dy) : dy.is_contiguous()))
-    dy = torch::stable::contiguous(dy, lay.nhwc ? MemoryFormat::ChannelsLast
-                                                : MemoryFormat::Contiguous);
+  dy = check_dy(dy, x, lay, op);
   check_embed_train(lam, e1, e2, gamma, beta, B, C, batch_norm, op);
   const int64_t N = lam.size(1), K = e1.size(0);
   STD_TORCH_CHECK(state.is_cpu() && state.scalar_type() == ScalarType::Float &&
