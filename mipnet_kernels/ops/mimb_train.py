@@ -83,42 +83,56 @@ __all__ = ["mimb_train", "mimb_train_bwd_reference", "mimb_train_fwd_reference"]
 # The composite (reference, triton, cuda) runs the embedding with the same ATen kernels as
 # the official modules -- addmm, native_batch_norm (which also updates the running
 # statistics), relu, sigmoid -- and their backward kernels, so on a GPU it launches no more
-# kernels than the modules do; its saved state is (s, v, z, a, mean, invstd).
+# kernels than the modules do (plus the casts); its saved state is (s, v, z, a, mean, invstd).
+#
+# The BatchNorm path -- z = lam @ e1.T + b1, its batch statistics, and backward dz, de1, db1,
+# dlam -- runs in float64 (``_bn_dtype``), as in the cpu kernel: it is O(B * K * N), and it
+# is ill-conditioned when the batch's selectors are close (few samples, soft lam), where
+# std_b(z) ~ 1 % of |z| amplifies float32 rounding ~100x (csrc/cpu/mimb_kernel.cpp,
+# "Precision of the BatchNorm path", has the numbers).  The rest stays in ``ct``.
+def _bn_dtype(ct: torch.dtype, device: torch.device) -> torch.dtype:
+    """float64 for the BatchNorm path where the device has it (not on MPS), else ``ct``."""
+    return ct if device.type == "mps" else torch.float64
+
+
 def _embed_fwd(lam, e1, b1, gamma, beta, e2, b2, running_mean, running_var, momentum, eps,
                batch_norm, ct):
-    """``(v, z, a, mean, invstd)`` of the training-mode embedding, in dtype ``ct``."""
-    z = torch.addmm(b1.to(ct), lam.to(ct), e1.to(ct).T)
+    """``(v, z, a, mean, invstd)`` of the training-mode embedding: ``v`` in dtype ``ct``,
+    the BatchNorm path (``z, a, mean, invstd``) in ``_bn_dtype``."""
+    bt = _bn_dtype(ct, lam.device)
+    z = torch.addmm(b1.to(bt), lam.to(bt), e1.to(bt).T)
     if batch_norm:
         rm = rv = None
         if running_mean.numel():  # kept in the statistics' own dtype, as nn.BatchNorm1d does
-            rm, rv = running_mean.to(ct), running_var.to(ct)
-        a, mean, invstd = torch.native_batch_norm(z, gamma.to(ct), beta.to(ct), rm, rv, True,
+            rm, rv = running_mean.to(bt), running_var.to(bt)
+        a, mean, invstd = torch.native_batch_norm(z, gamma.to(bt), beta.to(bt), rm, rv, True,
                                                   momentum, eps)
         if rm is not None and rm is not running_mean:
             running_mean.copy_(rm)
             running_var.copy_(rv)
     else:
         a, mean, invstd = z, z.new_empty(0), z.new_empty(0)
-    v = torch.sigmoid(torch.addmm(b2.to(ct), torch.relu(a), e2.to(ct).T))
+    v = torch.sigmoid(torch.addmm(b2.to(ct), torch.relu(a.to(ct)), e2.to(ct).T))
     return v, z, a, mean, invstd
 
 
 def _embed_bwd(dv, lam, e1, gamma, e2, v, z, a, mean, invstd, batch_norm):
     """``(dlam, de1, db1, dgamma, dbeta, de2, db2)`` from ``dv`` (``v``'s dtype)."""
-    ct = v.dtype
+    ct, bt = v.dtype, z.dtype
     du = torch.ops.aten.sigmoid_backward(dv.to(ct), v)
-    de2, db2 = du.T @ torch.relu(a), du.sum(0)
-    da = torch.ops.aten.threshold_backward(du @ e2.to(ct), a, 0)
+    a_ct = a.to(ct)
+    de2, db2 = du.T @ torch.relu(a_ct), du.sum(0)
+    da = torch.ops.aten.threshold_backward(du @ e2.to(ct), a_ct, 0).to(bt)
     if batch_norm:
         # Training mode: the saved batch statistics are used and eps is not.
         dz, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
-            da, z, gamma.to(ct), None, None, mean, invstd, True, 0.0, [True, True, True])
+            da, z, gamma.to(bt), None, None, mean, invstd, True, 0.0, [True, True, True])
         dgamma, dbeta = dgamma.to(gamma.dtype), dbeta.to(gamma.dtype)
     else:
         dz = da
         dgamma = dbeta = e1.new_empty(0)
     return (
-        (dz @ e1.to(ct)).to(lam.dtype), (dz.T @ lam.to(ct)).to(e1.dtype), dz.sum(0).to(e1.dtype),
+        (dz @ e1.to(bt)).to(lam.dtype), (dz.T @ lam.to(bt)).to(e1.dtype), dz.sum(0).to(e1.dtype),
         dgamma, dbeta, de2.to(e2.dtype), db2.to(e2.dtype),
     )
 
