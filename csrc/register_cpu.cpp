@@ -20,4 +20,8 @@ STABLE_TORCH_LIBRARY(mipnet_cpu, m) {
   m.def(MIPNET_MIMB_TRAIN_BWD_SCHEMA);
   m.def(MIPNET_OKS_NMS_SORTED_SCHEMA);
   m.def(MIPNET_SOFT_OKS_NMS_SORTED_SCHEMA);
+  // The C++ kernels' vector path (csrc/cpu/isa.h): 0 scalar, 1 avx2, 2 avx512.
+  m.def("cpu_isa() -> int");
+  m.def("cpu_isa_supported(int isa) -> bool");
+  m.def("set_cpu_isa(int isa) -> int");
 }

@@ -5,6 +5,7 @@ Every op is a ``torch.library`` custom op under ``torch.ops.mipnet`` with four b
 """
 
 from . import _extension
+from ._extension import cpu_isas, get_cpu_isa, set_cpu_isa, use_cpu_isa
 from ._backends import (
     BACKENDS,
     available_backends,
@@ -33,9 +34,11 @@ __all__ = [
     "CROWDPOSE_SIGMAS",
     "MIMB",
     "available_backends",
+    "cpu_isas",
     "decode_heatmaps",
     "flip_merge",
     "get_backend",
+    "get_cpu_isa",
     "mimb",
     "mimb_instances",
     "mimb_instances_grouped",
@@ -46,7 +49,9 @@ __all__ = [
     "oks_nms_mask",
     "select",
     "set_backend",
+    "set_cpu_isa",
     "soft_oks_nms",
     "soft_oks_nms_mask",
     "use_backend",
+    "use_cpu_isa",
 ]

@@ -71,12 +71,12 @@ def backend_unavailable_reason(name: str) -> str | None:
         return None
     if name == "cpu":
         ok, why = _extension.cpu_extension()
-        return None if ok else f"{why}; build with: {_extension.BUILD_COMMAND}"
+        return None if ok else why
     if name == "cuda":
         if not torch.cuda.is_available():
             return "no CUDA device (torch.cuda.is_available() is False)"
         ok, why = _extension.cuda_extension()
-        return None if ok else f"{why}; build with: {_extension.BUILD_COMMAND}"
+        return None if ok else why
     if name == "triton":
         why = _triton_import_error()
         if why is not None:

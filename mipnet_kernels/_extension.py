@@ -13,6 +13,7 @@ reference, and a missing extension only removes a backend.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import os
 import warnings
@@ -46,13 +47,15 @@ def _load(name: str) -> tuple[bool, str | None]:
     else:
         path = _find(name)
         if path is None:
-            result = (False, f"mipnet_kernels/{name}*.so not built")
+            result = (False, f"mipnet_kernels/{name}*.so not built; build with: {BUILD_COMMAND}")
         else:
             try:
                 torch.ops.load_library(str(path))
                 result = (True, None)
             except OSError as exc:  # wrong torch / missing CUDA runtime
-                result = (False, f"{path.name} failed to load: {exc}")
+                result = (False, f"{path.name} failed to load: {exc}; rebuild with: {BUILD_COMMAND}")
+            if result[0] and name == "_C":
+                result = _apply_isa_env()
     _STATE[name] = result
     return result
 
@@ -60,6 +63,88 @@ def _load(name: str) -> tuple[bool, str | None]:
 def cpu_extension() -> tuple[bool, str | None]:
     """(loaded, reason) of the C++ CPU extension."""
     return _load("_C")
+
+
+# --------------------------------------------------------------------------- CPU vector path
+# The C++ kernels' vector path (csrc/cpu/isa.h), one process-wide setting: the best this
+# CPU and build support unless MIPNET_KERNELS_CPU_ISA or set_cpu_isa() chose another.
+CPU_ISAS = ("scalar", "avx2", "avx512")
+ISA_ENV = "MIPNET_KERNELS_CPU_ISA"
+
+
+def _isa_ops():
+    ops = torch.ops.mipnet_cpu
+    return ops if hasattr(ops, "set_cpu_isa") else None
+
+
+def _isa_error(name: str) -> str | None:
+    """Why ``name`` cannot be the path here (None: it can)."""
+    if name not in CPU_ISAS:
+        return f"{name!r} is not one of {', '.join(CPU_ISAS)}"
+    ops = _isa_ops()
+    if ops is None:
+        return f"the loaded C++ extension predates the ISA switch (rebuild with: {BUILD_COMMAND})"
+    if not ops.cpu_isa_supported(CPU_ISAS.index(name)):
+        return (f"this CPU (or build) cannot run the {name} path; available: "
+                f"{', '.join(_supported_isas(ops))}")
+    return None
+
+
+def _supported_isas(ops) -> list[str]:
+    return [n for i, n in enumerate(CPU_ISAS) if ops.cpu_isa_supported(i)]
+
+
+def _apply_isa_env() -> tuple[bool, str | None]:
+    """Applies MIPNET_KERNELS_CPU_ISA after loading ``_C``: an unknown or unsupported value
+    makes the cpu backend unavailable with that reason (never a silent other path)."""
+    want = os.environ.get(ISA_ENV, "").strip().lower()
+    if not want:
+        return (True, None)
+    why = _isa_error(want)
+    if why is not None:
+        return (False, f"{ISA_ENV}={want}: {why}")
+    _isa_ops().set_cpu_isa(CPU_ISAS.index(want))
+    return (True, None)
+
+
+def cpu_isas() -> list[str]:
+    """The vector paths of the C++ CPU kernels this machine can run (``[]`` without them)."""
+    ok, _ = cpu_extension()
+    ops = _isa_ops() if ok else None
+    return _supported_isas(ops) if ops is not None else []
+
+
+def get_cpu_isa() -> str | None:
+    """The C++ CPU kernels' vector path in use (``scalar``, ``avx2`` or ``avx512``), or None
+    when the CPU extension is not loaded."""
+    ok, _ = cpu_extension()
+    ops = _isa_ops() if ok else None
+    return CPU_ISAS[ops.cpu_isa()] if ops is not None else None
+
+
+def set_cpu_isa(name: str) -> str:
+    """Chooses the C++ CPU kernels' vector path for the whole process (``scalar``, ``avx2``
+    or ``avx512``; ``MIPNET_KERNELS_CPU_ISA`` sets it at load).  Returns the previous one.
+    Raises ``ValueError`` naming ``name`` when it is unknown or this CPU cannot run it, and
+    ``RuntimeError`` when the CPU extension is not loaded."""
+    ok, why = cpu_extension()
+    if not ok:
+        raise RuntimeError(f"set_cpu_isa: the C++ CPU extension is not loaded ({why})")
+    why = _isa_error(str(name).strip().lower() if isinstance(name, str) else repr(name))
+    if why is not None:
+        raise ValueError(f"set_cpu_isa: name={name!r}: {why}")
+    ops = _isa_ops()
+    return CPU_ISAS[ops.set_cpu_isa(CPU_ISAS.index(name.strip().lower()))]
+
+
+@contextlib.contextmanager
+def use_cpu_isa(name: str):
+    """``set_cpu_isa(name)`` for the ``with`` block, then the previous path again."""
+    before = set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        set_cpu_isa(before)
 
 
 def cuda_extension() -> tuple[bool, str | None]:
@@ -92,7 +177,8 @@ def missing_kernel(namespace: str, name: str) -> list[str]:
 
 
 def warn_if_missing() -> None:
-    """One warning, at import, naming what is missing and how to build it."""
+    """One warning, at import, naming what is missing and why (each reason says how to
+    build what is not built)."""
     missing = []
     ok, why = cpu_extension()
     if not ok:
@@ -104,8 +190,7 @@ def warn_if_missing() -> None:
     if missing and os.environ.get("MIPNET_KERNELS_NO_EXTENSIONS", "") in ("", "0"):
         warnings.warn(
             "mipnet_kernels: " + "; ".join(missing)
-            + ". Falling back to the other backends (the PyTorch reference always works). "
-            + f"Build with: {BUILD_COMMAND}",
+            + ". Falling back to the other backends (the PyTorch reference always works).",
             RuntimeWarning,
             stacklevel=3,
         )

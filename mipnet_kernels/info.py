@@ -11,6 +11,18 @@ import sys
 import torch
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; else platform.processor())."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def collect() -> dict:
     import mipnet_kernels as mk
     from mipnet_kernels import _backends, _extension
@@ -22,6 +34,7 @@ def collect() -> dict:
         "torch_cuda": torch.version.cuda,
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu": _cpu_model(),
     }
     try:
         import triton
@@ -43,6 +56,8 @@ def collect() -> dict:
         ok, why = probe()
         path = _extension.extension_path(name.split()[0])
         info["extensions"][name] = {"loaded": ok, "reason": why, "path": str(path) if path else None}
+    info["cpu_isa"] = _extension.get_cpu_isa()
+    info["cpu_isas"] = _extension.cpu_isas()
     info["backends"] = _backends.available_backends()
     info["forced_backend"] = _backends.get_backend()
     info["ops"] = {}
@@ -65,6 +80,11 @@ def _print_human(info: dict) -> None:
     print(f"mipnet_kernels {info['mipnet_kernels']}  (python {info['python']}, {info['platform']})")
     print(f"torch {info['torch']} (CUDA {info['torch_cuda']}), triton {info['triton']}, "
           f"{info['cpu_threads']} CPU threads")
+    isa = info["cpu_isa"] or "- (C++ CPU extension not loaded)"
+    print(f"cpu: {info['cpu']}")
+    print(f"cpu isa: {isa}" + (f"  (available: {', '.join(info['cpu_isas'])}; "
+                               f"MIPNET_KERNELS_CPU_ISA or mipnet_kernels.set_cpu_isa() choose)"
+                               if info["cpu_isas"] else ""))
     for g in info.get("gpus", []):
         print(f"GPU {g['index']}: {g['name']} (sm_{g['capability'].replace('.', '')}, "
               f"{g['memory_gib']} GiB, {g['sms']} SMs)")

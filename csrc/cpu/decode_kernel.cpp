@@ -19,8 +19,9 @@
 // explicitly vectorised lane-parallel argmax (vec.h); channels-last maps (stride(1) == 1)
 // are scanned for all joints of an image at once, reading memory in order; anything else
 // uses a plain strided scan.  The two vector scans (decode_scan.h) are compiled for the
-// baseline ISA and, on x86-64, for AVX2, picked at run time like the MIMB kernels (isa.h;
-// MIPNET_KERNELS_NO_AVX2=1 forces the baseline); both give identical results.  Arithmetic is float32 after loading (fp16/bf16 converted
+// baseline ISA and, on x86-64, for AVX2, picked at run time like the MIMB
+// kernels (isa.h: the process-wide path, MIPNET_KERNELS_CPU_ISA); all give identical
+// results.  Arithmetic is float32 after loading (fp16/bf16 converted
 // on load, bit-exactly like c10).  No -ffast-math: the NaN tracking relies on IEEE
 // comparisons; -ffp-contract=off: no FMA, so rounding matches the reference's.
 //
@@ -45,6 +46,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 #ifdef MIPNET_CHECK_SEPARABLE_BLUR
 #include <cstdio>
@@ -110,11 +112,14 @@ struct ScanKern {
   // channels-last: argmax of joints [0, nk) of one image (see joints_argmax)
   void (*joints)(const T* img, int64_t nk, int64_t H, int64_t W, int64_t sy, int64_t sx,
                  float* best, int32_t* idx, int32_t* bad);
+  // flip_merge over rows of contiguous values (see flip_rows)
+  void (*flip_rows)(const T* a, int64_t say, const T* f, int64_t sfy, T* o, int64_t rows,
+                    int64_t W, bool shifted);
 };
 
 #if !MIPNET_ISA_NATIVE_AVX2
 namespace isa_base {
-#define MIPNET_VEC_AVX2 0
+#define MIPNET_VEC_WIDTH 4
 #include "decode_scan.h"
 }  // namespace isa_base
 #endif
@@ -123,27 +128,32 @@ namespace isa_base {
 MIPNET_ISA_AVX2_BEGIN
 #endif
 namespace isa_avx2 {
-#define MIPNET_VEC_AVX2 1
+#define MIPNET_VEC_WIDTH 8
 #include "decode_scan.h"
 }  // namespace isa_avx2
 #if MIPNET_ISA_DISPATCH_AVX2
 MIPNET_ISA_END
 #endif
 #endif
-
 template <class T>
-const ScanKern<T>& scan_kern() {
-  static const ScanKern<T> k = [] {
+ScanKern<T> scan_kern_for(Isa isa) {
 #if MIPNET_ISA_NATIVE_AVX2
-    return isa_avx2::make_scan_kern<T>();
+  (void)isa;
+  return isa_avx2::make_scan_kern<T>();
 #else
 #if MIPNET_ISA_DISPATCH_AVX2
-    if (cpu_has_avx2()) return isa_avx2::make_scan_kern<T>();
+  if (isa != Isa::kScalar && isa_supported(Isa::kAvx2)) return isa_avx2::make_scan_kern<T>();
 #endif
-    return isa_base::make_scan_kern<T>();
+  (void)isa;
+  return isa_base::make_scan_kern<T>();
 #endif
-  }();
-  return k;
+}
+template <class T>
+const ScanKern<T>& scan_kern() {
+  static const ScanKern<T> k[kNumIsas] = {scan_kern_for<T>(Isa::kScalar),
+                                          scan_kern_for<T>(Isa::kAvx2),
+                                          scan_kern_for<T>(Isa::kAvx512)};
+  return k[static_cast<int>(current_isa())];
 }
 
 // Argmax of one map: first maximum in row-major order, plus the NaN flag.
@@ -502,39 +512,54 @@ inline bool flip_row_fast(const c10::Half* ar, const c10::Half* fr, c10::Half* o
 }
 #endif
 
+// Parallel over maps (each thread's rows are whole maps, read in order; no per-row index
+// division), or over the rows of each map when there are fewer maps than threads.
 template <class T>
 void flip_impl(const T* a, const T* fl, T* out, const int64_t* fidx, int64_t fidx_stride,
                int64_t B, int64_t K, int64_t H, int64_t W, const int64_t* sa,
                const int64_t* sf, bool shift) {
-  const int64_t rows = B * K * H;
-  const int nt = num_threads_for(rows, rows * W);
+  const int64_t maps = B * K;
+  const int nt = num_threads_for(maps * H, maps * H * W);
   const bool shifted = shift && W > 1;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t y = r % H;
-    const int64_t j = (r / H) % K;
-    const int64_t b = r / (H * K);
-    const T* ar = a + b * sa[0] + j * sa[1] + y * sa[2];
-    const T* fr = fl + b * sf[0] + fidx[j * fidx_stride] * sf[1] + y * sf[2];
-    T* o = out + r * W;
-    // out[x] = (a[x] + fr[W-1-xs]) / 2, xs = x-1 for x >= 1 when shifted, else x.
-    // With the shift: out[0] reads fr[W-1], out[x >= 1] reads fr[W-x].
-    const int64_t x0 = shifted ? 1 : 0;  // first x of the mirrored run
-    const int64_t off = shifted ? W : W - 1;  // out[x] reads fr[off - x] for x >= x0
-    if (shifted) o[0] = T((ld(ar[0]) + ld(fr[(W - 1) * sf[3]])) * 0.5f);
-    if (sa[3] == 1 && sf[3] == 1) {
-      if (flip_row_fast(ar, fr, o, x0, W, off)) continue;
-      using namespace vec;
-      int64_t x = x0;
-      const vf half = splat(0.5f);
-      // out[x .. x+7] reads fr[off-x-7 .. off-x] reversed.
-      for (; x + kW <= W; x += kW)
-        store8(o + x, (load8(ar + x) + reverse(load8(fr + (off - x - (kW - 1))))) * half);
-      for (; x < W; ++x) o[x] = T((ld(ar[x]) + ld(fr[off - x])) * 0.5f);
-    } else {
+  const bool rows_contig = sa[3] == 1 && sf[3] == 1;
+  const ScanKern<T>& vk = scan_kern<T>();
+  // out[x] = (a[x] + fr[W-1-xs]) / 2, xs = x-1 for x >= 1 when shifted, else x.
+  // With the shift: out[0] reads fr[W-1], out[x >= 1] reads fr[W-x].
+  const int64_t x0 = shifted ? 1 : 0;       // first x of the mirrored run
+  const int64_t off = shifted ? W : W - 1;  // out[x] reads fr[off - x] for x >= x0
+  auto map_rows = [&](int64_t m, int64_t y0, int64_t y1) {
+    const int64_t b = m / K, j = m % K;
+    const T* am = a + b * sa[0] + j * sa[1] + y0 * sa[2];
+    const T* fm = fl + b * sf[0] + fidx[j * fidx_stride] * sf[1] + y0 * sf[2];
+    T* om = out + (m * H + y0) * W;
+    if (rows_contig && !std::is_same<T, c10::Half>::value) {
+      vk.flip_rows(am, sa[2], fm, sf[2], om, y1 - y0, W, shifted);
+      return;
+    }
+    for (int64_t y = 0; y < y1 - y0; ++y) {
+      const T* ar = am + y * sa[2];
+      const T* fr = fm + y * sf[2];
+      T* o = om + y * W;
+      if (rows_contig && flip_row_fast(ar, fr, o, x0, W, off)) {  // float16 through F16C
+        if (shifted) o[0] = T((ld(ar[0]) + ld(fr[W - 1])) * 0.5f);
+        continue;
+      }
+      if (rows_contig) {
+        vk.flip_rows(ar, 0, fr, 0, o, 1, W, shifted);
+        continue;
+      }
+      if (shifted) o[0] = T((ld(ar[0]) + ld(fr[(W - 1) * sf[3]])) * 0.5f);
       const int64_t ax = sa[3], fx = sf[3];
-      for (int64_t x = x0; x < W; ++x)
-        o[x] = T((ld(ar[x * ax]) + ld(fr[(off - x) * fx])) * 0.5f);
+      for (int64_t x = x0; x < W; ++x) o[x] = T((ld(ar[x * ax]) + ld(fr[(off - x) * fx])) * 0.5f);
+    }
+  };
+  if (maps >= nt) {
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t m = 0; m < maps; ++m) map_rows(m, 0, H);
+  } else {
+    for (int64_t m = 0; m < maps; ++m) {
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+      for (int64_t y = 0; y < H; ++y) map_rows(m, y, y + 1);
     }
   }
 }

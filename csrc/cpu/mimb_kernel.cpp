@@ -39,8 +39,8 @@
 //
 // Vector code: the loops over data and the MLP are in mimb.h, compiled here for the
 // baseline ISA and (x86-64) for AVX2 + F16C, plus AVX512-BF16 stores for bfloat16, picked
-// at run time (MIPNET_KERNELS_NO_AVX2=1 forces the baseline); all variants give
-// bit-identical results.  Arithmetic is float32 after loading (float16 / bfloat16
+// at run time by the process-wide path (isa.h: scalar | avx2 | avx512,
+// MIPNET_KERNELS_CPU_ISA); all variants give bit-identical results.  Arithmetic is float32 after loading (float16 / bfloat16
 // converted exactly like c10), rounded once to the output dtype; no FMA
 // (-ffp-contract=off).  The MLP's sigmoid uses a vectorised Cephes expf (~1 ulp).
 //
@@ -254,39 +254,48 @@ namespace isa_avx512bf16 {
 MIPNET_ISA_END
 #endif
 
+// The variant of each path (isa.h's setting, read on every call): scalar -> isa_base,
+// avx2 -> isa_avx2, avx512 -> isa_avx2 with, for bfloat16 data on CPUs with AVX512-BF16,
+// isa_avx512bf16's stores (the MIMB loops are memory-bound at 8 lanes; 16-lane bodies
+// did not pay).  Every variant gives bit-identical results: the same lane count (8 on the
+// AVX2 paths, 2 x 4 on the baseline) and the same order of every sum.
 template <class T>
-const Kern<T>& kern() {
-  static const Kern<T> k = [] {
+Kern<T> kern_for(Isa isa) {
 #if MIPNET_ISA_DISPATCH_AVX512BF16
-    if constexpr (std::is_same<T, BFloat16>::value) {
-      if (cpu_has_avx512bf16()) return isa_avx512bf16::make_kern<T>();
-    }
+  if constexpr (std::is_same<T, BFloat16>::value) {
+    if (isa == Isa::kAvx512 && cpu_has_avx512bf16()) return isa_avx512bf16::make_kern<T>();
+  }
 #endif
 #if MIPNET_ISA_DISPATCH_AVX2
-    if (cpu_has_avx2()) return isa_avx2::make_kern<T>();
+  if (isa != Isa::kScalar && isa_supported(Isa::kAvx2)) return isa_avx2::make_kern<T>();
 #endif
-    return isa_base::make_kern<T>();
-  }();
-  return k;
+  return isa_base::make_kern<T>();
+}
+template <class T>
+const Kern<T>& kern() {
+  static const Kern<T> k[kNumIsas] = {kern_for<T>(Isa::kScalar), kern_for<T>(Isa::kAvx2),
+                                      kern_for<T>(Isa::kAvx512)};
+  return k[static_cast<int>(current_isa())];
+}
+template <class TW>
+MatKern<TW> mat_kern_for(Isa isa) {
+#if MIPNET_ISA_DISPATCH_AVX2
+  if (isa != Isa::kScalar && isa_supported(Isa::kAvx2)) return isa_avx2::make_mat_kern<TW>();
+#endif
+  return isa_base::make_mat_kern<TW>();
 }
 template <class TW>
 const MatKern<TW>& mat_kern() {
-  static const MatKern<TW> k = [] {
-#if MIPNET_ISA_DISPATCH_AVX2
-    if (cpu_has_avx2()) return isa_avx2::make_mat_kern<TW>();
-#endif
-    return isa_base::make_mat_kern<TW>();
-  }();
-  return k;
+  static const MatKern<TW> k[kNumIsas] = {mat_kern_for<TW>(Isa::kScalar),
+                                          mat_kern_for<TW>(Isa::kAvx2),
+                                          mat_kern_for<TW>(Isa::kAvx512)};
+  return k[static_cast<int>(current_isa())];
 }
 SigmoidFn sigmoid_fn() {
-  static const SigmoidFn f = [] {
 #if MIPNET_ISA_DISPATCH_AVX2
-    if (cpu_has_avx2()) return isa_avx2::make_sigmoid();
+  if (current_isa() != Isa::kScalar && isa_supported(Isa::kAvx2)) return isa_avx2::make_sigmoid();
 #endif
-    return isa_base::make_sigmoid();
-  }();
-  return f;
+  return isa_base::make_sigmoid();
 }
 #endif
 

@@ -26,9 +26,9 @@ namespace cpu {
 namespace vec {
 
 #if defined(__AVX2__)
-#define MIPNET_VEC_AVX2 1
+#define MIPNET_VEC_WIDTH 8
 #else
-#define MIPNET_VEC_AVX2 0
+#define MIPNET_VEC_WIDTH 4
 #endif
 #include "vec_body.h"
 

@@ -1,21 +1,19 @@
 // Body of vec.h (the vec:: namespace): NOT a normal header.  Included once per
-// instruction set inside the includer's namespace, with MIPNET_VEC_AVX2 defined to 1
-// (8 lanes; the includer wraps it in an AVX2 target region unless the build targets AVX2)
-// or 0 (4 lanes: SSE2 / NEON).  vec.h includes it as mipnet::cpu::vec for the build's own
-// ISA; decode_kernel.cpp also includes it in its per-ISA namespaces (isa.h).  No include
-// guard, on purpose; undefines MIPNET_VEC_AVX2 at the end.
+// instruction set inside the includer's namespace, with MIPNET_VEC_WIDTH defined to 16
+// (AVX-512; the includer wraps it in an AVX-512 target region), 8 (AVX2; an AVX2 target
+// region unless the build targets AVX2) or 4 (SSE2 / NEON).  vec.h includes it as
+// mipnet::cpu::vec for the build's own ISA; decode_kernel.cpp also includes it in its
+// per-ISA namespaces (isa.h).  No include guard, on purpose; undefines MIPNET_VEC_WIDTH at
+// the end.
 
-#ifndef MIPNET_VEC_AVX2
-#error "define MIPNET_VEC_AVX2 (0 or 1) before including vec_body.h"
+#ifndef MIPNET_VEC_WIDTH
+#error "define MIPNET_VEC_WIDTH (4, 8 or 16) before including vec_body.h"
 #endif
 
 // Native width only: GCC scalarises generic vectors wider than the target's registers
-// (comparisons become one comiss per lane), so 8 lanes with AVX2, else 4 (SSE2 / NEON).
-#if MIPNET_VEC_AVX2
-constexpr int kW = 8;
-#else
-constexpr int kW = 4;
-#endif
+// (comparisons become one comiss per lane), so 16 lanes with AVX-512, 8 with AVX2, else 4.
+constexpr int kW = MIPNET_VEC_WIDTH;
+static_assert(kW == 4 || kW == 8 || kW == 16, "MIPNET_VEC_WIDTH must be 4, 8 or 16");
 typedef float vf __attribute__((vector_size(4 * kW)));
 typedef int32_t vi __attribute__((vector_size(4 * kW)));
 typedef uint32_t vu __attribute__((vector_size(4 * kW)));
@@ -77,7 +75,9 @@ inline vi lt_u(vu a, vu b) {
 }
 
 inline vf reverse(vf v) {
-#if MIPNET_VEC_AVX2
+#if MIPNET_VEC_WIDTH == 16
+#define MIPNET_REV_IDX 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0
+#elif MIPNET_VEC_WIDTH == 8
 #define MIPNET_REV_IDX 7, 6, 5, 4, 3, 2, 1, 0
 #else
 #define MIPNET_REV_IDX 3, 2, 1, 0
@@ -124,7 +124,10 @@ inline void store8_u16(void* p, vu v) {
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
   typedef uint16_t vh2 __attribute__((vector_size(4 * kW)));
   const vh2 w = bits<vh2>(v);  // little-endian: lane l's low half is element 2l
-#if MIPNET_VEC_AVX2
+#if MIPNET_VEC_WIDTH == 16
+  const vh h = __builtin_shufflevector(w, w, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                       28, 30);
+#elif MIPNET_VEC_WIDTH == 8
   const vh h = __builtin_shufflevector(w, w, 0, 2, 4, 6, 8, 10, 12, 14);
 #else
   const vh h = __builtin_shufflevector(w, w, 0, 2, 4, 6);
@@ -164,4 +167,4 @@ inline void store8(c10::Half* p, vf f) {
   store8_u16(p, res);
 }
 
-#undef MIPNET_VEC_AVX2
+#undef MIPNET_VEC_WIDTH
