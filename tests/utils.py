@@ -10,7 +10,6 @@ with the reason the library gives (``available_backends()`` / ``not_supported_re
 from __future__ import annotations
 
 import importlib.util
-import math
 from typing import Iterable
 
 import pytest
@@ -18,7 +17,14 @@ import torch
 
 import mipnet_kernels as mk
 from mipnet_kernels import _backends
-from mipnet_kernels.ops.decode import gaussian_kernel_1d
+from mipnet_kernels._numerics import (  # noqa: F401  (one definition of each rule, shared with the self-test)
+    _reflect101_index,
+    affine_px_scale,
+    affine_rounding_tol,
+    decode_spec_f64,
+    max_abs,
+    refined_error,
+)
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -229,139 +235,7 @@ def assert_exact(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -
         )
 
 
-def affine_rounding_tol(coords_hm: torch.Tensor, affine: torch.Tensor | None, rtol: float = 1e-6) -> torch.Tensor:
-    """Per-coordinate bound for float32 rounding of ``A @ (x, y, 1)``: ``rtol * (|a0 x| + |a1 y| + |a2|)``."""
-    if affine is None:
-        return torch.zeros_like(coords_hm, dtype=torch.float64)
-    A = affine.detach().cpu().double()[:, None]  # [B, 1, 2, 3]
-    x = coords_hm.detach().cpu().double()[..., 0:1].abs()
-    y = coords_hm.detach().cpu().double()[..., 1:2].abs()
-    mag = A[..., 0].abs() * x + A[..., 1].abs() * y + A[..., 2].abs()
-    return rtol * mag + 1e-30
-
-
-def affine_px_scale(affine: torch.Tensor | None, K: int) -> torch.Tensor:
-    """``[B, K, 2]`` factor turning a heatmap-pixel error into an output-coordinate error."""
-    if affine is None:
-        return torch.tensor(1.0, dtype=torch.float64)
-    A = affine.detach().cpu().double()
-    s = A[:, :, 0].abs() + A[:, :, 1].abs()  # [B, 2]
-    return s[:, None, :].expand(-1, K, -1)
-
-
-def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    d = (a.detach().cpu().double() - b.detach().cpu().double()).abs()
-    return float(d.max()) if d.numel() else 0.0
-
-
 # --------------------------------------------------------------------------- float64 spec
-def _reflect101_index(n: int, r: int) -> torch.Tensor:
-    i = torch.arange(-r, n + r)
-    if n == 1:
-        return torch.zeros_like(i)
-    period = 2 * n - 2
-    i = i.remainder(period)
-    return torch.where(i >= n, period - i, i)
-
-
-def decode_spec_f64(heatmaps: torch.Tensor, mode: str, affine=None, blur_kernel: int = 11, *, return_noise: bool = False):
-    """The decode of ARCHITECTURE.md / ops/decode.py written again, in float64 on CPU.
-
-    Used as the exact answer against which the float32 reference's and the kernels' errors
-    are measured, and as a second, independent reading of the spec.  Finite inputs only.
-    Gaussian taps are the op's float32 taps (so only arithmetic differs).
-
-    With ``return_noise`` also returns, per coordinate (heatmap pixels, before the affine),
-    a first-order bound on how far ANY faithful float32 evaluation may land from this exact
-    answer: the Newton step ``-H^-1 g`` moves by ``|H^-1| (|dg| + |dH| |step|)`` when the
-    log-samples carry an error ``dL``; ``dL`` is the float32 error of a ``k x k`` blur (relative
-    ``(2k + 2) u`` times the sum's condition ``blur(|hm|) / |blur(hm)|``) plus the rounding of
-    the log (``u |L|``), ``u = 2^-24``.  Large for near-singular Hessians (tiny maps, kernels
-    wider than the map), ~1e-5 px for Gaussian blobs; infinite where that error could make
-    the Hessian singular (no float32 evaluation is meaningful there).
-    """
-    x = heatmaps.detach().cpu().double()
-    B, K, H, W = x.shape
-    x = x.reshape(B * K, H, W)
-    flat = x.reshape(B * K, H * W)
-    idx = flat.argmax(dim=1)
-    px, py = idx % W, idx // W
-    cx, cy = px.double(), py.double()
-    rows = torch.arange(B * K)
-    noise = torch.zeros(B * K, dtype=torch.float64)
-
-    def at(f, dy, dx):
-        return f[rows, (py + dy).clamp(0, H - 1), (px + dx).clamp(0, W - 1)]
-
-    if mode == "quarter":
-        inner = (px > 1) & (px < W - 1) & (py > 1) & (py < H - 1)
-        cx = cx + torch.where(inner, 0.25 * torch.sign(at(x, 0, 1) - at(x, 0, -1)), 0.0)
-        cy = cy + torch.where(inner, 0.25 * torch.sign(at(x, 1, 0) - at(x, -1, 0)), 0.0)
-    elif mode in ("dark", "udp"):
-        g = torch.tensor(gaussian_kernel_1d(blur_kernel), dtype=torch.float64)
-        r = blur_kernel // 2
-
-        def blur(a, pad):  # separable (float64: same as the 2-D kernel up to ~1e-16)
-            a = torch.nn.functional.conv2d(a[:, None], g.view(1, 1, 1, -1), padding=(0, pad))
-            return torch.nn.functional.conv2d(a, g.view(1, 1, -1, 1), padding=(pad, 0))[:, 0]
-
-        if mode == "dark":
-            blurred, blurred_abs = blur(x, r), blur(x.abs(), r)
-            m = flat.max(dim=1).values
-            bm = blurred.reshape(B * K, -1).max(dim=1).values
-            ok = (m > 0) & (bm != 0)
-            c = torch.where(ok, m / torch.where(ok, bm, 1.0), 1.0)
-            L = torch.log(torch.clamp(blurred * c[:, None, None], min=1e-10))
-            dx = 0.5 * (at(L, 0, 1) - at(L, 0, -1))
-            dy = 0.5 * (at(L, 1, 0) - at(L, -1, 0))
-            hxx = 0.25 * (at(L, 0, 2) - 2 * at(L, 0, 0) + at(L, 0, -2))
-            hyy = 0.25 * (at(L, 2, 0) - 2 * at(L, 0, 0) + at(L, -2, 0))
-            hxy = 0.25 * (at(L, 1, 1) - at(L, -1, 1) - at(L, 1, -1) + at(L, -1, -1))
-            step = ok & (px > 1) & (px < W - 2) & (py > 1) & (py < H - 2)
-            points = [(0, 0), (0, 1), (0, -1), (1, 0), (-1, 0), (0, 2), (0, -2), (2, 0), (-2, 0), (1, 1), (-1, 1), (1, -1), (-1, -1)]
-        else:
-            padded = x[:, _reflect101_index(H, r)][:, :, _reflect101_index(W, r)]
-            blurred, blurred_abs = blur(padded, 0), blur(padded.abs(), 0)
-            L = torch.log(blurred.clamp(0.001, 50.0))
-            i0, ix, ix_, iy, iy_ = at(L, 0, 0), at(L, 0, 1), at(L, 0, -1), at(L, 1, 0), at(L, -1, 0)
-            eps = float(torch.finfo(torch.float32).eps)
-            dx, dy = 0.5 * (ix - ix_), 0.5 * (iy - iy_)
-            hxx = ix - 2 * i0 + ix_ + eps
-            hyy = iy - 2 * i0 + iy_ + eps
-            hxy = 0.5 * (at(L, 1, 1) - ix - iy + 2 * i0 - ix_ - iy_ + at(L, -1, -1))
-            step = torch.ones(B * K, dtype=torch.bool)
-            points = [(0, 0), (0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, -1)]
-        det = hxx * hyy - hxy * hxy
-        step = step & (det != 0)
-        det = torch.where(step, det, 1.0)
-        ox, oy = -(hyy * dx - hxy * dy) / det, -(hxx * dy - hxy * dx) / det
-        cx = torch.where(step, cx + ox, cx)
-        cy = torch.where(step, cy + oy, cy)
-        if return_noise:
-            u = 2.0**-24
-            cond = (blurred_abs / blurred.abs().clamp_min(1e-300)).clamp(max=1e12)
-            dL = torch.stack([(2 * blur_kernel + 2) * u * at(cond, a, b) + u * at(L, a, b).abs() for a, b in points]).amax(0)
-            half = 0.5 * (hxx + hyy)
-            rad = torch.sqrt((0.5 * (hxx - hyy)) ** 2 + hxy**2)
-            lam_min = torch.minimum((half - rad).abs(), (half + rad).abs())
-            hinv = 1.0 / lam_min.clamp_min(1e-300)
-            size = torch.sqrt(ox**2 + oy**2)
-            noise = torch.where(step, hinv * dL * (1 + 8 * size), 0.0).nan_to_num(nan=math.inf)
-            # Beyond first order: an error this size could make H singular -- no bound at all
-            # (UDP's eps*I on a map whose log is flat along an axis, e.g. everything clipped).
-            noise = torch.where(step & (hinv * 8 * dL >= 0.5), math.inf, noise)
-    elif mode != "argmax":
-        raise ValueError(mode)
-    coords = torch.stack([cx, cy], -1).reshape(B, K, 2)
-    if affine is not None:
-        A = affine.detach().cpu().float().double()  # the op rounds the affine to float32
-        coords = torch.einsum("bij,bkj->bki", A[:, :, :2], coords) + A[:, None, :, 2]
-    scores = flat.max(dim=1).values.reshape(B, K)
-    if return_noise:
-        return coords, scores, noise.reshape(B, K, 1).expand(B, K, 2)
-    return coords, scores
-
-
 def check_refined(out_coords, heatmaps, mode, affine, blur_kernel, ref_coords, *, atol_px=1e-4, what=""):
     """dark/udp: ``|out - spec64| <= atol + 2 |ref32 - spec64| + 2 noise`` per coordinate,
     where ``spec64`` is the exact (float64) answer, ``ref32`` the float32 reference (the
@@ -371,20 +245,12 @@ def check_refined(out_coords, heatmaps, mode, affine, blur_kernel, ref_coords, *
     are scaled by the affine, whose own float32 rounding is added.  Where the reference is
     NaN the output must be NaN.
     """
-    spec, _, noise = decode_spec_f64(heatmaps, mode, None, blur_kernel, return_noise=True)
-    coords_hm = spec
-    if affine is not None:
-        spec = decode_spec_f64(heatmaps, mode, affine, blur_kernel)[0]
-    K = heatmaps.shape[1]
+    err, tol, spec = refined_error(out_coords, heatmaps, mode, affine, blur_kernel, ref_coords, atol_px=atol_px)
     ref = ref_coords.detach().cpu().double()
     out = out_coords.detach().cpu().double()
     nan_ref = torch.isnan(ref)
     if not torch.equal(torch.isnan(out), nan_ref):
         raise AssertionError(f"{what}: NaN pattern differs from the reference")
-    scale = affine_px_scale(affine, K)
-    ref_err = (ref - spec).abs()
-    tol = 2 * ref_err + (atol_px + 2 * noise) * scale + 2 * affine_rounding_tol(coords_hm, affine)
-    err = (out - spec).abs()
     bad = ~(err <= tol) & ~nan_ref
     if bool(bad.any()):
         idx = bad.nonzero()[:5].tolist()
