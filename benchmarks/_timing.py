@@ -179,3 +179,19 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int = COPY_BYTES, reps:
         "copy_bandwidth_GBps": moved / t / 1e9,
         "method": f"median of {reps} CUDA-event-timed device-to-device copies of {nbytes >> 20} MiB",
     }
+
+
+def cpu_roof_time(fn: Callable[[], object], min_time_s: float = 0.1, min_reps: int = 10) -> float:
+    """Median wall time of ``fn`` on the CPU (at least ``min_reps`` calls and ``min_time_s``):
+    the matching torch read/copy kernel a CPU row is compared with (``t/roof``), timed in the
+    same run as the row, since these shared VMs' bandwidth and caches differ between
+    machines and moments."""
+    for _ in range(3):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < min_time_s:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
