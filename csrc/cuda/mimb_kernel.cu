@@ -23,11 +23,13 @@
 //     when HW is a multiple of the vector width and x is 16-byte aligned.
 //   NHWC (channels_last; also when H*W == 1): `lanes` threads cover the channel tile with
 //     one vector (channels c .. c+V-1) each, 256 / lanes rows of pixels.  Vector loads when
-//     C is a multiple of the vector width.
-// The tiling of a branch depends only on its shape, dtype and alignment (plan_branch),
-// never on the device, the path or on the other branches of a group: a grouped launch,
-// a single launch, the two-phase and the single-pass kernel all add the same numbers in
-// the same order and give bit-identical results.  Each tile writes per-channel partial sums
+//     C is a multiple of the vector width.  A tile has up to 256 * V channels, so each
+//     thread writes the partials of several channels (every 256th of the tile).
+// The tiling of a branch depends only on its shape, dtype and alignment (plan_tiling in
+// mimb_tiling.h, with the rest of the index math), never on the device, the path or on the
+// other branches of a group: a grouped launch, a single launch, the two-phase and the
+// single-pass kernel all add the same numbers in the same order and give bit-identical
+// results.  Each tile writes per-channel partial sums
 // ([B, nsp, C] float32 workspace); the per-sample sums add the nsp partials in order.
 //
 // ------------------------------------------------------------------ the two paths
@@ -101,6 +103,7 @@
 
 #include "../host_utils.h"
 #include "common.cuh"
+#include "mimb_tiling.h"
 
 namespace mipnet {
 namespace cuda {
@@ -113,11 +116,15 @@ using namespace common;
 using host::dtype_name;
 using host::is_supported_float;
 
-constexpr int kWarp = 32;
+using mimb::kRegVecs;  // vectors per thread per tile (registers)
+using mimb::kThreads;  // every MIMB block
+using mimb::kWarp;
+using mimb::ThreadMap;
+using mimb::Tile;
+using mimb::thread_map;
+using mimb::tile_of;
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kThreads = 256;             // every MIMB block
 constexpr int kWarps = kThreads / kWarp;
-constexpr int kRegVecs = 8;               // vectors per thread per tile (registers)
 constexpr int kMaxBranches = 4;           // branches per grouped launch
 constexpr int64_t kMaxSampleElems = int64_t{1} << 30;  // C * H * W (int32 offsets)
 
@@ -132,15 +139,15 @@ struct Mat {
   int dt;  // DtCode
 };
 
-// One branch of a launch, passed by value inside Group.
-struct Branch {
+// One branch of a launch, passed by value inside Group.  Its tiling (C, HW, layout and the
+// tile geometry, mimb_tiling.h) is the base class, so the index math reads it directly.
+struct Branch : mimb::Tiling {
   const void* x;   // [B, C, H, W], NCHW or NHWC dense
   const void* dy;  // backward: [B, C, H, W], x's layout
   void* out;       // y [N*B, C, H, W] (instances) / y / dx, x's layout
-  int B, C, HW, Cr, N;  // N: outputs per sample (instances; 1 otherwise)
-  int nhwc, vec;        // layout; vector access (else single elements)
-  int lanes, rows, ctile, nct, nsp, L;  // tiling (plan_branch)
-  int block0, nblocks;                  // this branch's blocks: [block0, block0 + nblocks)
+  int B, Cr, N;    // N: outputs per sample (instances; 1 otherwise)
+  int vec;         // vector access (else single elements)
+  int block0, nblocks;  // this branch's blocks: [block0, block0 + nblocks)
   Mat w1, w2;  // [Cr, C], [C, Cr]
   Mat v;       // v [B, C] (fwd, bwd) or table [N, C] (instances)
   Mat s_in;    // backward: the forward's s [B, C]
@@ -367,62 +374,11 @@ __device__ __forceinline__ void store_pack(typename D::raw_t* p, const Pack<D, V
   }
 }
 
-struct Tile {
-  int b, ct, sp, p0, p1;  // sample, channel tile, split; pixels [p0, p1)
-};
-
 __device__ __forceinline__ int branch_index(const Group& g) {
   int bi = 0;
   for (int i = 1; i < g.nbr; ++i)
     if (static_cast<int>(blockIdx.x) >= g.br[i].block0) bi = i;
   return bi;
-}
-
-__device__ __forceinline__ Tile tile_of(const Branch& br, int local) {
-  Tile t;
-  const int per_sample = br.nct * br.nsp;
-  t.b = local / per_sample;
-  const int r = local - t.b * per_sample;
-  t.ct = r / br.nsp;
-  t.sp = r - t.ct * br.nsp;
-  t.p0 = t.sp * br.L;
-  t.p1 = min(t.p0 + br.L, br.HW);
-  return t;
-}
-
-// This thread's vectors in the tile: offsets base + k * step (within the sample), k < n,
-// all of channel c (NCHW) or of channels c .. c+V-1 (NHWC); c = -1: none.
-struct ThreadMap {
-  int64_t base, step;  // int64: base + k * step is in range only for k < n
-  int n, c, lane, row;
-};
-
-template <int V>
-__device__ __forceinline__ ThreadMap thread_map(const Branch& br, const Tile& tl) {
-  ThreadMap m{0, 0, 0, -1, 0, 0};
-  const int t = threadIdx.x;
-  m.lane = t % br.lanes;
-  m.row = t / br.lanes;
-  if (m.row >= br.rows) return m;
-  int c, pstart, pstep;
-  if (!br.nhwc) {
-    c = tl.ct * br.ctile + m.row;
-    pstart = tl.p0 + m.lane * V;
-    pstep = br.lanes * V;
-    if (c >= br.C) return m;
-    m.base = static_cast<int64_t>(c) * br.HW + pstart;
-    m.step = pstep;
-  } else {
-    c = tl.ct * br.ctile + m.lane * V;
-    pstart = tl.p0 + m.row;
-    pstep = br.rows;
-    if (c >= br.C) return m;
-    m.base = static_cast<int64_t>(pstart) * br.C + c;
-    m.step = static_cast<int64_t>(pstep) * br.C;
-  }
-  m.c = c;
-  m.n = pstart < tl.p1 ? (tl.p1 - pstart + pstep - 1) / pstep : 0;  // <= kRegVecs (plan)
-  return m;
 }
 
 // Loads this thread's vectors (backward: dy, after adding dy * x), accumulates the
@@ -455,25 +411,31 @@ __device__ __forceinline__ void reduce_tile(const Branch& br, const Tile& tl,
       }
     }
   }
-  float* part = br.part + (static_cast<int64_t>(tl.b) * br.nsp + tl.sp) * br.C;
+  // Who writes which partial: mimb_tiling.h (checked on the host by test_cuda_index_math).
+  float* part = br.part + mimb::partial_index(br, tl, 0);
   if (!br.nhwc) {
     float s = 0.f;
 #pragma unroll
     for (int j = 0; j < V; ++j) s += acc[j];
     for (int off = br.lanes / 2; off > 0; off >>= 1) s += __shfl_xor_sync(kFullMask, s, off);
-    if (m.c >= 0 && m.lane == 0) part[m.c] = s;
+    const int c = mimb::nchw_partial_channel(m);
+    if (c >= 0) part[c] = s;
   } else {
     if (m.row < br.rows) {
 #pragma unroll
-      for (int j = 0; j < V; ++j) red[m.row * br.ctile + m.lane * V + j] = acc[j];
+      for (int j = 0; j < V; ++j) red[mimb::red_index(br, m.row, m.lane * V + j)] = acc[j];
     }
     __syncthreads();
-    const int t = threadIdx.x;
-    const int c = tl.ct * br.ctile + t;
-    if (t < br.ctile && c < br.C) {
+    // The tile has up to kThreads * V channels, more than there are threads: each thread
+    // sums the rows of every kThreads-th column (one column per thread would leave the
+    // channels past the first kThreads without a partial -- and the workspace is not
+    // zeroed, so garbage would reach s, y and every gradient).
+    const mimb::ChannelRange cr = mimb::nhwc_partial_channels(br, tl, threadIdx.x);
+    const int c0 = tl.ct * br.ctile;
+    for (int i = cr.first; i < cr.end; i += cr.step) {
       float s = 0.f;
-      for (int r = 0; r < br.rows; ++r) s += red[r * br.ctile + t];
-      part[c] = s;
+      for (int r = 0; r < br.rows; ++r) s += red[mimb::red_index(br, r, i)];
+      part[c0 + i] = s;
     }
   }
 }
@@ -561,7 +523,7 @@ __device__ __forceinline__ void wait_sample(unsigned* flag, int nblk) {
 template <class D, int V, int MODE>
 __device__ __forceinline__ void reduce_body(const Branch& br, const Tile& tl, float* red,
                                             int* flag_sh) {
-  const ThreadMap m = thread_map<V>(br, tl);
+  const ThreadMap m = thread_map<V>(br, tl, threadIdx.x);
   Pack<D, V> keep[kRegVecs];  // unused here: dead after inlining
   reduce_tile<D, V, MODE>(br, tl, m, keep, red);
   if (arrive_last(br.ticket + tl.b, br.nct * br.nsp, flag_sh)) mlp_sample<MODE>(br, tl.b);
@@ -570,7 +532,7 @@ __device__ __forceinline__ void reduce_body(const Branch& br, const Tile& tl, fl
 // Two-phase, kernel 1: the tile's partial sums; the last block of a sample runs its MLP.
 template <class D, int MODE>
 __global__ void __launch_bounds__(kThreads, 2) mimb_reduce_kernel(const Group g) {
-  __shared__ float red[kThreads * D::kVec];
+  __shared__ float red[mimb::reduce_smem_floats(D::kVec)];
   __shared__ int flag_sh;
   const Branch& br = g.br[branch_index(g)];
   const Tile tl = tile_of(br, static_cast<int>(blockIdx.x) - br.block0);
@@ -582,7 +544,7 @@ __global__ void __launch_bounds__(kThreads, 2) mimb_reduce_kernel(const Group g)
 
 template <class D, int V, int MODE>
 __device__ __forceinline__ void apply_body(const Branch& br, const Tile& tl) {
-  const ThreadMap m = thread_map<V>(br, tl);
+  const ThreadMap m = thread_map<V>(br, tl, threadIdx.x);
   Pack<D, V> keep[kRegVecs];
   const int64_t sbase = static_cast<int64_t>(tl.b) * br.C * br.HW;
   load_tile<D, V>(static_cast<const typename D::raw_t*>(MODE == kBwd ? br.dy : br.x) + sbase,
@@ -606,7 +568,7 @@ __global__ void __launch_bounds__(kThreads, 2) mimb_apply_kernel(const Group g) 
 template <class D, int V, int MODE>
 __device__ __forceinline__ void single_pass_body(const Branch& br, const Tile& tl, float* red,
                                                  int* flag_sh) {
-  const ThreadMap m = thread_map<V>(br, tl);
+  const ThreadMap m = thread_map<V>(br, tl, threadIdx.x);
   Pack<D, V> keep[kRegVecs];
   reduce_tile<D, V, MODE>(br, tl, m, keep, red);
   const int nblk = br.nct * br.nsp;
@@ -622,7 +584,7 @@ __device__ __forceinline__ void single_pass_body(const Branch& br, const Tile& t
 // Single pass (cooperative launch only): reduce, per-sample MLP, scale from registers.
 template <class D, int MODE>
 __global__ void __launch_bounds__(kThreads, 2) mimb_single_pass_kernel(const Group g) {
-  __shared__ float red[kThreads * D::kVec];
+  __shared__ float red[mimb::reduce_smem_floats(D::kVec)];
   __shared__ int flag_sh;
   const Branch& br = g.br[branch_index(g)];
   const int local = static_cast<int>(blockIdx.x) - br.block0;
@@ -726,37 +688,8 @@ Tensor alloc_4d(const Tensor& like, int64_t B, bool cl) {
 }
 
 // ==================================================================== host: planning
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// The tiling of a branch (see "tiles" above): a function of its shape and vector width
-// only.  Each thread gets at most kRegVecs vectors per tile, the splits as even as possible;
-// the fewest tiles that allow, so that the single pass fits as often as possible.
-void plan_branch(Branch& br, int V) {
-  const int64_t C = br.C, HW = br.HW;
-  int64_t per, step;  // vectors per thread over a whole sample; pixels per thread step
-  if (!br.nhwc) {
-    const int64_t nv = cdiv(HW, V);
-    int lanes = 1;
-    while (lanes < kWarp && lanes < nv) lanes *= 2;
-    br.lanes = lanes;
-    br.rows = kThreads / lanes;
-    br.ctile = br.rows;
-    br.nct = static_cast<int>(cdiv(C, br.rows));
-    per = cdiv(nv, lanes);
-    step = static_cast<int64_t>(lanes) * V;
-  } else {
-    const int64_t nvc = cdiv(C, V);
-    br.nct = static_cast<int>(cdiv(nvc, kThreads));
-    br.lanes = static_cast<int>(cdiv(nvc, br.nct));
-    br.rows = kThreads / br.lanes;
-    br.ctile = br.lanes * V;
-    per = cdiv(HW, br.rows);
-    step = br.rows;
-  }
-  const int64_t chunk = cdiv(per, cdiv(per, kRegVecs));  // vectors per thread per split
-  br.L = static_cast<int>(std::min<int64_t>(chunk * step, HW));
-  br.nsp = static_cast<int>(cdiv(HW, br.L));
-}
+// The tiling itself: mimb::plan_tiling (mimb_tiling.h).
+using mimb::cdiv;
 
 // Vector access for the branch: 16-byte aligned bases, and planes (NCHW) / pixel rows
 // (NHWC) a whole number of vectors long.
@@ -764,8 +697,8 @@ bool vectorizable(const Branch& br, int V) {
   auto aligned = [](const void* p) {
     return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0;
   };
-  const int64_t len = br.nhwc ? br.C : br.HW;
-  return len % V == 0 && aligned(br.x) && aligned(br.dy) && aligned(br.out);
+  return mimb::use_vectors(br.nhwc ? br.C : br.HW, V,
+                           aligned(br.x) && aligned(br.dy) && aligned(br.out));
 }
 
 // ==================================================================== host: state
@@ -840,7 +773,7 @@ void launch_group(Group& g, const Tensor& like, int32_t dev, const char* op) {
   for (int i = 0; i < g.nbr; ++i) {
     Branch& br = g.br[i];
     br.vec = vectorizable(br, D::kVec) ? 1 : 0;
-    plan_branch(br, br.vec ? D::kVec : 1);
+    mimb::plan_tiling(br, br.vec ? D::kVec : 1);
     const int64_t nblk = static_cast<int64_t>(br.B) * br.nct * br.nsp;
     STD_TORCH_CHECK(blocks + nblk <= INT_MAX, "mipnet_cuda::", op,
                     ": the inputs are too large (", blocks + nblk, " tiles)");
