@@ -320,11 +320,24 @@ _index_cache: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
 
 
 def _flip_index_tensor(flip_index: Sequence[int], device: torch.device) -> Tensor:
-    key = (tuple(flip_index), device)
+    """``flip_index`` as an int64 ``[K]`` tensor on ``device``, cached per (index, device).
+
+    Built by device-side ops only (an ``arange`` and one ``fill_`` per moved joint), never
+    copied from host memory: a pageable host-to-device copy is illegal inside a CUDA-graph
+    capture, and the first call may be the one captured.  A tensor made during a capture
+    holds its values only once the graph replays, so it is not cached; the cache (never
+    evicted, so a graph may read from it) serves later captures and eager calls.
+    """
+    values = tuple(int(i) for i in flip_index)
+    key = (values, device)
     t = _index_cache.get(key)
     if t is None:
-        t = torch.tensor(list(flip_index), dtype=torch.int64, device=device)
-        _index_cache[key] = t
+        t = torch.arange(len(values), dtype=torch.int64, device=device)
+        for k, v in enumerate(values):
+            if v != k:
+                t[k].fill_(v)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _index_cache[key] = t
     return t
 
 

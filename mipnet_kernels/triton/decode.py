@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import num_warps
+from ._launch import launch, num_warps
 
 # Mode ids shared with csrc/decode.h and mipnet_kernels.ops.decode.MODE_ID.
 _ARGMAX, _QUARTER, _DARK, _UDP = 0, 1, 2, 3
@@ -518,7 +518,8 @@ def decode_heatmaps_triton(
     settings = _decode_settings(B * K, H, W, ksize if mode_id in (_DARK, _UDP) else 1)
     grid = (triton.cdiv(B * K, settings["MAPS"]),)
     with _device_guard(heatmaps):
-        _decode_heatmaps_kernel[grid](
+        launch(
+            _decode_heatmaps_kernel, grid,
             heatmaps,
             a,
             g,
@@ -643,7 +644,8 @@ def flip_merge_triton(heatmaps: Tensor, flipped: Tensor, flip_index: Tensor, shi
     grid = (triton.cdiv(num_rows, settings["BLOCK_R"]), triton.cdiv(W, settings["BLOCK_W"]))
     hs, fs = heatmaps.stride(), flipped.stride()
     with _device_guard(heatmaps):
-        _flip_merge_kernel[grid](
+        launch(
+            _flip_merge_kernel, grid,
             heatmaps,
             flipped,
             index,

@@ -27,14 +27,22 @@ kernel is not written for Triton):
    per-sample MLP (``O(C * C/r)``) over ``[C/r, MLP_C]`` weight tiles: forward the scale
    ``a = sigmoid(W2 relu(W1 s)) * v`` (or ``* table[n]`` for every instance ``n``);
    backward also ``dv``, ``g_s / HW`` and the per-sample vectors ``g_z2, h, g_z1`` whose
-   batch sums ``g_z2.T @ h`` and ``g_z1.T @ s`` (two torch matmuls) are ``dw2`` and ``dw1``.
+   batch sums ``g_z2.T @ h`` and ``g_z1.T @ s`` are ``dw2`` and ``dw1`` (backward only:
+   ``_batch_outer_kernel``, two small launches, float32 FMA -- not torch matmuls, whose
+   precision follows the user's global TF32 setting, ``torch.backends.cuda.matmul.allow_tf32``
+   / ``torch.set_float32_matmul_precision``).
 2. ``_mimb_scale_kernel``: ``out[n*B + b] = in[b] * a[n, b, :] (+ bias[b, :])`` over
    ``[BLOCK_C, BLOCK_P]`` tiles, the input tile loaded once and ``N`` outputs written
    (forward: ``N = 1``, ``in = x``; backward: ``in = dy``, ``bias = g_s / HW``; instances:
    ``a[n, b] = e[b] * table[n]``).
 
 Arithmetic is float32 (float64 for float64 inputs, so gradcheck can run through these
-kernels) and every output is rounded once to its dtype.
+kernels) and every output is rounded once to its dtype.  The sigmoid and the means use
+IEEE division and libdevice ``exp`` (:mod:`._math`), not Triton's default ``div.full.f32``
+and ``ex2.approx.f32``: the MLP runs once per sample in one program, so exactness costs
+nothing measurable, and the result is the CUDA backend's ``1.0f / (1.0f + expf(-z))`` bit
+for bit and within 1 ulp of the reference's sigmoid (the approximate ``exp`` of ``-z`` is
+off by up to ``|z| * 1.44 * 2^-24`` relative, ~20 ulp of ``e`` at ``|z| = 16``).
 
 Bytes moved: forward reads x twice and writes y once (the single-pass kernel will read it
 once where the sample fits on chip); backward reads x and dy, then dy again, and writes dx.
@@ -62,7 +70,8 @@ from ..ops.mimb import (
     compute_dtype,
     out_memory_format,
 )
-from ._launch import num_warps
+from . import _math
+from ._launch import launch, num_warps
 
 #: Elements per tile of both kernels: 16 float32 per thread at 8 warps (4 x 16-byte vectors).
 _TILE_ELEMS = 4096
@@ -170,7 +179,7 @@ def _mimb_mlp_hidden(part_ptr, s_ptr, w1_ptr, b, C, CR, HW, SPLIT, sw1_r, sw1_c,
                 # .cg: read from L2, never a stale L1 line (the partials come from other SMs)
                 sc += tl.load(part_ptr + (b64 * SPLIT + sp) * C + cc, mask=cm, other=0.0,
                               cache_modifier=".cg")
-            sc = sc / HW
+            sc = _math.div(sc, tl.full([], HW, ACC))
             tl.store(s_ptr + b64 * C + cc, sc, mask=cm)
         else:
             sc = tl.load(s_ptr + b64 * C + cc, mask=cm, other=0.0)
@@ -188,7 +197,8 @@ def _mimb_excite_chunk(w2_ptr, h, cc, cm, CR, sw2_c, sw2_r, CR_PAD: tl.constexpr
     w2t = tl.load(w2_ptr + cc[:, None] * sw2_c + rs[None, :] * sw2_r,
                   mask=cm[:, None] & (rs < CR)[None, :], other=0.0).to(ACC)
     z2 = tl.sum(w2t * h[None, :], axis=1)
-    return 1.0 / (1.0 + tl.exp(-z2)), w2t
+    # IEEE division and libdevice exp: the CUDA backend's 1.0f / (1.0f + expf(-z)), bit for bit.
+    return _math.div(tl.full([], 1.0, ACC), 1.0 + _math.exp(-z2)), w2t
 
 
 @triton.jit
@@ -296,7 +306,7 @@ def _reduce_mlp_program(
                 w1t = tl.load(w1_ptr + rs[:, None] * sw1_r + cc[None, :] * sw1_c,
                               mask=rmask[:, None] & cm[None, :], other=0.0).to(ACC)
                 g_s = tl.sum(w1t * gz1[:, None], axis=0)
-                tl.store(bias_ptr + b64 * C + cc, g_s / HW, mask=cm)
+                tl.store(bias_ptr + b64 * C + cc, _math.div(g_s, tl.full([], HW, ACC)), mask=cm)
 
 
 @triton.jit
@@ -383,11 +393,50 @@ def _mimb_scale_kernel(
                    num_pblocks, num_cblocks, HAS_BIAS, BLOCK_C, BLOCK_P)
 
 
+@triton.jit
+def _batch_outer_kernel(
+    a_ptr,  # shape (B, M), contiguous, float32/float64
+    b_ptr,  # shape (B, N), contiguous, a's dtype
+    out_ptr,  # output a.T @ b, shape (M, N), contiguous, a's dtype
+    B, M, N,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``out = a.T @ b`` as ``B`` rank-1 updates in a's dtype (the weight gradients: B is the
+    batch, a few dozen at most, so the tile stays in registers and no tensor core -- no TF32
+    -- is involved)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm = rm < M
+    mn = rn < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], out_ptr.dtype.element_ty)
+    for i in range(B):  # fixed order: deterministic
+        av = tl.load(a_ptr + i * M + rm, mask=mm, other=0.0)
+        bv = tl.load(b_ptr + i * N + rn, mask=mn, other=0.0)
+        acc += av[:, None] * bv[None, :]
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc, mask=mm[:, None] & mn[None, :])
+
+
+@triton.jit(do_not_specialize=[f"v{i}" for i in range(24)])
+def _meta_row_kernel(
+    out_ptr,  # output: one row of a meta table, shape (NCOL,), int32
+    v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11,  # the row's values (int32 scalars)
+    v12, v13, v14, v15, v16, v17, v18, v19, v20, v21, v22, v23,
+    NCOL: tl.constexpr,  # <= 24 values stored
+):
+    """Writes a meta-table row from kernel arguments: no host-to-device copy, so a CUDA
+    graph can capture it (the values are baked into the launch)."""
+    vals = (v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11,
+            v12, v13, v14, v15, v16, v17, v18, v19, v20, v21, v22, v23)
+    for i in tl.static_range(NCOL):
+        tl.store(out_ptr + i, vals[i])
+
+
 # Grouped kernels: up to four branch tensors (HRNet's branches: different C, H, W; one dtype
 # and layout) in one launch.  Program ids are concatenated branch by branch; each branch's
-# sizes and workspace offsets are a row of an int32 ``meta`` table (cached on the device
-# per shape signature, so a launch copies nothing from the host and CUDA graphs can
-# capture it); its tensors are kernel arguments.  The tiles are common to the group (those
+# sizes and workspace offsets are a row of an int32 ``meta`` table (written on the device by
+# ``_meta_row_kernel`` from kernel arguments and cached per shape signature, so no launch
+# copies from the host and CUDA graphs can capture even a first call); its tensors are
+# kernel arguments.  The tiles are common to the group (those
 # of its largest branch); the unit stride is a literal (LAYOUT), and ALIGNED promises that
 # every branch's contiguous extent is a multiple of 16 so the loads still vectorise (checked
 # in the sm_90 PTX: 128-bit loads and stores, as the single-op kernel).
@@ -549,7 +598,8 @@ def _reduce_mlp(mode: int, x: Tensor, dy: Tensor | None, w1: Tensor, w2: Tensor,
     count = torch.zeros(B, dtype=torch.int32, device=x.device)
     o = lambda k: out.get(k, part)  # noqa: E731  (unused outputs point at scratch)
     with _device_guard(x):
-        _mimb_reduce_mlp_kernel[(B * num_cblocks * split,)](
+        launch(
+            _mimb_reduce_mlp_kernel, (B * num_cblocks * split,),
             x, x if dy is None else dy, part, count, w1, w2, mult,
             out["s"], out["a"], o("dv"), o("gz2"), o("h"), o("gz1"), o("bias"),
             B, C, CR, HW, stride_c, stride_p, chunk, num_cblocks, split, na,
@@ -571,7 +621,8 @@ def _scale(inp: Tensor, a: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
     num_pblocks = triton.cdiv(HW, settings["BLOCK_P"])
     num_cblocks = triton.cdiv(C, settings["BLOCK_C"])
     with _device_guard(inp):
-        _mimb_scale_kernel[(B * num_cblocks * num_pblocks,)](
+        launch(
+            _mimb_scale_kernel, (B * num_cblocks * num_pblocks,),
             inp, a, a if bias is None else bias, out,
             B, C, HW, N, stride_c, stride_p, num_pblocks, num_cblocks,
             HAS_BIAS=bias is not None,
@@ -579,6 +630,34 @@ def _scale(inp: Tensor, a: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
             **settings,
         )
     return out
+
+
+def _outer_settings(M: int, N: int) -> dict:
+    """``BLOCK_M, BLOCK_N, num_warps`` of ``_batch_outer_kernel`` (tiles of <= 64 x 64)."""
+    bm = min(triton.next_power_of_2(M), 64)
+    bn = min(triton.next_power_of_2(N), 64)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps(bm * bn))
+
+
+def _batch_outer(a: Tensor, b: Tensor) -> Tensor:
+    """``a.T @ b`` for ``a [B, M]``, ``b [B, N]`` contiguous, in their dtype, precision
+    independent of torch's matmul settings."""
+    B, M = a.shape
+    N = b.shape[1]
+    out = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    settings = _outer_settings(M, N)
+    with _device_guard(a):
+        launch(
+            _batch_outer_kernel, (triton.cdiv(M, settings["BLOCK_M"]), triton.cdiv(N, settings["BLOCK_N"])),
+            a, b, out, B, M, N, enable_fp_fusion=True,  # FMA: one rounding per update
+            **settings,
+        )
+    return out
+
+
+def _weight_grads(r: dict) -> tuple[Tensor, Tensor]:
+    """``(dw1, dw2) = (g_z1.T @ s, g_z2.T @ h)`` in the accumulation dtype."""
+    return _batch_outer(r["gz1"], r["s"]), _batch_outer(r["gz2"], r["h"])
 
 
 # --------------------------------------------------------------------------- launchers
@@ -597,8 +676,8 @@ def mimb_scale_bwd_triton(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward: ``(dx, dw1, dw2, dv)`` (formulas in :mod:`mipnet_kernels.ops.mimb`).
 
-    The per-sample MLP backward runs in the reduction kernel; only the two batch sums of
-    the weight gradients (``dw2 = g_z2.T @ h``, ``dw1 = g_z1.T @ s``) are torch matmuls.
+    The per-sample MLP backward runs in the reduction kernel; the two batch sums of the
+    weight gradients (``dw2 = g_z2.T @ h``, ``dw1 = g_z1.T @ s``) in ``_batch_outer_kernel``.
     """
     x = _dense(x)
     _check_sizes(x)
@@ -607,8 +686,7 @@ def mimb_scale_bwd_triton(
     r = _reduce_mlp(2, x, dy, w1, w2, v, s)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     _scale(dy, r["a"], r["bias"], dx)
-    dw2 = r["gz2"].T @ r["h"]
-    dw1 = r["gz1"].T @ r["s"]
+    dw1, dw2 = _weight_grads(r)
     return (
         dx,
         dw1.to(w1.dtype).contiguous(),
@@ -638,17 +716,35 @@ _META_CACHE: dict = {}
 _META_CACHE_MAX = 256
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _meta(rows: list[tuple[int, ...]], device: torch.device) -> Tensor:
-    """The int32 meta table of a grouped launch, cached per (device, contents)."""
+    """The int32 meta table of a grouped launch, cached per (device, contents).
+
+    Written on the device by ``_meta_row_kernel`` (one launch per row, values as kernel
+    arguments), never copied from host memory, so a first call inside a CUDA-graph capture
+    works.  A table made during a capture lives in the graph's memory pool and holds its
+    values only once the graph replays: it is not cached, and a capture never reads the
+    cache either (an eviction would free memory the graph still reads).
+    """
+    capturing = _capturing(device)
     key = (device, tuple(rows))
-    table = _META_CACHE.get(key)
+    table = None if capturing else _META_CACHE.get(key)
     if table is None:
         if any(not -(2**31) <= v < 2**31 for row in rows for v in row):
             raise ValueError("grouped MIMB launch: a size or offset exceeds int32")
-        if len(_META_CACHE) >= _META_CACHE_MAX:
-            _META_CACHE.clear()
-        table = torch.tensor(rows, dtype=torch.int32, device=device)
-        _META_CACHE[key] = table
+        ncol = len(rows[0])
+        table = torch.empty((len(rows), ncol), dtype=torch.int32, device=device)
+        with _device_guard(table):
+            for i, row in enumerate(rows):
+                launch(_meta_row_kernel, (1,), table[i], *row, *([0] * (24 - ncol)), NCOL=ncol,
+                       num_warps=1, enable_fp_fusion=False)
+        if not capturing:
+            if len(_META_CACHE) >= _META_CACHE_MAX:
+                _META_CACHE.clear()
+            _META_CACHE[key] = table
     return table
 
 
@@ -730,9 +826,11 @@ def _grouped_reduce_mlp(mode: int, xs, dys, w1s, w2s, mults, ss) -> tuple[Tensor
         for v, s in zip(views, ss):
             v["s"].copy_(s)
     tickets = torch.zeros(count, dtype=torch.int32, device=device)
+    meta = _meta(rows, device)
     with _device_guard(xs[0]):
-        _mimb_reduce_mlp_grouped_kernel[(start,)](
-            _meta(rows, device), buf, tickets,
+        launch(
+            _mimb_reduce_mlp_grouped_kernel, (start,),
+            meta, buf, tickets,
             *_four(xs), *_four(dys if dys is not None else xs), *_four(w1s), *_four(w2s), *_four(mults),
             G=len(xs), LAYOUT=layout, ALIGNED=aligned, MODE=mode,
             BLOCK_C=tiles["BLOCK_C"], BLOCK_P=tiles["BLOCK_P"], num_warps=tiles["num_warps"],
@@ -751,9 +849,11 @@ def _grouped_scale(ins, outs, buf: Tensor, group: tuple, has_bias: bool) -> None
         num_cblocks = triton.cdiv(C, tiles["BLOCK_C"])
         rows.append((start, B, C, H * W, out.shape[0] // B, num_pblocks, num_cblocks, r["a"], r.get("bias", 0)))
         start += B * num_cblocks * num_pblocks
+    meta = _meta(rows, buf.device)
     with _device_guard(ins[0]):
-        _mimb_scale_grouped_kernel[(start,)](
-            _meta(rows, buf.device), buf, *_four(ins), *_four(outs),
+        launch(
+            _mimb_scale_grouped_kernel, (start,),
+            meta, buf, *_four(ins), *_four(outs),
             G=len(ins), LAYOUT=layout, ALIGNED=aligned, HAS_BIAS=has_bias,
             BLOCK_C=tiles["BLOCK_C"], BLOCK_P=tiles["BLOCK_P"], num_warps=tiles["num_warps"],
             enable_fp_fusion=False,
@@ -797,7 +897,7 @@ def mimb_scale_grouped_fwd_triton(xs, w1s, w2s, vs) -> tuple[list[Tensor], list[
 
 def mimb_scale_grouped_bwd_triton(dys, xs, w1s, w2s, vs, ss):
     """``mimb_scale_bwd_triton`` over branch lists: two launches per launch group (plus the
-    two weight-gradient matmuls per branch)."""
+    two weight-gradient launches per branch)."""
     xs = [_dense(x) for x in xs]
     dys = [dy.contiguous(memory_format=out_memory_format(x)) for dy, x in zip(dys, xs)]
     live = [i for i, x in enumerate(xs) if x.numel() > 0]
@@ -810,9 +910,11 @@ def mimb_scale_grouped_bwd_triton(dys, xs, w1s, w2s, vs, ss):
                                                 [vs[i] for i in idx], [ss[i] for i in idx])
         dxs = [torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_memory_format(x)) for x in gx]
         _grouped_scale(gdy, dxs, buf, group, True)
-        return [(dx, (r["gz1"].T @ r["s"]).to(w1s[i].dtype).contiguous(),
-                 (r["gz2"].T @ r["h"]).to(w2s[i].dtype).contiguous(), r["dv"].to(vs[i].dtype, copy=True))
-                for dx, r, i in zip(dxs, views, idx)]
+        out = []
+        for dx, r, i in zip(dxs, views, idx):
+            dw1, dw2 = _weight_grads(r)
+            out.append((dx, dw1.to(w1s[i].dtype), dw2.to(w2s[i].dtype), r["dv"].to(vs[i].dtype, copy=True)))
+        return out
 
     single = _scale_bwd_branch(mimb_scale_bwd_triton)
     groups = _groups([xs[i] for i in live], [dys[i] for i in live], [w1s[i] for i in live],

@@ -64,7 +64,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import num_warps
+from . import _math
+from ._launch import launch, num_warps
 
 #: Largest image (rows) that takes the small, register-resident path; larger ones take the
 #: bitmask path.  Placeholder until the GPU benchmark (benchmarks/, crowded vs COCO-like
@@ -99,12 +100,12 @@ def _oks_vs_row(
     area_p,  # pivot's area (scalar)
     area,  # areas of ``rows``, shape (BLOCK,)
     K,
-    vis,  # visibility threshold (read iff HAS_VIS)
+    vis,  # visibility threshold in the keypoints' dtype (read iff HAS_VIS)
     HAS_VIS: tl.constexpr,
     KC: tl.constexpr,  # joints per chunk (power of two)
 ):
     """OKS of row ``p`` with each of ``rows`` (0 where not ``live``), shape (BLOCK,)."""
-    half_inv = 0.5 / ((area_p + area) * 0.5 + _EPS)  # 1 / ((a_p + a_j) / 2 + eps) / 2
+    half_inv = _math.div(0.5, (area_p + area) * 0.5 + _EPS)  # 1 / ((a_p + a_j) / 2 + eps) / 2
     acc = tl.zeros_like(half_inv)
     cnt = tl.zeros(half_inv.shape, tl.int32)
     stride = 3 * K
@@ -112,7 +113,7 @@ def _oks_vs_row(
         ks = k0 + tl.arange(0, KC)
         km = ks < K
         sg = tl.load(sig_ptr + ks, mask=km, other=1.0)
-        inv_var = 1.0 / (4.0 * sg * sg)  # 1 / (2 sigma)^2
+        inv_var = _math.div(1.0, 4.0 * sg * sg)  # 1 / (2 sigma)^2
         pk = kp_ptr + p * stride + 3 * ks
         px = tl.load(pk, mask=km, other=0.0)
         py = tl.load(pk + 1, mask=km, other=0.0)
@@ -126,11 +127,11 @@ def _oks_vs_row(
             rv = tl.load(rk + 2, mask=m2, other=0.0)
             m2 = m2 & (rv > vis) & (pv > vis)[None, :]
             cnt += tl.sum(m2.to(tl.int32), axis=1)
-        acc += tl.sum(tl.where(m2, tl.exp(-e), 0.0), axis=1)
+        acc += tl.sum(tl.where(m2, _math.exp(-e), 0.0), axis=1)
     if HAS_VIS:
-        oks = tl.where(cnt > 0, acc / tl.maximum(cnt, 1).to(acc.dtype), 0.0)
+        oks = tl.where(cnt > 0, _math.div(acc, tl.maximum(cnt, 1).to(acc.dtype)), 0.0)
     else:
-        oks = acc / K
+        oks = _math.div(acc, tl.full([], K, acc.dtype))
     return tl.where(live, oks, 0.0)
 
 
@@ -145,13 +146,16 @@ def _nms_small_kernel(
     large_ptr,  # output: the large images' ids, shape (>= number of large images,), int32
     nlarge_ptr,  # output: number of large images, shape (1,), int32, zero on entry
     K,
-    threshold,
-    vis,
+    threshold: tl.float64,  # rounded to the keypoints' dtype in the kernel, as the reference
+    vis: tl.float64,
     crossover,  # images with more rows go to the bitmask path
     HAS_VIS: tl.constexpr,
     BLOCK: tl.constexpr,  # >= min(largest image, crossover), power of two
     KC: tl.constexpr,
 ):
+    DT = kp_ptr.dtype.element_ty
+    thr = tl.full([], threshold, DT)
+    vis_t = tl.full([], vis, DT)
     img = tl.program_id(0)
     start = tl.load(off_ptr + img)
     n = (tl.load(off_ptr + img + 1) - start).to(tl.int32)
@@ -167,8 +171,8 @@ def _nms_small_kernel(
         while cur < n:  # ``cur`` is alive, hence kept
             later = alive & (lanes > cur)
             p = start + cur
-            oks = _oks_vs_row(kp_ptr, sig_ptr, p, rows, later, tl.load(area_ptr + p), area, K, vis, HAS_VIS, KC)
-            alive = alive & ~(later & (oks > threshold))
+            oks = _oks_vs_row(kp_ptr, sig_ptr, p, rows, later, tl.load(area_ptr + p), area, K, vis_t, HAS_VIS, KC)
+            alive = alive & ~(later & (oks > thr))
             cur = tl.min(tl.where(alive & (lanes > cur), lanes, BLOCK))
         tl.store(keep_ptr + rows, alive, mask=lanes < n)
 
@@ -184,10 +188,13 @@ def _nms_mask_kernel(
     mask_ptr,  # output words, shape (M, NW), uint64: bit c of word (r, w) = OKS(r, 64w + c) > thr
     NW,  # words per row (>= ceil(largest image / 64))
     K,
-    threshold,
-    vis,
+    threshold: tl.float64,  # rounded to the keypoints' dtype in the kernel, as the reference
+    vis: tl.float64,
     HAS_VIS: tl.constexpr,
 ):
+    DT = kp_ptr.dtype.element_ty
+    thr = tl.full([], threshold, DT)
+    vis_t = tl.full([], vis, DT)
     slot = tl.program_id(0)
     rb = tl.program_id(1)
     cb = tl.program_id(2)
@@ -202,7 +209,7 @@ def _nms_mask_kernel(
             cm = c < n
             ra = tl.load(area_ptr + start + r, mask=rm, other=0.0)
             ca = tl.load(area_ptr + start + c, mask=cm, other=0.0)
-            half_inv = 0.5 / ((ra[:, None] + ca[None, :]) * 0.5 + _EPS)
+            half_inv = _math.div(0.5, (ra[:, None] + ca[None, :]) * 0.5 + _EPS)
             acc = tl.zeros_like(half_inv)
             cnt = tl.zeros(half_inv.shape, tl.int32)
             rk = kp_ptr + (start + r) * (3 * K)
@@ -211,24 +218,24 @@ def _nms_mask_kernel(
             # row and column coordinates are two [64] vectors.
             for k in range(0, K):
                 sg = tl.load(sig_ptr + k)
-                inv_var = 1.0 / (4.0 * sg * sg)
+                inv_var = _math.div(1.0, 4.0 * sg * sg)
                 rx = tl.load(rk + 3 * k, mask=rm, other=0.0)
                 ry = tl.load(rk + 3 * k + 1, mask=rm, other=0.0)
                 dx = rx[:, None] - tl.load(ck + 3 * k, mask=cm, other=0.0)[None, :]
                 dy = ry[:, None] - tl.load(ck + 3 * k + 1, mask=cm, other=0.0)[None, :]
-                t = tl.exp(-((dx * dx + dy * dy) * inv_var * half_inv))
+                t = _math.exp(-((dx * dx + dy * dy) * inv_var * half_inv))
                 if HAS_VIS:
                     rv = tl.load(rk + 3 * k + 2, mask=rm, other=0.0)
                     cv = tl.load(ck + 3 * k + 2, mask=cm, other=0.0)
-                    ok = (rv > vis)[:, None] & (cv > vis)[None, :]
+                    ok = (rv > vis_t)[:, None] & (cv > vis_t)[None, :]
                     cnt += ok.to(tl.int32)
                     t = tl.where(ok, t, 0.0)
                 acc += t
             if HAS_VIS:
-                oks = tl.where(cnt > 0, acc / tl.maximum(cnt, 1).to(acc.dtype), 0.0)
+                oks = tl.where(cnt > 0, _math.div(acc, tl.maximum(cnt, 1).to(acc.dtype)), 0.0)
             else:
-                oks = acc / K
-            hit = (oks > threshold) & (c[None, :] > r[:, None]) & cm[None, :]
+                oks = _math.div(acc, tl.full([], K, acc.dtype))
+            hit = (oks > thr) & (c[None, :] > r[:, None]) & cm[None, :]
             bit = tl.full([64], 1, tl.uint64) << tl.arange(0, 64).to(tl.uint64)
             word = tl.sum(tl.where(hit, bit[None, :], 0), axis=1)  # distinct bits: sum = OR
             tl.store(mask_ptr + (start + r) * NW + cb, word, mask=rm)
@@ -279,15 +286,19 @@ def _soft_nms_kernel(
     rank_ptr,  # output pick numbers, shape (M,), int64 (-1: not picked)
     new_ptr,  # output scores, shape (M,), scores' dtype
     K,
-    threshold,
-    vis,
-    score_threshold,
+    threshold: tl.float64,  # the three rounded to the keypoints' dtype in the kernel
+    vis: tl.float64,
+    score_threshold: tl.float64,
     max_dets,  # <= 0: no limit
     METHOD: tl.constexpr,  # 0 gaussian, 1 linear
     HAS_VIS: tl.constexpr,
     CHUNK: tl.constexpr,  # rows per chunk (power of two)
     KC: tl.constexpr,
 ):
+    DT = kp_ptr.dtype.element_ty
+    thr = tl.full([], threshold, DT)
+    vis_t = tl.full([], vis, DT)
+    score_thr = tl.full([], score_threshold, DT)
     img = tl.program_id(0)
     start = tl.load(off_ptr + img)
     n = (tl.load(off_ptr + img + 1) - start).to(tl.int32)
@@ -308,7 +319,7 @@ def _soft_nms_kernel(
         best_row = tl.where(take, crow, best_row)
     tl.debug_barrier()
     picks = tl.zeros([], tl.int32)
-    while (best_row < n) & ((max_dets <= 0) | (picks < max_dets)) & ~(best < score_threshold):
+    while (best_row < n) & ((max_dets <= 0) | (picks < max_dets)) & ~(best < score_thr):
         p = start + best_row
         area_p = tl.load(area_ptr + p)
         best = tl.full([], float("-inf"), new_ptr.dtype.element_ty)
@@ -322,11 +333,11 @@ def _soft_nms_kernel(
             s = tl.load(new_ptr + start + local, mask=m, other=float("-inf"))
             rest = m & (rank < 0) & (local != pick)
             area = tl.load(area_ptr + start + local, mask=rest, other=0.0)
-            oks = _oks_vs_row(kp_ptr, sig_ptr, p, start + local, rest, area_p, area, K, vis, HAS_VIS, KC)
+            oks = _oks_vs_row(kp_ptr, sig_ptr, p, start + local, rest, area_p, area, K, vis_t, HAS_VIS, KC)
             if METHOD == 0:  # gaussian: s * exp(-oks^2 / thr)
-                s = tl.where(rest, s * tl.exp(-(oks * oks) / threshold), s)
+                s = tl.where(rest, s * _math.exp(-_math.div(oks * oks, thr)), s)
             else:  # linear: s * (1 - oks) where oks >= thr
-                s = tl.where(rest & (oks >= threshold), s * (1.0 - oks), s)
+                s = tl.where(rest & (oks >= thr), s * (1.0 - oks), s)
             rank = tl.where(local == pick, picks.to(tl.int64), rank)
             tl.store(new_ptr + start + local, s, mask=m)
             tl.store(rank_ptr + start + local, rank, mask=m)
@@ -428,18 +439,21 @@ def oks_nms_sorted_triton(
     large = torch.empty(max(max_large, 1), dtype=torch.int32, device=device)
     nlarge = torch.zeros(1, dtype=torch.int32, device=device)
     with _device_guard(keypoints):
-        _nms_small_kernel[(num_images,)](
+        launch(
+            _nms_small_kernel, (num_images,),
             keypoints, areas, offsets, sigmas, keep, large, nlarge, K, float(threshold), vis, crossover,
             HAS_VIS=has_vis, BLOCK=block, KC=kc, num_warps=num_warps(block * kc), enable_fp_fusion=False,
         )
         if max_large > 0:
             nb = triton.cdiv(longest, _WORD)
             words = torch.empty((M, nb), dtype=torch.uint64, device=device)
-            _nms_mask_kernel[(max_large, nb, nb)](
+            launch(
+                _nms_mask_kernel, (max_large, nb, nb),
                 keypoints, areas, offsets, sigmas, large, nlarge, words, nb, K, float(threshold), vis,
                 HAS_VIS=has_vis, num_warps=4, enable_fp_fusion=False,
             )
-            _nms_scan_kernel[(max_large,)](
+            launch(
+                _nms_scan_kernel, (max_large,),
                 offsets, large, nlarge, words, keep, nb, NWB=max(triton.next_power_of_2(nb), 2), num_warps=1,
                 enable_fp_fusion=False,  # nothing to fuse; explicit to keep Triton >= 3.9 quiet
             )
@@ -488,7 +502,8 @@ def soft_oks_nms_sorted_triton(
     chunk = max(min(triton.next_power_of_2(rows), SOFT_CHUNK_ROWS), _MIN_BLOCK)
     kc = _joint_chunk(chunk, K)
     with _device_guard(keypoints):
-        _soft_nms_kernel[(num_images,)](
+        launch(
+            _soft_nms_kernel, (num_images,),
             keypoints, areas, scores, offsets, sigmas, rank, new_scores, K, float(threshold),
             0.0 if not has_vis else float(vis_threshold), float(score_threshold), int(max_dets),
             METHOD=int(method), HAS_VIS=has_vis, CHUNK=chunk, KC=kc, num_warps=num_warps(chunk * kc),
