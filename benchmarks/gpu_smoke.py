@@ -13,8 +13,8 @@ machine -- compute-sanitizer saying "Device not supported" -- is "not run", not 
    MAX_JOBS=16 MIPNET_KERNELS_FORCE_CUDA=1 python3 -m pip install --no-build-isolation --no-deps
    --no-index -e .`` (as ``make gpu-build``), then a check that the cuda, triton and cpu
    backends are all available.
-2. ``selftest``   -- ``python3 -m mipnet_kernels.selftest --json``: every op on cuda and triton
-   (CUDA tensors) and cpu against the reference.
+2. ``selftest``   -- ``python3 -m mipnet_kernels.selftest --quick --json``: every op on cuda and
+   triton (CUDA tensors) and cpu against the reference (the small battery: see the budget).
 3. ``tests``      -- a focused subset of the CUDA tests (``-m cuda``, pytest-xdist ``-n 8`` when
    installed): every kernel family once per dtype and layout, cuda and triton backends
    (``TEST_SELECTION`` below: the -k expression per file).
@@ -37,31 +37,38 @@ machine returns only what is there: at most 8 files).
 Time budget (seconds, H100 box: 16 cores, torch 2.11 + CUDA 13, fresh tree, cold Triton cache)
 -----------------------------------------------------------------------------------------------
 =========== ======== ======= =====================================================================
-step        estimate timeout  how estimated (on the 2-core CPU machine, no GPU)
+step        estimate timeout  how estimated (on the 2-core CPU machine, no GPU, load ~4 from others)
 =========== ======== ======= =====================================================================
-build           75     150   nvcc 13 for sm_90 of the 4 CUDA translation units timed at -j2 here
-                              (``cmake --build`` of the compile-only CMake project,
-                              TORCH_CUDA_ARCH_LIST=9.0) -- see BUDGET_NOTES -- plus the CPU
-                              extension's 5 C++ files (pip -e rebuilds both); at -j16 the wall
-                              is the longest single file (mimb_kernel.cu) plus the link
-selftest        45      90   Triton specialisations the full battery launches on CUDA tensors,
-                              counted under the interpreter with the launch hook of
-                              ``--count-triton`` (distinct kernel x argument dtypes x constexprs x
-                              16-divisibility of ints), at ~0.4 s per sm_90 compilation (one
-                              process, cold cache) + the cpu-backend battery (17 s here at 2
-                              cores, ~5 s at 16) + CUDA time (negligible: small shapes)
-tests           75     120   the selection's test count (``--collect``), the Triton
-                              specialisations they add to the selftest's (same kernels, some
-                              new shapes), compiled in 8 xdist workers that share the on-disk
-                              Triton cache; anchors (NumPy NMS) computed per worker
-memcheck        40      75   ~60x slowdown of a small kernel under memcheck; 6 small tests, no
-                              Triton (``cuda-cuda`` ids), ~0.3 s of GPU work + CUDA context start
-racecheck       40      75   as memcheck (racecheck on shared-memory kernels)
-bench           95     150   rows x (warm-up + rounds) from the benchmark files' settings; the
-                              model rows dominate (6 rows, cuDNN autotune, CUDA-graph capture);
-                              Triton compiles for the triton rows (~20 specialisations)
-total          370     660   (timeouts are caps, not the plan: the estimate leaves ~50 s slack
-                              under 420 s)
+build           75     120   nvcc 13, sm_90 only, the compile-only CMake project: all of it 145 s
+                              wall at -j2; mimb_kernel.cu alone 112 s (the longest translation
+                              unit; ~half a core free while measured, so ~55 s on a free core).
+                              At MAX_JOBS=16 every file compiles at once: wall = the longest
+                              file + link, ~60-75 s (pip -e also rebuilds the 5 C++ files of the
+                              CPU extension, in parallel, each < 30 s)
+selftest        90     120   ``--quick`` battery.  Triton specialisations it launches, counted
+                              under the interpreter (``--count-triton``: distinct kernel x
+                              argument dtypes x 16-byte alignment x int ==1 / %16 x constexprs,
+                              an upper bound): 283 (mimb reduce 108, mimb scale 85, decode 27,
+                              flip 14, grouped 20, NMS 29) in 661 launches.  At ~0.3 s per
+                              sm_90 compile (small kernels, cold cache, one process) ~85 s; CUDA
+                              work and the cpu backend (17 s here on 2 cores, 461 cases of the
+                              full battery; ~3 s at 16 cores) add little.  The full battery
+                              (drop ``--quick``) has more shapes: several hundred more
+                              specialisations, i.e. minutes: run it by hand
+tests           80     110   502 tests selected (``--collect``); most Triton specialisations are
+                              already in the on-disk cache from the selftest; 8 xdist workers
+                              share that cache; per test ~0.1-0.3 s of CPU-side checking (NumPy
+                              anchors, float64 yardsticks) / 8 workers ~15 s; start-up ~10 s
+memcheck        35      45   9 small tests, cuda backend only (no Triton JIT under the
+                              sanitizer); CUDA context + torch import ~15 s under the tool,
+                              kernels ~10-100x slower but microseconds each
+racecheck       35      45   as memcheck
+bench           80     100   50 rows (``--collect``): 6 model rows (cuDNN autotune + CUDA-graph
+                              capture, ~5 s each), 24 MIMB rows (~1 s each), 8 NMS rows on
+                              200,000 candidates (~2 s each incl. the workload), 12 decode rows;
+                              Triton compiles for the ~20 triton rows
+total          395     540   (the timeouts sum to 540 s, and ``--max-seconds 540`` caps the whole
+                              run inside one 10-minute device call; the estimate is under 420 s)
 =========== ======== ======= =====================================================================
 
 If the build does not fit, build the extension ahead on the CPU machine (nvcc 13 is there; the
@@ -161,17 +168,17 @@ def steps(out_dir: Path, jobs: int) -> list[dict]:
     sanitize = lambda tool: ["compute-sanitizer", "--tool", tool, "--error-exitcode", "1", *pytest, "-x", "-m", "cuda",
                              *sanitize_tests, "-k", _k_union(SANITIZE_SELECTION)]
     return [
-        {"name": "build", "timeout": 150, "env": build_env,
+        {"name": "build", "timeout": 120, "env": build_env,
          "cmds": [[PY, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-e", "."],
                   [PY, "-c", check]]},
-        {"name": "selftest", "timeout": 90, "env": {},
-         "cmds": [[PY, "-m", "mipnet_kernels.selftest", "--show", "problems", "--json", str(out_dir / "selftest.json")]]},
-        {"name": "tests", "timeout": 120, "env": {},
+        {"name": "selftest", "timeout": 120, "env": {},
+         "cmds": [[PY, "-m", "mipnet_kernels.selftest", "--quick", "--show", "problems", "--json", str(out_dir / "selftest.json")]]},
+        {"name": "tests", "timeout": 110, "env": {},
          "cmds": [[*pytest, "-rfE", "-m", "cuda", *xdist, "--junitxml", str(out_dir / "tests.xml"),
                    *TEST_SELECTION, "-k", _k_union(TEST_SELECTION)]]},
-        {"name": "memcheck", "timeout": 75, "env": {}, "cmds": [sanitize("memcheck")], "sanitizer": True},
-        {"name": "racecheck", "timeout": 75, "env": {}, "cmds": [sanitize("racecheck")], "sanitizer": True},
-        {"name": "bench", "timeout": 150, "env": {},
+        {"name": "memcheck", "timeout": 45, "env": {}, "cmds": [sanitize("memcheck")], "sanitizer": True},
+        {"name": "racecheck", "timeout": 45, "env": {}, "cmds": [sanitize("racecheck")], "sanitizer": True},
+        {"name": "bench", "timeout": 100, "env": {},
          "cmds": [[*pytest, *BENCH_SELECTION, "-k", _k_union(BENCH_SELECTION),
                    f"--benchmark-json={out_dir / 'bench.json'}"]]},
     ]
@@ -181,10 +188,12 @@ def _tail(text: str, n: int = 4000) -> str:
     return text if len(text) <= n else "..." + text[-n:]
 
 
-def run_step(step: dict, log) -> dict:
-    """Run the step's commands in order (stop at the first failure), under one timeout."""
+def run_step(step: dict, log, budget_left: float | None = None) -> dict:
+    """Run the step's commands in order (stop at the first failure), under one timeout (the
+    step's own, or what is left of the whole run's budget if that is less)."""
     t0 = time.monotonic()
-    deadline = t0 + step["timeout"]
+    timeout = step["timeout"] if budget_left is None else max(1.0, min(step["timeout"], budget_left))
+    deadline = t0 + timeout
     env = {**os.environ, **step["env"], "PYTHONUNBUFFERED": "1"}
     out_all, status, rc = "", "passed", 0
     for cmd in step["cmds"]:
@@ -273,16 +282,51 @@ def collect_counts(names: list[str] | None = None) -> dict[str, int]:
     return counts
 
 
+#: Runs the selftest under TRITON_INTERPRET=1 with a hook on every Triton launch, and prints how many
+#: distinct specialisations (what a GPU would compile) it launched.
+_COUNT_TRITON = r"""
+import collections, sys, torch
+from triton.runtime import interpreter as I
+keys = collections.Counter()
+orig = I.InterpretedFunction.run
+def cls(v):
+    if isinstance(v, torch.Tensor): return (str(v.dtype), v.data_ptr() % 16 == 0)
+    if isinstance(v, bool): return ("b", v)
+    if isinstance(v, int): return ("i", "1" if v == 1 else ("16" if v % 16 == 0 else "n"))
+    if isinstance(v, float): return ("f",)
+    return ("c", repr(v))
+def run(self, *args, grid, warmup, **kw):
+    keys[(getattr(self.fn, "__name__", "?"), tuple(map(cls, args)), tuple(sorted((k, cls(v)) for k, v in kw.items())))] += 1
+    return orig(self, *args, grid=grid, warmup=warmup, **kw)
+I.InterpretedFunction.run = run
+from mipnet_kernels import selftest
+rc = selftest.main(sys.argv[1:])
+print(f"Triton specialisations: {len(keys)} distinct in {sum(keys.values())} launches")
+for name, n in collections.Counter(k[0] for k in keys).most_common():
+    print(f"  {n:5d} {name}")
+sys.exit(rc)
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--count-triton", action="store_true",
+                   help="count the Triton specialisations the selftest step launches (under the interpreter) and exit")
     p.add_argument("--collect", action="store_true", help="count the tests each pytest selection selects and exit")
     p.add_argument("--only", help="comma-separated steps to run (build, selftest, tests, memcheck, racecheck, bench)")
     p.add_argument("--skip-build", action="store_true", help="do not build (the extension is already built)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 16, help="MAX_JOBS for the build (default: all cores)")
+    p.add_argument("--max-seconds", type=float, default=540.0,
+                   help="cap on the whole run (default 540: inside a 10-minute device call); a step gets "
+                        "at most what is left")
     p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"), help="parent of <gpu-slug>/smoke-<time>/")
     args = p.parse_args(argv)
 
+    if args.count_triton:
+        env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+        return subprocess.run([PY, "-c", _COUNT_TRITON, "--quick", "--backend", "triton", "--show", "problems"],
+                              cwd=ROOT, env=env).returncode
     if args.collect:
         for k, v in collect_counts().items():
             print(f"{k:48s} {v}")
@@ -308,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             for c in s["cmds"]:
                 print(f"    {env + ' ' if env else ''}{' '.join(shlex.quote(x) for x in c)}")
         print(f"results -> {out_dir}" + (f" and {os.environ['OUT']}" if os.environ.get("OUT") else ""))
-        print(f"sum of timeouts: {total} s (see the budget table in the docstring: ~370 s expected)")
+        print(f"sum of timeouts: {total} s (see the budget table in the docstring: ~395 s expected)")
         return 0
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -317,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(out_dir / "gpu_smoke.log", "w") as log:
         for s in plan:
             print(f"=== {s['name']} (timeout {s['timeout']} s)", flush=True)
-            r = run_step(s, log)
+            r = run_step(s, log, args.max_seconds - (time.monotonic() - t0))
             results.append(r)
             print(f"=== {s['name']}: {r['status']} in {r['seconds']:.1f} s", flush=True)
             if r["status"] != "passed":
