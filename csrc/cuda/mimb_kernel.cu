@@ -55,7 +55,10 @@
 // twice (the second read mostly from L2 when the tensor fits there).
 //
 // MIPNET_MIMB_CUDA_PATH = auto (default) | two_phase | single_pass forces a path (tests,
-// benchmarks); single_pass raises when the launch does not fit.
+// benchmarks); single_pass raises when the launch does not fit.  The driver may still refuse
+// a cooperative launch that the occupancy calculator says fits (MPS thread limits, green
+// contexts: fewer SMs than the device has): auto then takes the two-phase path (and skips
+// the single pass for grids that large from then on), single_pass raises.
 //
 // The ticket counter is CUDA's "threadFenceReduction" sample: every block writes its
 // partials, __threadfence(), then atomically increments its sample's counter; the block
@@ -89,6 +92,7 @@
 #include <torch/headeronly/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
@@ -449,6 +453,22 @@ __device__ __forceinline__ void load_tile(const typename D::raw_t* src, const Th
     if (k < m.n) keep[k] = load_pack<D, V>(src + m.base + k * m.step);
 }
 
+// load_tile, and zeros in the entries past the thread's n (never used): every entry of
+// keep defined, so that its earlier contents are dead.
+template <class D, int V>
+__device__ __forceinline__ void load_tile_all(const typename D::raw_t* src, const ThreadMap& m,
+                                              Pack<D, V> (&keep)[kRegVecs]) {
+#pragma unroll
+  for (int k = 0; k < kRegVecs; ++k) {
+    if (k < m.n) {
+      keep[k] = load_pack<D, V>(src + m.base + k * m.step);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) keep[k].v[j] = 0;
+    }
+  }
+}
+
 // out = keep * a (+ k) for the thread's vectors (instances: N outputs).  Scales via __ldcg
 // (written in this launch by the single-pass kernel).
 template <class D, int V, int MODE>
@@ -458,7 +478,11 @@ __device__ __forceinline__ void apply_tile(const Branch& br, const Tile& tl, con
   using raw_t = typename D::raw_t;
   const int64_t sample = static_cast<int64_t>(br.C) * br.HW;
   const int64_t bC = static_cast<int64_t>(tl.b) * br.C;
-  for (int n = 0; n < br.N; ++n) {
+  // Only the instances have N > 1 outputs.  A run-time loop count elsewhere would let the
+  // compiler hoist the float conversion of keep out of the loop -- twice the registers for
+  // 16-bit data, which spilled the single-pass backward (bf16: 316 bytes).
+  const int N = MODE == kInst ? br.N : 1;
+  for (int n = 0; n < N; ++n) {
     const int64_t arow = (static_cast<int64_t>(n) * br.B) * br.C + bC;
     float sc[V], kb[V];
 #pragma unroll
@@ -573,8 +597,15 @@ __device__ __forceinline__ void single_pass_body(const Branch& br, const Tile& t
   reduce_tile<D, V, MODE>(br, tl, m, keep, red);
   const int nblk = br.nct * br.nsp;
   if (arrive_last(br.ticket + tl.b, nblk, flag_sh)) {
+    // The one block per sample that runs the MLP reads its tile again (from L2) rather
+    // than holding it across the MLP: `keep` (32 registers) live through the mat-vecs,
+    // which are inlined into every block's code, made the 16-bit backward spill (ptxas,
+    // sm_90).  Every entry is redefined, so none of the old values is live across the MLP.
     mlp_sample<MODE>(br, tl.b);
     if (nblk > 1) release_sample(br.flag + tl.b);
+    const int64_t sbase = static_cast<int64_t>(tl.b) * br.C * br.HW;
+    load_tile_all<D, V>(static_cast<const typename D::raw_t*>(MODE == kBwd ? br.dy : br.x) + sbase,
+                        m, keep);
   } else {
     wait_sample(br.flag + tl.b, nblk);
   }
@@ -758,6 +789,40 @@ int single_pass_capacity(int32_t dev) {
   return cap;
 }
 
+// Test hook: MIPNET_MIMB_CUDA_COOP_CAPACITY=n makes the launcher believe that n blocks of
+// the single-pass kernel are co-resident, so that a test can have the driver refuse a real
+// cooperative launch (as it does under MPS thread limits or in a green context, where fewer
+// blocks fit than occupancy x SM count says).  Read per call; unset: the measured capacity.
+int capacity_override(int measured) {
+  const char* e = std::getenv("MIPNET_MIMB_CUDA_COOP_CAPACITY");
+  if (e == nullptr || *e == '\0') return measured;
+  char* end = nullptr;
+  const long v = std::strtol(e, &end, 10);
+  STD_TORCH_CHECK(*end == '\0' && v >= 0 && v <= INT_MAX,
+                  "mipnet_cuda: MIPNET_MIMB_CUDA_COOP_CAPACITY must be a block count, got '", e,
+                  "'");
+  return static_cast<int>(v);
+}
+
+// The driver refuses a cooperative launch whose blocks cannot all be co-resident in the
+// context it runs in, which can be fewer than the occupancy calculator's device-wide count.
+// Nothing has run then, so the two-phase kernels can take the same launch.
+bool is_cooperative_refusal(cudaError_t err) {
+  return err == cudaErrorCooperativeLaunchTooLarge || err == cudaErrorLaunchOutOfResources ||
+         err == cudaErrorNotSupported || err == cudaErrorNotPermitted;
+}
+
+// Per device and kernel: the smallest grid the driver has refused as a cooperative launch
+// (0: none), so that the automatic choice does not pay a refused launch on every call
+// once the context has shown that it is smaller than the device.  (Per device, not per
+// stream: a green context on another stream may fit more; it then runs two-phase.)
+template <class D, int MODE>
+std::atomic<int>& refused_grid(int32_t dev) {
+  constexpr int kMaxDevices = 64;  // devices past the table share its last entry
+  static std::atomic<int> smallest[kMaxDevices + 1] = {};  // 0: none refused
+  return smallest[dev >= 0 && dev < kMaxDevices ? dev : kMaxDevices];
+}
+
 // ==================================================================== host: launch
 // Plans, allocates the workspace and launches one group (<= kMaxBranches branches, one x
 // dtype, all non-empty).  `like`: a tensor on the device (allocation options).
@@ -839,8 +904,14 @@ void launch_group(Group& g, const Tensor& like, int32_t dev, const char* op) {
   }
 
   const Path path = requested_path();
-  const int cap = path == Path::kTwoPhase ? 0 : single_pass_capacity<D, MODE>(dev);
-  const bool single = path != Path::kTwoPhase && blocks <= cap;
+  const int cap =
+      path == Path::kTwoPhase ? 0 : capacity_override(single_pass_capacity<D, MODE>(dev));
+  std::atomic<int>& refused = refused_grid<D, MODE>(dev);
+  // Forced single pass always asks the driver (whose answer the user then gets); the
+  // automatic choice skips grids the driver has refused before.
+  const int refused_at = refused.load(std::memory_order_relaxed);
+  const bool single = path != Path::kTwoPhase && blocks <= cap &&
+                      (path == Path::kSinglePass || refused_at == 0 || blocks < refused_at);
   STD_TORCH_CHECK(single || path != Path::kSinglePass, "mipnet_cuda::", op,
                   ": MIPNET_MIMB_CUDA_PATH=single_pass but the launch does not fit on the device (",
                   blocks, " tiles, ", cap, " co-resident blocks",
@@ -851,13 +922,31 @@ void launch_group(Group& g, const Tensor& like, int32_t dev, const char* op) {
     const cudaError_t err = cudaLaunchCooperativeKernel(
         reinterpret_cast<const void*>(&mimb_single_pass_kernel<D, MODE>), dim3(grid),
         dim3(kThreads), args, 0, stream);
-    STD_TORCH_CHECK(err == cudaSuccess, "mipnet_cuda::", op,
+    if (err == cudaSuccess) {
+      check_launch(op);
+      return;
+    }
+    // The runtime also records the error as the thread's last error: clear it, or the next
+    // launch check anywhere in the process (ours, torch's) would report it as its own.
+    (void)cudaGetLastError();
+    STD_TORCH_CHECK(is_cooperative_refusal(err), "mipnet_cuda::", op,
                     ": cooperative kernel launch failed: ", cudaGetErrorString(err));
-  } else {
-    mimb_reduce_kernel<D, MODE><<<grid, kThreads, 0, stream>>>(g);
-    check_launch(op);
-    mimb_apply_kernel<D, MODE><<<grid, kThreads, 0, stream>>>(g);
+    STD_TORCH_CHECK(path == Path::kAuto, "mipnet_cuda::", op,
+                    ": MIPNET_MIMB_CUDA_PATH=single_pass but the driver refused the cooperative "
+                    "launch of ", blocks, " blocks (", cudaGetErrorString(err),
+                    "): fewer blocks are co-resident in this context than the device's "
+                    "occupancy says (", cap, "), e.g. under MPS limits or in a green context; "
+                    "use MIPNET_MIMB_CUDA_PATH=auto or two_phase");
+    // Remember the refusal (the smallest refused grid) and take the two-phase path.
+    int seen = refused.load(std::memory_order_relaxed);
+    while ((seen == 0 || blocks < seen) &&
+           !refused.compare_exchange_weak(seen, static_cast<int>(blocks),
+                                          std::memory_order_relaxed)) {
+    }
   }
+  mimb_reduce_kernel<D, MODE><<<grid, kThreads, 0, stream>>>(g);
+  check_launch(op);
+  mimb_apply_kernel<D, MODE><<<grid, kThreads, 0, stream>>>(g);
   check_launch(op);
 }
 
