@@ -85,6 +85,7 @@
 
 #include "../decode.h"
 #include "../host_utils.h"
+#include "decode_layout.h"
 
 namespace mipnet {
 namespace cuda {
@@ -93,12 +94,15 @@ namespace {
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 namespace dec = mipnet::decode;
+// Block mapping, thread splits and flip_merge's index digits: decode_layout.h (host and
+// device; checked on the host by test_cuda_index_math).
+namespace lay = decode_layout;
 using host::dtype_name;
 using host::is_supported_float;
 
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kMaxThreads = 512;     // decode block size cap (launch bounds)
+constexpr int kMaxThreads = lay::kMaxThreads;  // decode block size cap (launch bounds)
 constexpr int kMinBlocks = 2;        // -> at most 64 registers per thread
 constexpr int kFlipThreads = 256;
 constexpr int kFlipUnroll = 4;
@@ -269,16 +273,9 @@ __device__ __forceinline__ void scan_flat(const typename D::raw_t* __restrict__ 
                                           int tid, int nt, ArgMax& a) {
   using raw_t = typename D::raw_t;
   constexpr int V = D::kVec;
-  const uintptr_t addr = reinterpret_cast<uintptr_t>(p);
-  int head;
-  if (addr % sizeof(raw_t) != 0) {
-    head = n;  // not even element-aligned (not produced by torch): scalar loads only
-  } else {
-    head = static_cast<int>(((16u - static_cast<unsigned>(addr & 15u)) & 15u) / sizeof(raw_t));
-    if (head > n) head = n;
-  }
-  const int nvec = (n - head) / V;
-  const int tail = head + nvec * V;
+  const lay::FlatSplit split = lay::flat_split(reinterpret_cast<uintptr_t>(p), n,
+                                               static_cast<int>(sizeof(raw_t)), V);
+  const int head = split.head, nvec = split.nvec, tail = split.tail;
   // Head: fewer than V elements, or all of them in the unaligned case.
   for (int i = tid; i < head; i += nt) am_consider(a, D::to_float(__ldg(p + i)), i);
   const uint4* __restrict__ pv = reinterpret_cast<const uint4*>(p + head);
@@ -305,17 +302,12 @@ __device__ __forceinline__ void scan_strided(const typename D::raw_t* __restrict
                                              int W, int64_t sy, int64_t sx, int tid, int nt,
                                              ArgMax& a) {
   const int n = H * W;
-  const int step_y = nt / W, step_x = nt - (nt / W) * W;
-  int y = tid / W, x = tid - (tid / W) * W;
+  lay::StridedCursor c = lay::strided_cursor(tid, nt, W);
 #pragma unroll 4
   for (int i = tid; i < n; i += nt) {
-    am_consider(a, D::to_float(__ldg(p + static_cast<int64_t>(y) * sy + static_cast<int64_t>(x) * sx)), i);
-    x += step_x;
-    y += step_y;
-    if (x >= W) {
-      x -= W;
-      ++y;
-    }
+    am_consider(a, D::to_float(__ldg(p + static_cast<int64_t>(c.y) * sy +
+                                     static_cast<int64_t>(c.x) * sx)), i);
+    lay::advance(c, W);
   }
 }
 
@@ -458,8 +450,8 @@ decode_heatmaps_kernel(const typename D::raw_t* __restrict__ data, int K, int H,
   const int tid = static_cast<int>(threadIdx.x);
   const int nt = static_cast<int>(blockDim.x);  // a multiple of 32
   const int map = static_cast<int>(blockIdx.x);
-  const int b = map / K;
-  const int k = map - b * K;
+  const lay::MapIndex mk = lay::map_of(map, K);
+  const int b = mk.b, k = mk.k;
   const typename D::raw_t* __restrict__ p =
       data + static_cast<int64_t>(b) * sb + static_cast<int64_t>(k) * sk;
 
@@ -533,23 +525,9 @@ flip_merge_kernel(const typename D::raw_t* __restrict__ hm,
   // index fit in 31 bits; the running index is 64-bit.
   const unsigned S = gridDim.x * blockDim.x;
   const unsigned i0 = blockIdx.x * blockDim.x + threadIdx.x;
-  const unsigned uW = static_cast<unsigned>(W), uH = static_cast<unsigned>(H),
-                 uK = static_cast<unsigned>(K);
   // Mixed-radix digits of i0 and of the stride S: i = ((b * K + k) * H + y) * W + x.
-  unsigned t = i0;
-  int x = static_cast<int>(t % uW);
-  t /= uW;
-  int y = static_cast<int>(t % uH);
-  t /= uH;
-  int k = static_cast<int>(t % uK);
-  int64_t b = t / uK;
-  t = S;
-  const int dx = static_cast<int>(t % uW);
-  t /= uW;
-  const int dy = static_cast<int>(t % uH);
-  t /= uH;
-  const int dk = static_cast<int>(t % uK);
-  const int64_t db = t / uK;
+  lay::Digits d = lay::flat_digits(i0, W, H, K);
+  const lay::Digits step = lay::flat_digits(S, W, H, K);
   const float qnan = __int_as_float(0x7fc00000);
 
   for (int64_t i = i0; i < N;) {
@@ -560,27 +538,18 @@ flip_merge_kernel(const typename D::raw_t* __restrict__ hm,
       o[u] = i;
       r[u] = 0.0f;
       if (i < N) {
-        const int xs = (shift && x >= 1) ? x - 1 : x;
-        const int64_t fk = __ldg(fidx + k * fidx_stride);
-        const float av = D::to_float(__ldg(hm + b * a0 + k * a1 + y * a2 + x * a3));
+        const int xs = (shift && d.x >= 1) ? d.x - 1 : d.x;
+        const int64_t fk = __ldg(fidx + d.k * fidx_stride);
+        const float av = D::to_float(__ldg(hm + d.b * a0 + d.k * a1 + d.y * a2 + d.x * a3));
         const float fv =
             (fk >= 0 && fk < K)
-                ? D::to_float(__ldg(fl + b * f0 + fk * f1 + y * f2 + (W - 1 - xs) * f3))
+                ? D::to_float(__ldg(fl + d.b * f0 + fk * f1 + d.y * f2 + (W - 1 - xs) * f3))
                 : qnan;
         r[u] = __fmul_rn(__fadd_rn(av, fv), 0.5f);
       }
       // Advance (b, k, y, x) by S; each digit stays below its radix after one carry.
       i += S;
-      x += dx;
-      int c = x >= W;
-      x -= c ? W : 0;
-      y += dy + c;
-      c = y >= H;
-      y -= c ? H : 0;
-      k += dk + c;
-      c = k >= K;
-      k -= c ? K : 0;
-      b += db + c;
+      lay::advance(d, step, W, H, K);
     }
 #pragma unroll
     for (int u = 0; u < kFlipUnroll; ++u)
@@ -619,21 +588,7 @@ int sm_count(int32_t device_index) {
   return n;
 }
 
-// Threads per decode block: about eight loads per thread (16-byte vectors for flat maps,
-// scalars otherwise) in whole warps, at least one warp.  With many maps (>= 4 per SM) the
-// block is capped at 128 threads so that every block of the grid is resident at once
-// (<= 64 registers by the launch bounds -> 8 such blocks per SM; the benchmark's 816 maps
-// need 7 per SM on H100/H200) and the whole tensor is in flight in one wave; with few maps
-// larger blocks (up to kMaxThreads) give each map more memory parallelism.
-int decode_threads(int64_t HW, size_t elem, bool flat, int64_t maps, int sms) {
-  const int64_t loads = flat ? (HW * static_cast<int64_t>(elem) + 15) / 16 : HW;
-  const int64_t cap = maps >= 4 * static_cast<int64_t>(sms) ? 128 : kMaxThreads;
-  int64_t t = (loads + 7) / 8;
-  t = (t + kWarp - 1) / kWarp * kWarp;
-  if (t > cap) t = cap;
-  if (t < kWarp) t = kWarp;
-  return static_cast<int>(t);
-}
+using lay::decode_threads;  // threads per decode block
 
 template <class D, int MODE>
 void launch_decode(const Tensor& hm, int K, int H, int W, bool flat, const float* affine,

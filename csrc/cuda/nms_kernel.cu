@@ -79,6 +79,7 @@
 
 #include "../host_utils.h"
 #include "common.cuh"
+#include "nms_layout.h"
 
 namespace mipnet {
 namespace cuda {
@@ -100,17 +101,16 @@ constexpr int64_t kCrossover = 512;
 // image of up to 64 * 16 = 1024 rows always fits (sum n_i ceil(n_i/64) <= 16 M); larger
 // ones fit while space lasts, else fall back to the in-block greedy scan.
 constexpr int64_t kMaskWordsPerRow = 16;
-// Largest image (in words per row) the scan kernel takes: ceil(n/64) <= 1024, n <= 65536.
-constexpr int kMaxScanWords = 1024;
-constexpr int kGreedyThreads = 128;
 constexpr int kSoftThreads = 128;
-constexpr int kMaskThreads = 256;         // 8 warps; each thread 8 rows x 2 columns
-constexpr int kTile = 64;                 // rows / columns of a mask tile, bits of a word
-constexpr int kTileRowsPerThread = kTile / (kMaskThreads / kWarp);
-constexpr int kMaxJoints = 1024;          // 1/(2 sigma)^2 table in shared memory
-constexpr int64_t kMaxSmemRows = 2048;    // areas + alive flags of an image in shared memory
-constexpr size_t kSmemLimit = 48 * 1024;  // dynamic shared memory without opt-in
-constexpr size_t kStageBytes = 24 * 1024; // keypoint staging budget of greedy_block_kernel
+// The bitmask layout, the tiling of the mask kernel and the greedy kernel's shared-memory
+// plan: nms_layout.h (host and device; checked on the host by test_cuda_index_math).
+using nms::kGreedyThreads;
+using nms::kMaskThreads;
+using nms::kMaxJoints;
+using nms::kMaxScanWords;
+using nms::kTile;
+using nms::kTileRowsPerThread;
+using nms::GreedySmem;
 
 template <class T>
 __device__ __forceinline__ T dev_exp(T x);
@@ -176,23 +176,7 @@ __device__ T oks_rows(const Rows<T>& R, int64_t i, int64_t j, T hi, const OksPar
 }
 
 // ------------------------------------------------------------------------ kernel 1
-// Shared layout (bytes, each part 16-aligned): inv_var [K] T | areas [smem_rows] T |
-// staged keypoints [K][3][stage_rows] T | alive [smem_rows] bool.
-struct GreedySmem {
-  size_t inv_var, areas, staged, alive, total;
-};
-
-inline size_t align16(size_t v) { return (v + 15) / 16 * 16; }
-
-inline GreedySmem greedy_smem(int64_t K, int64_t smem_rows, int64_t stage_rows, size_t elem) {
-  GreedySmem s;
-  s.inv_var = 0;
-  s.areas = align16(s.inv_var + K * elem);
-  s.staged = align16(s.areas + smem_rows * elem);
-  s.alive = align16(s.staged + 3 * K * stage_rows * elem);
-  s.total = align16(s.alive + smem_rows);
-  return s;
-}
+// Shared layout: nms::greedy_smem (nms_layout.h).
 
 struct LargeList {
   int* count;                   // [1] images registered
@@ -231,7 +215,7 @@ __global__ void __launch_bounds__(kGreedyThreads)
 
   if (n > crossover) {  // bitmask path if the workspace has room
     if (tid == 0) {
-      const int64_t words = (n + kTile - 1) / kTile;
+      const int64_t words = nms::mask_words_per_row(n);
       int64_t base = -1;
       if (words <= kMaxScanWords)
         base = reserve_words(large.used, static_cast<unsigned long long>(n * words),
@@ -270,9 +254,7 @@ __global__ void __launch_bounds__(kGreedyThreads)
   if (staged) {  // coalesced reads of [n][K][3], transposed to [K][3][n]
     const int64_t total = n * 3 * K;
     for (int64_t e = tid; e < total; e += kGreedyThreads) {
-      const int64_t r = e / (3 * K);
-      const int64_t kc = e - r * 3 * K;  // = 3k + c
-      s_kp[kc * n + r] = g[e];
+      s_kp[nms::greedy_stage_index(e, n, K)] = g[e];
     }
   }
   __syncthreads();
@@ -294,7 +276,7 @@ __global__ void __launch_bounds__(kGreedyThreads)
 // ------------------------------------------------------------------------ kernel 2
 template <class T>
 struct MaskChunk {  // joints per staging step: 24 KiB of shared memory for rows + columns
-  static constexpr int kJoints = 16 * 4 / static_cast<int>(sizeof(T));
+  static constexpr int kJoints = nms::mask_chunk_joints(static_cast<int>(sizeof(T)));
 };
 
 template <class T>
@@ -316,15 +298,16 @@ __global__ void __launch_bounds__(kMaskThreads)
   const int img = large_image[slot];
   const int64_t start = offsets[img];
   const int64_t n = offsets[img + 1] - start;
-  const int64_t nw = (n + kTile - 1) / kTile;
+  const int64_t nw = nms::mask_words_per_row(n);
   unsigned long long* words = ws + large_base[slot];
   const T* g = kp + start * 3 * K;
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
 
   for (int64_t t = blockIdx.y; t < nw * nw; t += gridDim.y) {
-    const int64_t rb = t / nw, cb = t - (t / nw) * nw;
-    if (cb < rb) continue;  // uniform: lower triangle never read
-    const int64_t r0 = rb * kTile, c0 = cb * kTile;
+    const nms::MaskTile tile = nms::mask_tile_of(t, nw);
+    if (!nms::mask_tile_needed(tile)) continue;  // uniform: lower triangle never read
+    const int64_t cb = tile.cb;
+    const int64_t r0 = tile.rb * kTile, c0 = cb * kTile;
     if (tid < kTile) {
       s_area_r[tid] = r0 + tid < n ? areas[start + r0 + tid] : T(0);
       s_area_c[tid] = c0 + tid < n ? areas[start + c0 + tid] : T(0);
@@ -340,17 +323,17 @@ __global__ void __launch_bounds__(kMaskThreads)
     T hi[kTileRowsPerThread][2];
 #pragma unroll
     for (int q = 0; q < kTileRowsPerThread; ++q) {
-      const T ar = s_area_r[warp + 8 * q];
-      hi[q][0] = half_inv_area(ar, s_area_c[lane]);
-      hi[q][1] = half_inv_area(ar, s_area_c[lane + kWarp]);
+      const T ar = s_area_r[nms::mask_tile_row(warp, q)];
+      hi[q][0] = half_inv_area(ar, s_area_c[nms::mask_tile_col(lane, 0)]);
+      hi[q][1] = half_inv_area(ar, s_area_c[nms::mask_tile_col(lane, 1)]);
     }
 
     for (int k0 = 0; k0 < K; k0 += KC) {
       const int kc = K - k0 < KC ? K - k0 : KC;
       // Stage joints k0 .. k0+kc-1 of the 64 rows and 64 columns (coalesced along a row).
       for (int e = tid; e < kTile * kc * 3; e += kMaskThreads) {
-        const int r = e / (kc * 3), rest = e - r * (kc * 3);
-        const int k = rest / 3, c = rest - k * 3;
+        const nms::StageCoord sc = nms::mask_stage_coord(e, kc);
+        const int r = sc.r, k = sc.k, c = sc.c;
         const int64_t off = static_cast<int64_t>(k0 + k) * 3 + c;
         s_row[k][c][r] = r0 + r < n ? g[(r0 + r) * 3 * K + off] : T(0);
         s_col[k][c][r] = c0 + r < n ? g[(c0 + r) * 3 * K + off] : T(0);
@@ -362,12 +345,12 @@ __global__ void __launch_bounds__(kMaskThreads)
       __syncthreads();
       for (int k = 0; k < kc; ++k) {
         const T iv = s_inv_var[k];
-        const T cx0 = s_col[k][0][lane], cy0 = s_col[k][1][lane], cv0 = s_col[k][2][lane];
-        const T cx1 = s_col[k][0][lane + kWarp], cy1 = s_col[k][1][lane + kWarp],
-                cv1 = s_col[k][2][lane + kWarp];
+        const int j0 = nms::mask_tile_col(lane, 0), j1 = nms::mask_tile_col(lane, 1);
+        const T cx0 = s_col[k][0][j0], cy0 = s_col[k][1][j0], cv0 = s_col[k][2][j0];
+        const T cx1 = s_col[k][0][j1], cy1 = s_col[k][1][j1], cv1 = s_col[k][2][j1];
 #pragma unroll
         for (int q = 0; q < kTileRowsPerThread; ++q) {
-          const int r = warp + 8 * q;
+          const int r = nms::mask_tile_row(warp, q);
           const T rx = s_row[k][0][r], ry = s_row[k][1][r], rv = s_row[k][2][r];
           const T dx0 = rx - cx0, dy0 = ry - cy0, dx1 = rx - cx1, dy1 = ry - cy1;
           const T t0 = dev_exp<T>(-((dx0 * dx0 + dy0 * dy0) * iv * hi[q][0]));
@@ -394,15 +377,16 @@ __global__ void __launch_bounds__(kMaskThreads)
     const OksParams<T> P{nullptr, K, vis, has_vis};
 #pragma unroll
     for (int q = 0; q < kTileRowsPerThread; ++q) {
-      const int64_t r = r0 + warp + 8 * q;
-      const int64_t ca = c0 + lane, cbk = c0 + lane + kWarp;
+      const int64_t r = r0 + nms::mask_tile_row(warp, q);
+      const int64_t ca = c0 + nms::mask_tile_col(lane, 0);
+      const int64_t cbk = c0 + nms::mask_tile_col(lane, 1);
       const bool b0 = ca > r && ca < n && oks_finish(acc[q][0], cnt[q][0], P) > threshold;
       const bool b1 = cbk > r && cbk < n && oks_finish(acc[q][1], cnt[q][1], P) > threshold;
       const unsigned lo = __ballot_sync(kFullMask, b0);
       const unsigned hi_bits = __ballot_sync(kFullMask, b1);
       if (lane == 0 && r < n)
-        words[r * nw + cb] = static_cast<unsigned long long>(lo) |
-                             (static_cast<unsigned long long>(hi_bits) << 32);
+        words[nms::mask_word_index(r, nw, cb)] = static_cast<unsigned long long>(lo) |
+                                                 (static_cast<unsigned long long>(hi_bits) << 32);
     }
   }
 }
@@ -421,14 +405,15 @@ __global__ void __launch_bounds__(kWarp)
   const int img = large_image[slot];
   const int64_t start = offsets[img];
   const int64_t n = offsets[img + 1] - start;
-  const int64_t nw = (n + kTile - 1) / kTile;  // <= kMaxScanWords (checked at reservation)
+  const int64_t nw = nms::mask_words_per_row(n);  // <= kMaxScanWords (checked at reservation)
   const unsigned long long* words = ws + large_base[slot];
 
   for (int64_t w = lane; w < nw; w += kWarp) s_removed[w] = 0ull;
   for (int64_t wb = 0; wb < nw; ++wb) {
     const int64_t r0 = wb * kTile;
     const int rows = n - r0 < kTile ? static_cast<int>(n - r0) : kTile;
-    for (int b = lane; b < rows; b += kWarp) s_diag[b] = words[(r0 + b) * nw + wb];
+    for (int b = lane; b < rows; b += kWarp)
+      s_diag[b] = words[nms::mask_word_index(r0 + b, nw, wb)];
     __syncwarp();  // s_diag and s_removed[wb] (owned by lane wb % 32) visible
     if (lane == 0) {
       unsigned long long cur = s_removed[wb], kept = 0ull;
@@ -447,7 +432,7 @@ __global__ void __launch_bounds__(kWarp)
       unsigned long long acc = s_removed[w];
       for (unsigned long long bits = kept; bits; bits &= bits - 1) {
         const int b = __ffsll(static_cast<long long>(bits)) - 1;
-        acc |= words[(r0 + b) * nw + w];
+        acc |= words[nms::mask_word_index(r0 + b, nw, w)];
       }
       s_removed[w] = acc;
     }
@@ -610,18 +595,9 @@ void launch_hard(const Tensor& kp, const Tensor& areas, const Tensor& offsets,
   const size_t elem = sizeof(T);
 
   // Shared memory: areas + flags for images up to smem_rows, keypoints up to stage_rows.
-  int64_t smem_rows = crossover < M ? crossover : M;
-  if (smem_rows > kMaxSmemRows) smem_rows = kMaxSmemRows;
-  const size_t fixed = greedy_smem(K, smem_rows, 0, elem).total;
-  const size_t room = kSmemLimit - fixed;  // fixed <= 16 KiB (K) + 18 KiB (2048 rows)
-  const size_t budget = room < kStageBytes ? room : kStageBytes;
-  int64_t stage_rows = static_cast<int64_t>(budget / (3 * K * elem + 16));
-  if (stage_rows > smem_rows) stage_rows = smem_rows;
-  GreedySmem layout = greedy_smem(K, smem_rows, stage_rows, elem);
-  while (layout.total > kSmemLimit && stage_rows > 0) {  // alignment padding
-    --stage_rows;
-    layout = greedy_smem(K, smem_rows, stage_rows, elem);
-  }
+  const nms::GreedyPlan plan = nms::plan_greedy(K, M, crossover, elem);
+  const int64_t smem_rows = plan.smem_rows, stage_rows = plan.stage_rows;
+  const GreedySmem layout = plan.layout;
 
   // Large images: at most min(I, M / (crossover + 1)) of them.
   const int64_t max_large = crossover < M ? std::min<int64_t>(I, M / (crossover + 1)) : 0;
@@ -655,7 +631,7 @@ void launch_hard(const Tensor& kp, const Tensor& areas, const Tensor& offsets,
   // Blocks per large image: about 8 blocks per SM over all of them, at most the tiles of
   // the largest possible image.
   const int64_t largest = std::min<int64_t>(M, int64_t{kMaxScanWords} * kTile);
-  const int64_t nw_max = (largest + kTile - 1) / kTile;
+  const int64_t nw_max = nms::mask_words_per_row(largest);
   int64_t y = (8 * int64_t{common::sm_count(dev)} + max_large - 1) / max_large;
   y = std::max<int64_t>(1, std::min<int64_t>({y, nw_max * nw_max, 65535}));
   const dim3 grid(static_cast<unsigned>(max_large), static_cast<unsigned>(y));
