@@ -2,6 +2,8 @@
 #   make bench   set everything up (venv, torch, build) and run the benchmark suite
 #   make test    set everything up and run the test suite (what CI runs, via .ci/run)
 # and, on a GPU machine (no internet there: uses the preinstalled python3 and torch):
+#   make gpu-smoke   one GPU window (<= 7 min on an H100): build sm_90, selftest, focused
+#                    CUDA tests, compute-sanitizer memcheck/racecheck, headline benchmarks
 #   make gpu-check   build CUDA, run all tests on CUDA, compute-sanitizer, benchmarks,
 #                    raw results into benchmarks/results/<gpu-name>/
 #   make bench-check     run the benchmarks, gate them against the committed baseline of this GPU kind
@@ -29,11 +31,11 @@ BENCH_JSON ?= benchmarks/out/results.json
 CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: help setup build test test-fast bench cuda-compile-check gpu-check gpu-build gpu-test gpu-bench \
-	sanitize info clean \
+	sanitize info clean gpu-smoke selftest \
 	bench-check bench-baseline bench-report profile demo
 
 help:
-	@sed -n '1,13p' Makefile
+	@sed -n "1,13p" Makefile
 
 # ---------------------------------------------------------------- set-up
 $(VENV)/.stamp-deps: pyproject.toml
@@ -60,6 +62,11 @@ build: $(VENV)/.stamp-build
 
 info: setup
 	$(PY) -m mipnet_kernels.info
+
+# Every op on every usable backend against the reference (SELFTEST_ARGS e.g. --quick --json F)
+SELFTEST_ARGS ?=
+selftest: setup
+	$(PY) -m mipnet_kernels.selftest $(SELFTEST_ARGS)
 
 # ---------------------------------------------------------------- tests
 # Triton kernels run on CPU under the interpreter when there is no GPU (tests/conftest.py).
@@ -118,6 +125,14 @@ demo: setup
 	$(PY) -m mipnet demo --out $(DEMO_OUT) $(DEMO_ARGS)
 
 # ---------------------------------------------------------------- GPU machine
+# One GPU window (<= 7 min on an H100): build sm_90, selftest, focused CUDA tests,
+# compute-sanitizer memcheck/racecheck, headline benchmarks; JSON in $OUT and
+# benchmarks/results/<gpu>/smoke-<time>/.  Call with USE_VENV=0 PYTHON=python3 on the GPU box.
+# GPU_SMOKE_ARGS e.g. --skip-build, --only tests,bench, --dry-run, --collect
+GPU_SMOKE_ARGS ?=
+gpu-smoke:
+	$(PY) benchmarks/gpu_smoke.py $(GPU_SMOKE_ARGS)
+
 GPU_LOG ?= benchmarks/out/gpu-check.log
 # Every step runs even when an earlier one fails (a GPU session is scarce); the exit status
 # says whether all passed.  Each step is also a target of its own, short enough for one
