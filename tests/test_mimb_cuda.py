@@ -7,6 +7,8 @@
   with and without vector access in one launch -- bit-identical to one call per branch;
 * large H*W, C = 1 / 3 / 384, B = 1, float16 / bfloat16, channels_last, unaligned x;
 * the per-stream counters across calls, shapes, paths and streams; determinism;
+* channels-last tiles wider than a block (C = 264 .. 2048), and a cooperative launch the
+  driver refuses (auto falls back to two phases, forced single pass raises, no error left);
 * the fused ``mimb_fwd`` kernel and the private ops' own input checks.
 
 Every test id contains ``cuda-cuda`` (the Makefile's ``sanitize`` target selects them).
@@ -334,6 +336,71 @@ def test_backward_dy_in_another_layout(dev):
         for g, r in zip(got, ref):
             assert torch.equal(g, r)
     assert want[0].is_contiguous()
+
+
+# --------------------------------------------------------------------------- wide channels_last
+# Vectorised channels-last tiles hold up to 256 lanes x 8 channels: C = 264 .. 2048 have more
+# channels per tile than a block has threads (issue 14: the channels past the 256th got no
+# partial sum and read garbage from the workspace).  [B, C, 1, 1] runs channels-last too.
+WIDE_CASES = [(p, s, d, lay) for p in PATHS
+              for s in [(2, 264, 3, 5, 4), (1, 1024, 4, 3, 4), (2, 2048, 1, 1, 4)]
+              for d in (F32, BF16) for lay in ("channels_last", "contiguous")]
+
+
+@pytest.mark.parametrize("path, shape, dtype, layout", _params(WIDE_CASES))
+def test_wide_channels_last_tiles(dev, monkeypatch, path, shape, dtype, layout):
+    monkeypatch.setenv(ENV, path)
+    cpu, on, dyd = _inputs(shape, dtype, layout, dev, seed=13)
+    y, dx, dw1, dw2, dv = scale_fwd_bwd(*on, dyd)
+    x, w1, w2, v, dy = cpu
+    _, s = torch.ops.mipnet_cuda.mimb_scale_fwd(*on)
+    torch.testing.assert_close(s.cpu(), x.float().mean((2, 3)), rtol=1e-5, atol=1e-5)
+    truth, truth_g = eager_with_grads(official_scale, dy.double(), x.double(), w1.double(), w2.double(), v.double())
+    eager, eager_g = eager_with_grads(official_scale, dy, x, w1, w2, v)
+    check_flash(y, eager, truth, dtype, "y")
+    for name, got, e, t in zip(("dx", "dw1", "dw2", "dv"), (dx, dw1, dw2, dv), eager_g, truth_g):
+        check_flash(got, e, t, dtype, name)
+
+
+# --------------------------------------------------------------------------- refused cooperative launch
+COOP_CAPACITY = "MIPNET_MIMB_CUDA_COOP_CAPACITY"
+
+
+def test_refused_cooperative_launch(dev, monkeypatch):
+    """The driver refuses a cooperative launch with more blocks than can be co-resident (under
+    MPS limits or in a green context that happens below the occupancy calculator's count).
+    MIPNET_MIMB_CUDA_COOP_CAPACITY makes the launcher believe any grid fits, so the driver
+    refuses for real: auto falls back to the two-phase kernels (same bits), the forced single
+    pass raises a clear error, and no launch error is left behind for the next kernel."""
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    # 64 channels of 32x32 (NCHW, float32): 8 tiles per sample, more blocks than 8 per SM.
+    shape = (sms + 1, 64, 32, 32, 4)
+    _, on, dyd = _inputs(shape, F32, "contiguous", dev, seed=17)
+    monkeypatch.setenv(ENV, "two_phase")
+    want = scale_fwd_bwd(*on, dyd)
+    monkeypatch.setenv(COOP_CAPACITY, str(2**30))
+    monkeypatch.setenv(ENV, "auto")
+    for _ in range(2):  # the second call skips the refused grid size
+        got = scale_fwd_bwd(*on, dyd)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), f"output {i} differs from the two-phase path"
+    monkeypatch.setenv(ENV, "single_pass")
+    with pytest.raises(RuntimeError, match="driver refused the cooperative launch"):
+        torch.ops.mipnet_cuda.mimb_scale_fwd(*on)
+    # No sticky launch error: torch's own launch checks (cudaGetLastError) pass.
+    z = torch.arange(8.0, device=dev) * 2
+    torch.cuda.synchronize()
+    assert float(z.sum()) == 56.0
+    monkeypatch.setenv(ENV, "auto")
+    y, _ = torch.ops.mipnet_cuda.mimb_scale_fwd(*on)
+    assert torch.equal(y, want[0])
+
+
+def test_bad_capacity_variable(dev, monkeypatch):
+    monkeypatch.setenv(COOP_CAPACITY, "lots")
+    _, on, _ = _inputs((2, 8, 3, 3, 4), F32, "contiguous", dev)
+    with pytest.raises(RuntimeError, match="MIPNET_MIMB_CUDA_COOP_CAPACITY must be a block count"):
+        torch.ops.mipnet_cuda.mimb_scale_fwd(*on)
 
 
 # --------------------------------------------------------------------------- fused mimb_fwd
