@@ -116,7 +116,7 @@ def _nvcc_flags() -> list[str]:
 
     setup = (ROOT / "setup.py").read_text()
     version = re.search(r'^TORCH_TARGET_VERSION = "(\w+)"', setup, re.M).group(1)
-    inc = [f"-I{p}" for p in [str(ROOT / "csrc"), *ce.include_paths(device_type="cuda")]]
+    inc = [f"-I{p}" for p in [str(ROOT / "csrc"), *ce.include_paths()]]  # nvcc adds its own CUDA headers
     return ["-std=c++17", "-O3", "-DUSE_CUDA", f"-DTORCH_TARGET_VERSION={version}", "-lineinfo",
             "--expt-relaxed-constexpr", "-arch=sm_90", "-Xptxas", "-v", *inc]
 
@@ -160,7 +160,8 @@ def cuda_rows() -> list[dict]:
         if "mangled" in r:
             full = names.get(r["mangled"], r["mangled"])
             r["spec"] = full
-            r["kernel"] = re.sub(r"^(void )?", "", full).split("<")[0].split("(")[0].split("::")[-1]
+            qualified = re.match(r"(?:void )?([\w:]+)", full.replace("(anonymous namespace)", "anon")).group(1)
+            r["kernel"] = qualified.split("::")[-1]
     return rows
 
 
@@ -250,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))
         return 1 if grown or errors else 0
+    cuda = [] if args.no_cuda else cuda_rows()  # first: fails fast
     data = {"triton_version": triton.__version__, "nvcc_version": _nvcc_version(),
-            "triton": triton_rows([90], gate=False, resources_arch=90),
-            "cuda": [] if args.no_cuda else cuda_rows()}
+            "triton": triton_rows([90], gate=False, resources_arch=90), "cuda": cuda}
     OUT_JSON.write_text(json.dumps(data, indent=1) + "\n")
     OUT_MD.write_text(_md(data))
     print(f"wrote {OUT_MD.relative_to(ROOT)} and {OUT_JSON.name}: {len(data['triton'])} Triton specialisations, "

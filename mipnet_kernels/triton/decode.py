@@ -61,13 +61,16 @@ from ._launch import launch, num_warps
 _ARGMAX, _QUARTER, _DARK, _UDP = 0, 1, 2, 3
 _MAX_BLUR_KERNEL = 31
 
-# Tile sizes, in elements.  Register counts quoted are ptxas -v for sm_90a (Triton 3.6 PTX):
-# every decode configuration stays <= 128 registers/thread without spills worth mentioning.
+# Tile sizes, in elements.  Register counts: ptxas -v for sm_90a, benchmarks/gpu_resources.md
+# (Triton 3.9).  Single-map configurations stay well under 255 registers without spills; the
+# packed DARK refinement does not: [16 maps, 16x16] windows (BLOCK 16..64) take 250-255
+# registers, and with BLOCK=64 (maps of 33-64 pixels) spill 20/20 B (float32) to 76/76 B
+# (float16/bfloat16) -- a cost to weigh against packing fewer maps, not yet measured on a GPU.
 #: argmax-scan chunk of one map: covers 64x48 in one step and 96x72 in two, 16 elements in
 #: flight per thread at 8 warps (~80 registers).
 _TILE_ELEMS = 4096
-#: [MAPS, BLOCK] scan tile when small maps are packed several to a program.  4096 here cost
-#: up to 250 registers (the per-map [MAPS] vectors of the refinement); 2048 stays <= 128.
+#: [MAPS, BLOCK] scan tile when small maps are packed several to a program.  The per-map
+#: [MAPS] vectors of the refinement dominate the registers (see above), not this tile.
 _PACKED_ELEMS = 2048
 #: [MAPS, WIN, WIN] DARK/UDP refinement window (k=11: WIN=16, at most 16 maps).
 _WINDOW_ELEMS = 4096
