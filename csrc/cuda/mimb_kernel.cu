@@ -58,7 +58,8 @@
 // benchmarks); single_pass raises when the launch does not fit.  The driver may still refuse
 // a cooperative launch that the occupancy calculator says fits (MPS thread limits, green
 // contexts: fewer SMs than the device has): auto then takes the two-phase path (and skips
-// the single pass for grids that large from then on), single_pass raises.
+// the single pass for grids that large from then on), single_pass raises.  Test hook:
+// MIPNET_MIMB_CUDA_COOP_CAPACITY overrides the co-resident block count (capacity_override).
 //
 // The ticket counter is CUDA's "threadFenceReduction" sample: every block writes its
 // partials, __threadfence(), then atomically increments its sample's counter; the block
