@@ -31,7 +31,7 @@ BENCH_JSON ?= benchmarks/out/results.json
 CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: help setup build test test-fast bench cuda-compile-check gpu-check gpu-build gpu-test gpu-bench \
-	sanitize info clean gpu-smoke selftest \
+	sanitize info clean gpu-smoke selftest gpu-resources gpu-resources-check triton-compile-gate \
 	bench-check bench-baseline bench-report profile demo
 
 help:
@@ -62,6 +62,16 @@ build: $(VENV)/.stamp-build
 
 info: setup
 	$(PY) -m mipnet_kernels.info
+
+# Registers / spills / shared memory of every Triton and CUDA kernel for sm_90 (no GPU needed)
+# -> benchmarks/gpu_resources.md + .json (commit them); -check: exit 1 when a hot kernel
+# gained spills; triton-compile-gate: every Triton specialisation compiles for sm_90 + sm_80.
+gpu-resources: setup
+	env -u TRITON_INTERPRET $(PY) -m benchmarks.gpu_resources
+gpu-resources-check: setup
+	env -u TRITON_INTERPRET $(PY) -m benchmarks.gpu_resources --check
+triton-compile-gate: setup
+	env -u TRITON_INTERPRET $(PY) -m benchmarks.gpu_resources --gate
 
 # Every op on every usable backend against the reference (SELFTEST_ARGS e.g. --quick --json F)
 SELFTEST_ARGS ?=
