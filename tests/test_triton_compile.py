@@ -161,11 +161,15 @@ def test_flip_index_built_without_host_data():
     from mipnet_kernels.ops import decode as ops_decode
 
     perm = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]
-    ops_decode._index_cache.pop((tuple(perm), torch.device("cpu")), None)
+    ops_decode._const_cache.clear()
     with _HostTensorCreations() as mode:
         t = ops_decode._flip_index_tensor(perm, torch.device("cpu"))
+        w = ops_decode._blur_weights("dark", 11, torch.device("cpu"))
     assert mode.bad == []
     assert t.tolist() == perm and t.dtype == torch.int64
+    # the taps are the same float32 values a host-built tensor holds
+    want = torch.tensor(ops_decode.gaussian_kernel_1d(11), dtype=torch.float32)
+    assert torch.equal(w, want) and w.dtype == torch.float32
 
 
 @pytest.mark.triton
@@ -194,8 +198,8 @@ def test_grouped_meta_table_built_without_host_data():
 @pytest.mark.cuda
 @pytest.mark.triton
 def test_first_call_captured_in_cuda_graph():
-    """Grouped MIMB and flip_merge (triton) whose first call is inside torch.cuda.graph on a
-    fresh stream: no warm-up, cold caches; replay equals eager."""
+    """Grouped MIMB, flip_merge and DARK decode (triton) whose first call is inside
+    torch.cuda.graph on a fresh stream: no warm-up, cold caches; replay equals eager."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     import mipnet_kernels as mk
@@ -204,7 +208,7 @@ def test_first_call_captured_in_cuda_graph():
 
     dev = torch.device("cuda")
     tm._META_CACHE.clear()
-    ops_decode._index_cache.clear()
+    ops_decode._const_cache.clear()
     g = torch.Generator().manual_seed(4)
     xs = [torch.randn(2, c, h, w, generator=g).to(dev) for c, h, w in ((32, 16, 12), (64, 8, 6))]
     w1s = [(torch.randn(c // 4, c, generator=g) * 0.2).to(dev) for c in (32, 64)]
@@ -219,10 +223,14 @@ def test_first_call_captured_in_cuda_graph():
         with torch.cuda.graph(graph, stream=stream):
             ys, _ = tm.mimb_scale_grouped_fwd_triton(xs, w1s, w2s, vs)
             merged = mk.flip_merge(hm, fl, pairs)
+            coords, scores = mk.decode_heatmaps(hm, mode="dark")  # blur taps: cold cache too
         graph.replay()
         torch.cuda.synchronize()
         want_ys, _ = tm.mimb_scale_grouped_fwd_triton(xs, w1s, w2s, vs)
         want_merged = mk.flip_merge(hm, fl, pairs)
+        want_coords, want_scores = mk.decode_heatmaps(hm, mode="dark")
+    torch.testing.assert_close(coords, want_coords, rtol=0, atol=0)
+    torch.testing.assert_close(scores, want_scores, rtol=0, atol=0)
     for y, w in zip(ys, want_ys):
         torch.testing.assert_close(y, w, rtol=0, atol=0)
     torch.testing.assert_close(merged, want_merged, rtol=0, atol=0)

@@ -47,6 +47,7 @@ compute the blurred maximum of the whole map to stay exact.
 from __future__ import annotations
 
 import math
+import struct
 from typing import Optional, Sequence
 
 import torch
@@ -86,24 +87,39 @@ def gaussian_kernel_1d(ksize: int) -> list[float]:
         taps = [math.exp(scale2 * (i - (ksize - 1) * 0.5) ** 2) for i in range(ksize)]
         total = sum(taps)
         taps = [t / total for t in taps]
-    # OpenCV computes in double and stores float32 for CV_32F images.
-    return torch.tensor(taps, dtype=torch.float64).to(torch.float32).tolist()
+    # OpenCV computes in double and stores float32 for CV_32F images (rounded to nearest
+    # by struct's "f" format, with no tensor: this also runs while a CUDA graph captures).
+    return [struct.unpack("f", struct.pack("f", t))[0] for t in taps]
 
 
-_weights_cache: dict[tuple[int, torch.device], Tensor] = {}
+# Small constant tensors the kernels take (blur taps, flip index), cached per (values,
+# dtype, device) and never evicted, so a captured CUDA graph may keep reading them.
+_const_cache: dict[tuple, Tensor] = {}
+
+
+def _device_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``values`` as a 1-D ``dtype`` tensor on ``device``, built by device-side ops only (a
+    ``zeros`` and one ``fill_`` per non-zero value), never copied from host memory: a
+    pageable host-to-device copy is illegal inside a CUDA-graph capture, and the first call
+    may be the one captured.  A tensor made during a capture holds its values only once the
+    graph replays, so it is not cached then; later captures and eager calls use the cache."""
+    key = (values, dtype, device)
+    t = _const_cache.get(key)
+    if t is None:
+        t = torch.zeros(len(values), dtype=dtype, device=device)
+        for i, v in enumerate(values):
+            if v != 0:
+                t[i].fill_(v)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _const_cache[key] = t
+    return t
 
 
 def _blur_weights(mode: str, ksize: int, device: torch.device) -> Tensor:
-    """1-D float32 Gaussian taps on ``device`` for dark/udp, an empty tensor otherwise."""
-    if mode not in ("dark", "udp"):
-        ksize = 0
-    key = (ksize, device)
-    w = _weights_cache.get(key)
-    if w is None:
-        taps = gaussian_kernel_1d(ksize) if ksize else []
-        w = torch.tensor(taps, dtype=torch.float32, device=device)
-        _weights_cache[key] = w
-    return w
+    """1-D float32 Gaussian taps on ``device`` for dark/udp, an empty tensor otherwise
+    (capture-safe: :func:`_device_constant`; the taps are exact float32 values)."""
+    taps = tuple(gaussian_kernel_1d(ksize)) if mode in ("dark", "udp") else ()
+    return _device_constant(taps, torch.float32, device)
 
 
 # --------------------------------------------------------------------------- validation
@@ -250,7 +266,7 @@ def decode_heatmaps_reference(
         cx = torch.where(interior, cx + ox, cx)
         cy = torch.where(interior, cy + oy, cy)
     elif mode in ("dark", "udp"):
-        g = torch.tensor(gaussian_kernel_1d(blur_kernel), dtype=torch.float32, device=x.device)
+        g = _blur_weights(mode, blur_kernel, x.device)
         r = blur_kernel // 2
         if mode == "dark":
             blurred = _blur_separable(F.pad(x, (r, r, r, r)), g, H, W)
@@ -316,29 +332,10 @@ def _affine_f32(affine: Optional[Tensor]) -> Optional[Tensor]:
     return None if affine is None else affine.to(torch.float32).contiguous()
 
 
-_index_cache: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
-
-
 def _flip_index_tensor(flip_index: Sequence[int], device: torch.device) -> Tensor:
-    """``flip_index`` as an int64 ``[K]`` tensor on ``device``, cached per (index, device).
-
-    Built by device-side ops only (an ``arange`` and one ``fill_`` per moved joint), never
-    copied from host memory: a pageable host-to-device copy is illegal inside a CUDA-graph
-    capture, and the first call may be the one captured.  A tensor made during a capture
-    holds its values only once the graph replays, so it is not cached; the cache (never
-    evicted, so a graph may read from it) serves later captures and eager calls.
-    """
-    values = tuple(int(i) for i in flip_index)
-    key = (values, device)
-    t = _index_cache.get(key)
-    if t is None:
-        t = torch.arange(len(values), dtype=torch.int64, device=device)
-        for k, v in enumerate(values):
-            if v != k:
-                t[k].fill_(v)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _index_cache[key] = t
-    return t
+    """``flip_index`` as an int64 ``[K]`` tensor on ``device`` (capture-safe, cached:
+    :func:`_device_constant`)."""
+    return _device_constant(tuple(int(i) for i in flip_index), torch.int64, device)
 
 
 register("decode_heatmaps", "reference")(decode_heatmaps_reference)
