@@ -114,7 +114,7 @@ struct ScanKern {
                  float* best, int32_t* idx, int32_t* bad);
   // flip_merge over rows of contiguous values (see flip_rows)
   void (*flip_rows)(const T* a, int64_t say, const T* f, int64_t sfy, T* o, int64_t rows,
-                    int64_t W, bool shifted);
+                    int64_t W, bool shifted, const T* f_next);
 };
 
 #if !MIPNET_ISA_NATIVE_AVX2
@@ -533,7 +533,15 @@ void flip_impl(const T* a, const T* fl, T* out, const int64_t* fidx, int64_t fid
     const T* fm = fl + b * sf[0] + fidx[j * fidx_stride] * sf[1] + y0 * sf[2];
     T* om = out + (m * H + y0) * W;
     if (rows_contig && !std::is_same<T, c10::Half>::value) {
-      vk.flip_rows(am, sa[2], fm, sf[2], om, y1 - y0, W, shifted);
+      // The flipped map of the next map (the next in this thread's static range, usually),
+      // prefetched while this one streams when it is not simply the next in memory.
+      const T* fn = nullptr;
+      if (m + 1 < maps && y0 == 0) {
+        const int64_t b1 = (m + 1) / K, j1 = (m + 1) % K;
+        if (fidx[j1 * fidx_stride] != fidx[j * fidx_stride] + 1 || b1 != b)
+          fn = fl + b1 * sf[0] + fidx[j1 * fidx_stride] * sf[1];
+      }
+      vk.flip_rows(am, sa[2], fm, sf[2], om, y1 - y0, W, shifted, fn);
       return;
     }
     for (int64_t y = 0; y < y1 - y0; ++y) {
@@ -545,7 +553,7 @@ void flip_impl(const T* a, const T* fl, T* out, const int64_t* fidx, int64_t fid
         continue;
       }
       if (rows_contig) {
-        vk.flip_rows(ar, 0, fr, 0, o, 1, W, shifted);
+        vk.flip_rows(ar, 0, fr, 0, o, 1, W, shifted, nullptr);
         continue;
       }
       if (shifted) o[0] = T((ld(ar[0]) + ld(fr[(W - 1) * sf[3]])) * 0.5f);
