@@ -251,3 +251,15 @@ def test_eval_cli_on_a_trained_checkpoint(tmp_path, capsys):
     assert report["boxes"] == "ground truth" and report["num_instances"] == 2
     cfg = load_config(None, common)
     assert cfg.model.arch == "resnet_tiny"
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", b""], ids=["text", "empty"])
+def test_eval_cli_bad_checkpoint_one_line_exit_2(tmp_path, capsys, content):
+    """A bad checkpoint file: one line naming it, exit 2, no traceback (issue 13)."""
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(content)
+    assert cli.main(["eval", "--checkpoint", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and "Traceback" not in err[0], err
+    with pytest.raises(ValueError):  # --debug shows the exception itself
+        cli.main(["--debug", "eval", "--checkpoint", str(bad)])

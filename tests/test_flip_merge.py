@@ -209,3 +209,27 @@ def test_opcheck_flip_merge(backend, device, dtype, shift):
     index = flip_index_from_pairs(COCO, 17)
     with mk.use_backend(backend):
         torch.library.opcheck(torch.ops.mipnet.flip_merge.default, (hm, fl, index, shift))
+
+
+# --------------------------------------------------------------------------- issue 13: no silent truncation
+@pytest.mark.parametrize("pairs", [[(1.7, 2.2)], [(True, 2)], torch.tensor([[1.0, 2.0]]), [("1", 2)]],
+                         ids=["float", "bool", "float-tensor", "str"])
+def test_flip_pairs_must_be_integers(pairs):
+    hm = torch.rand(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="flip_pairs"):
+        mk.flip_merge(hm, hm, pairs)
+
+
+def test_flip_pairs_accept_numpy_and_tensor_ints():
+    hm = torch.rand(1, 3, 4, 4)
+    fl = torch.rand(1, 3, 4, 4)
+    want = mk.flip_merge(hm, fl, [(1, 2)])
+    for pairs in ([(np.int64(1), np.int32(2))], torch.tensor([[1, 2]]), [(torch.tensor(1), 2)]):
+        torch.testing.assert_close(mk.flip_merge(hm, fl, pairs), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shift", ["no", 1, None])
+def test_shift_must_be_bool(shift):
+    hm = torch.rand(1, 3, 4, 4)
+    with pytest.raises(TypeError, match="shift must be a bool"):
+        mk.flip_merge(hm, hm, [(1, 2)], shift=shift)

@@ -520,3 +520,49 @@ def test_bad_build_arguments():
         build_model("resnet50", 0)
     with pytest.raises(ValueError, match="num_keypoints must be a positive int"):
         build_model("hrnet_w32", 2, num_keypoints=0)
+
+
+# --------------------------------------------------------------------------- issue 13: bad checkpoints
+def _linear_state():
+    torch.manual_seed(0)
+    m = nn.Linear(3, 2)
+    return m, {k: v.clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"hello, not a checkpoint", "neither a zip archive nor a pickle"),
+    (b"", "the file is empty"),
+    (None, "RuntimeError"),  # a truncated torch.save archive
+])
+def test_unreadable_checkpoint_file_names_the_file(tmp_path, content, message):
+    from mipnet.models import CheckpointFileError
+
+    m, sd = _linear_state()
+    path = tmp_path / "bad.pth"
+    if content is None:
+        torch.save(sd, path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointFileError, match=f"{path}.*{message}"):
+        load_checkpoint(m, path)
+
+
+def test_integer_and_non_finite_tensors_are_refused():
+    """An int64 state dict is not truncated into float parameters, NaN weights are not loaded
+    (predict failed later with an unrelated NMS message); both named in the report."""
+    m, sd = _linear_state()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    ints = {k: v.to(torch.int64) for k, v in sd.items()}
+    with pytest.raises(CheckpointMismatchError, match="dtype mismatch.*weight int64 vs float32"):
+        load_checkpoint(m, ints)
+    nan = {k: v.clone() for k, v in sd.items()}
+    nan["weight"][0, 0] = float("nan")
+    with pytest.raises(CheckpointMismatchError, match="NaN or inf values: weight"):
+        load_checkpoint(m, nan)
+    report = load_checkpoint(m, nan, strict=False)  # the rest loads; the bad tensor is skipped
+    assert report.non_finite == ["weight"] and not report.ok
+    assert torch.equal(m.weight, before["weight"]) and torch.equal(m.bias, sd["bias"])
+    half = {k: v.half() for k, v in sd.items()}  # a float dtype converts, as load_state_dict does
+    assert load_checkpoint(m, half).ok

@@ -510,3 +510,46 @@ def test_missing_triton_kernels_give_a_reason(monkeypatch):
     kp, s, a, b, _ = _small_inputs()
     with mk.use_backend("triton"), pytest.raises(RuntimeError, match="no_such_module is missing"):
         mk.oks_nms(kp, s, a, b)
+
+
+# --------------------------------------------------------------------------- issue 13: -inf scores, oks_iou values
+@pytest.mark.parametrize("backend, device", backend_params())
+def test_soft_nms_minus_inf_scores_pick_each_row_once(backend, device):
+    """Scores of -inf are valid: each row is picked at most once, on every backend (the
+    reference masked dead rows with -inf, tied with them and picked row 0 twice)."""
+    dev = require(backend, device)
+    kp = torch.zeros(3, 17, 3, dtype=torch.float64)
+    kp[:, :, 2] = 1
+    for i in range(3):  # far apart: no suppression
+        kp[i, :, :2] += 1000 * i
+    areas = torch.full((3,), 100.0, dtype=torch.float64)
+    batch = torch.zeros(3, dtype=torch.int64)
+    args = (kp.to(dev), None, areas.to(dev), batch.to(dev))
+    with mk.use_backend(backend):
+        keep, _ = mk.soft_oks_nms(args[0], torch.tensor([1.0, -math.inf, 0.5], dtype=torch.float64, device=dev),
+                                  *args[2:])
+        assert keep.tolist() == [0, 2]  # the -inf row is below the default score threshold
+        keep, _ = mk.soft_oks_nms(args[0], torch.full((3,), -math.inf, dtype=torch.float64, device=dev), *args[2:],
+                                  score_threshold=-math.inf, max_dets=None)
+        assert keep.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("which, bad, message", [
+    ("areas_a", "negative", "areas_a must be >= 0"),
+    ("areas_b", "nan", "areas_b must be >= 0"),
+    ("sigmas", "zero", "sigmas must be positive and finite"),
+    ("kpts_a", "inf", "kpts_a must be finite"),
+])
+def test_oks_iou_checks_values_like_nms(which, bad, message):
+    """oks_iou refuses what the NMS ops refuse (a negative area gave OKS = inf, a zero sigma NaN)."""
+    g = torch.Generator().manual_seed(0)
+    args = {"kpts_a": torch.rand(3, 17, 3, generator=g) * 100, "areas_a": torch.rand(3, generator=g) * 100 + 1,
+            "kpts_b": torch.rand(2, 17, 3, generator=g) * 100, "areas_b": torch.rand(2, generator=g) * 100 + 1,
+            "sigmas": torch.full((17,), 0.05)}
+    value = {"negative": -1.0, "nan": math.nan, "zero": 0.0, "inf": math.inf}[bad]
+    args[which] = args[which].clone()
+    args[which].view(-1)[0] = value
+    with pytest.raises(ValueError, match=message):
+        mk.oks_iou(args["kpts_a"], args["areas_a"], args["kpts_b"], args["areas_b"], args["sigmas"])
+    args[which].view(-1)[0] = 1.0  # the same call with valid values works
+    assert mk.oks_iou(args["kpts_a"], args["areas_a"], args["kpts_b"], args["areas_b"], args["sigmas"]).shape == (3, 2)

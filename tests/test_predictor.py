@@ -365,3 +365,15 @@ def test_cuda_predict_tensors_never_synchronises(num_instances):
     ours = c.to_results([0, 1])
     official = OfficialPipeline(model, input_size=INPUT, flip_test=True).predict(images, boxes)
     _assert_same_results(ours, official, px_tol=2e-3)
+
+
+def test_huge_finite_box_is_refused_up_front():
+    """A finite float64 box beyond float32's geometry (issue 13: [0, 0, 3e38, 3e38] failed
+    later with NMS's "keypoints must be finite") is refused naming the box."""
+    from mipnet.predictor import MAX_BOX_COORD, check_boxes
+
+    with pytest.raises(ValueError, match=r"boxes\[1\].*out of range"):
+        check_boxes([[0, 0, 10, 10], [0, 0, 3e38, 3e38]])
+    with pytest.raises(ValueError, match=r"boxes\[0\].*out of range"):
+        check_boxes([[-2 * MAX_BOX_COORD, 0, 10, 10]])
+    assert check_boxes([[0, 0, MAX_BOX_COORD, MAX_BOX_COORD]]).shape == (1, 5)

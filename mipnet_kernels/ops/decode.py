@@ -47,6 +47,7 @@ compute the blurred maximum of the whole map to stay exact.
 from __future__ import annotations
 
 import math
+import operator
 import struct
 from typing import Optional, Sequence
 
@@ -168,15 +169,29 @@ def _check_decode_args(heatmaps, mode, affine, blur_kernel) -> None:
             )
 
 
+def _joint_index(j) -> int:
+    """An integer joint index (Python / NumPy / 0-d tensor ints); floats and bools are refused
+    rather than truncated (``1.7`` is not joint 1)."""
+    if isinstance(j, Tensor):
+        if j.dim() != 0 or j.is_floating_point() or j.dtype == torch.bool:
+            raise TypeError(f"{j!r} is not an integer index")
+        return int(j)
+    if isinstance(j, bool) or not hasattr(j, "__index__"):
+        raise TypeError(f"{j!r} is not an integer index")
+    return operator.index(j)
+
+
 def flip_index_from_pairs(flip_pairs, num_joints: int) -> list[int]:
     """Permutation ``idx`` with ``merged joint k <- flipped joint idx[k]`` from left/right pairs."""
     if isinstance(flip_pairs, Tensor):
+        if flip_pairs.is_floating_point() or flip_pairs.is_complex() or flip_pairs.dtype == torch.bool:
+            raise ValueError(f"flip_pairs must hold integer joint indices, got a {flip_pairs.dtype} tensor")
         flip_pairs = flip_pairs.tolist()
     try:
-        pairs = [tuple(int(j) for j in p) for p in flip_pairs]
-    except (TypeError, ValueError):
+        pairs = [tuple(_joint_index(j) for j in p) for p in flip_pairs]
+    except (TypeError, ValueError) as exc:
         raise ValueError(
-            "flip_pairs must be a sequence of (left, right) joint index pairs"
+            f"flip_pairs must be a sequence of (left, right) joint index pairs of integers ({exc})"
         ) from None
     index = list(range(num_joints))
     seen: set[int] = set()
@@ -477,5 +492,7 @@ def flip_merge(heatmaps: Tensor, flipped: Tensor, flip_pairs, shift: bool = True
         Computed in float32.  Not differentiable (an inference op).
     """
     _check_heatmaps(heatmaps, "heatmaps")
+    if not isinstance(shift, bool):  # bool('no') is True: refuse rather than guess
+        raise TypeError(f"shift must be a bool, got {type(shift).__name__} {shift!r}")
     index = flip_index_from_pairs(flip_pairs, heatmaps.shape[1])
-    return torch.ops.mipnet.flip_merge(heatmaps, flipped, index, bool(shift))
+    return torch.ops.mipnet.flip_merge(heatmaps, flipped, index, shift)

@@ -201,6 +201,33 @@ def _check_values(keypoints: Tensor, scores: Tensor, areas: Tensor, batch_idx: T
             raise ValueError(message)
 
 
+def _check_oks_iou_values(kpts_a: Tensor, areas_a: Tensor, kpts_b: Tensor, areas_b: Tensor,
+                          sigmas: Tensor) -> None:
+    """oks_iou's value checks, the same as the NMS ops' (one host synchronisation): finite
+    keypoints, areas >= 0, positive finite sigmas -- a negative area gave OKS = inf and a
+    zero sigma NaN."""
+    def finite(t: Tensor) -> Tensor:
+        if t.numel() == 0:
+            return torch.ones((), dtype=torch.bool, device=t.device)
+        lo, hi = torch.aminmax(t)  # NaN propagates
+        return torch.isfinite(lo) & torch.isfinite(hi)
+
+    bad = torch.stack([
+        ~finite(kpts_a), ~finite(kpts_b),
+        ~(areas_a >= 0).all(), ~(areas_b >= 0).all(),
+        ~((sigmas > 0) & torch.isfinite(sigmas)).all(),
+    ]).tolist()
+    messages = (
+        "kpts_a must be finite (found NaN or inf)", "kpts_b must be finite (found NaN or inf)",
+        "areas_a must be >= 0 (found a negative or NaN area)",
+        "areas_b must be >= 0 (found a negative or NaN area)",
+        "sigmas must be positive and finite",
+    )
+    for is_bad, message in zip(bad, messages):
+        if is_bad:
+            raise ValueError(message)
+
+
 def _check_oks_iou_args(kpts_a, areas_a, kpts_b, areas_b, sigmas, vis_threshold) -> None:
     _check_keypoints(kpts_a, "kpts_a")
     _check_keypoints(kpts_b, "kpts_b")
@@ -340,7 +367,10 @@ def soft_oks_nms_sorted_reference(keypoints: Tensor, areas: Tensor, scores: Tens
         picks = n if max_dets <= 0 else min(n, max_dets)
         final = cur.clone()  # the score each row has at its pick, or when the loop stops
         for p in range(picks):
-            best = int(torch.where(alive, cur, -math.inf).argmax())  # first maximum: lower row on ties
+            # First maximum among the rows still alive (lower row on ties).  Masking the dead
+            # rows with -inf instead would tie with alive -inf scores and pick a row twice.
+            rows = alive.nonzero().flatten()
+            best = int(rows[cur[rows].argmax()])
             if bool(cur[best] < score_threshold):
                 break
             rank[lo + best] = p
@@ -507,6 +537,7 @@ def _dynamic_length() -> int:
 def _oks_iou_op(kpts_a: Tensor, areas_a: Tensor, kpts_b: Tensor, areas_b: Tensor, sigmas: Tensor,
                 vis_threshold: Optional[float]) -> Tensor:
     _check_oks_iou_args(kpts_a, areas_a, kpts_b, areas_b, sigmas, vis_threshold)
+    _check_oks_iou_values(kpts_a, areas_a, kpts_b, areas_b, sigmas)
     dt = compute_dtype(kpts_a, kpts_b)
     return oks_matrix_reference(kpts_a.to(dt), areas_a.to(dt), kpts_b.to(dt), areas_b.to(dt), sigmas.to(dt),
                                 vis_threshold)

@@ -4,7 +4,8 @@
 ``mipnet eval --checkpoint runs/x/checkpoint.pth [--boxes dets.json]``  pycocotools evaluation
 ``mipnet demo [--out demo_out] [--full]``                               the synthetic crowd benchmark
 
-Errors of the user's making (bad config values, missing files) print one line and exit 2.
+Errors of the user's making (bad config values, missing or unreadable files, a checkpoint
+that does not fit the model) print one line and exit 2; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from . import __version__, demo, evaluate, train
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mipnet", description="MIPNet training, evaluation and demo")
     parser.add_argument("--version", action="version", version=f"mipnet {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,demo}")
     for name, module, help_text in (
         ("train", train, "train a baseline or MIPNet model (torchrun for several GPUs)"),
@@ -32,10 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .models import CheckpointMismatchError
+
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, IsADirectoryError, PermissionError,
+            CheckpointMismatchError) as e:
+        if args.debug:
+            raise
         print(f"mipnet {args.command}: error: {e}", file=sys.stderr)
         return 2
 

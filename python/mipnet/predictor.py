@@ -95,10 +95,15 @@ def image_to_chw(image: ImageLike, name: str = "image") -> Tensor:
     return t
 
 
+#: Largest |x|, |y|, w, h of a box in pixels (float32 crop geometry stays exact and finite).
+MAX_BOX_COORD = 1e7
+
+
 def check_boxes(boxes: BoxesLike, name: str = "boxes") -> np.ndarray:
     """Host boxes ``[n, 4]`` / ``[n, 5]`` -> float64 ``[n, 5]`` ``(x, y, w, h, score)`` (score 1 if absent).
 
-    Raises ``ValueError`` naming the row for NaN/inf values or a width/height <= 0.
+    Raises ``ValueError`` naming the row for NaN/inf values, a width/height <= 0, or a
+    coordinate beyond :data:`MAX_BOX_COORD`.
     """
     if isinstance(boxes, Tensor):
         boxes = boxes.detach().cpu().numpy()
@@ -116,6 +121,14 @@ def check_boxes(boxes: BoxesLike, name: str = "boxes") -> np.ndarray:
     if bad.any():
         j = int(np.argmax(bad))
         raise ValueError(f"{name}[{j}] has width {b[j, 2]:g} and height {b[j, 3]:g}; both must be > 0")
+    # The crop geometry runs in float32 (box_geometry scales w, h by ~1.25 and the affine
+    # multiplies them again): a finite float64 box such as 3e38 would overflow there and
+    # surface later as an unrelated error.
+    bad = (np.abs(b[:, :2]).max(axis=1) > MAX_BOX_COORD) | (b[:, 2:4].max(axis=1) > MAX_BOX_COORD)
+    if bad.any():
+        j = int(np.argmax(bad))
+        raise ValueError(f"{name}[{j}] = {b[j, :4].tolist()} is out of range: x, y, w, h must be within "
+                         f"+-{MAX_BOX_COORD:g} pixels")
     return b
 
 

@@ -308,7 +308,9 @@ class Trainer:
             (self.out / "config.yaml").write_text(dump_config(cfg))
         self.start_epoch, self.step = 0, 0
         if t.resume:
-            self._load(torch.load(self.ckpt_path, map_location="cpu", weights_only=True))
+            from .models import read_checkpoint_file
+
+            self._load(read_checkpoint_file(self.ckpt_path, map_location="cpu"))
 
     # -------------------------------------------------------------- state
     def state(self, epoch: int) -> dict:
@@ -424,12 +426,12 @@ def train(cfg: Config, model: nn.Module | None = None, dataset: Dataset | None =
 
 def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, Config, dict]:
     """Model, config and raw checkpoint of a :func:`train` checkpoint."""
-    from .models import load_checkpoint
+    from .models import load_checkpoint, read_checkpoint_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint_file(path, map_location="cpu")
     if not isinstance(ckpt, dict) or "config" not in ckpt or "num_keypoints" not in ckpt:
         raise ValueError(f"checkpoint {str(path)!r} was not written by mipnet train "
                          "(for official weights use model.init_checkpoint)")

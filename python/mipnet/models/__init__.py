@@ -10,7 +10,8 @@
 """
 
 from .builder import ARCHS, build_model
-from .checkpoint import CheckpointMismatchError, LoadReport, extract_state_dict, load_checkpoint
+from .checkpoint import (CheckpointFileError, CheckpointMismatchError, LoadReport, extract_state_dict,
+                         load_checkpoint, read_checkpoint_file)
 from .common import MIMBGroup, PoseNet
 from .hrnet import PoseHighResolutionNet
 from .resnet import PoseResNet
@@ -26,4 +27,6 @@ __all__ = [
     "build_model",
     "extract_state_dict",
     "load_checkpoint",
+    "read_checkpoint_file",
+    "CheckpointFileError",
 ]

@@ -46,6 +46,9 @@ class LoadReport:
         missing: parameter/buffer names of the model absent from the checkpoint (left as they were).
         unexpected: checkpoint names the model does not have (ignored).
         mismatched: ``(name, checkpoint shape, model shape)`` of names whose shapes differ (ignored).
+        wrong_dtype: ``(name, checkpoint dtype, model dtype)`` where one is floating point and
+            the other is not (an int64 tensor would be truncated into a float parameter; ignored).
+        non_finite: floating-point names holding NaN or inf in the checkpoint (ignored).
         mimb_at_init: MIMB modules none of whose parameters were in the checkpoint (e.g. a
             baseline HRNet checkpoint loaded into a MIPNet model): they keep their initialisation.
     """
@@ -53,12 +56,16 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+    wrong_dtype: list[tuple[str, torch.dtype, torch.dtype]] = field(default_factory=list)
+    non_finite: list[str] = field(default_factory=list)
     mimb_at_init: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """True when every name matched (nothing missing, unexpected or mismatched)."""
-        return not (self.missing or self.unexpected or self.mismatched)
+        """True when every name matched and every value can be loaded (nothing missing,
+        unexpected, mismatched, of the wrong kind of dtype or non-finite)."""
+        return not (self.missing or self.unexpected or self.mismatched or self.wrong_dtype
+                    or self.non_finite)
 
     def describe(self) -> str:
         def names(items) -> str:
@@ -77,10 +84,21 @@ class LoadReport:
         if self.mismatched:
             parts.append(f"{len(self.mismatched)} shape mismatch(es) (checkpoint vs model): " + names(
                 f"{n} {list(a)} vs {list(b)}" for n, a, b in self.mismatched))
+        if self.wrong_dtype:
+            parts.append(f"{len(self.wrong_dtype)} dtype mismatch(es) (checkpoint vs model): " + names(
+                f"{n} {str(a).replace('torch.', '')} vs {str(b).replace('torch.', '')}"
+                for n, a, b in self.wrong_dtype))
+        if self.non_finite:
+            parts.append(f"{len(self.non_finite)} tensor(s) with NaN or inf values: " + names(self.non_finite))
         if self.mimb_at_init:
             parts.append(f"{len(self.mimb_at_init)} MIMB block(s) left at their initialisation: "
                          + names(self.mimb_at_init))
         return "; ".join(parts) if parts else "all keys matched"
+
+
+class CheckpointFileError(ValueError):
+    """A checkpoint file that cannot be read as a PyTorch checkpoint (text, empty, truncated,
+    or refused by ``torch.load(weights_only=True)``); the message names the file."""
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -134,6 +152,27 @@ def _is_batch_counter(name: str) -> bool:
     return name.endswith(".num_batches_tracked") or name == "num_batches_tracked"
 
 
+def read_checkpoint_file(path: Union[str, os.PathLike], map_location=None) -> Any:
+    """``torch.load(path, weights_only=True)``; a file that is not a readable PyTorch checkpoint
+    raises :class:`CheckpointFileError` naming it and why (``OSError`` for a missing file
+    or no permission, as ``open`` raises)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the unpickler raises anything on a bad file
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        if not head:
+            why = "the file is empty"
+        elif head != b"PK" and head[:1] != b"\x80":  # torch.save's zip archive / a pickle
+            why = "neither a zip archive nor a pickle, as torch.save writes"
+        else:
+            first = str(exc).splitlines()[0][:200] if str(exc) else ""
+            why = f"{type(exc).__name__}: {first}"
+        raise CheckpointFileError(f"{os.fspath(path)} is not a readable PyTorch checkpoint ({why})") from exc
+
+
 def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping[str, Any]],
                     strict: bool = True, map_location: Union[str, torch.device, None] = "cpu") -> LoadReport:
     """Load ``checkpoint`` (a path or an already loaded object) into ``model``.
@@ -152,7 +191,7 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
         (a baseline checkpoint into a MIPNet model), a warning names them.
     """
     if isinstance(checkpoint, (str, os.PathLike)):
-        checkpoint = torch.load(checkpoint, map_location=map_location, weights_only=True)
+        checkpoint = read_checkpoint_file(checkpoint, map_location)
     sd = extract_state_dict(checkpoint)
     own = model.state_dict()
 
@@ -161,6 +200,10 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
     report.unexpected = [k for k in sd if k not in own]
     report.mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items()
                          if k in own and v.shape != own[k].shape]
+    report.wrong_dtype = [(k, v.dtype, own[k].dtype) for k, v in sd.items()
+                          if k in own and v.is_floating_point() != own[k].is_floating_point()]
+    report.non_finite = [k for k, v in sd.items()
+                         if k in own and v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all())]
     missing = set(report.missing)
     for name in _mimb_names(model):
         keys = [k for k in own if k.startswith(name + ".") and not _is_batch_counter(k)]
@@ -169,7 +212,8 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
     if strict and not report.ok:
         raise CheckpointMismatchError(report)
 
-    bad = {name for name, _, _ in report.mismatched}
+    bad = ({name for name, _, _ in report.mismatched} | {name for name, _, _ in report.wrong_dtype}
+           | set(report.non_finite))
     model.load_state_dict({k: v for k, v in sd.items() if k in own and k not in bad}, strict=False)
     if report.mimb_at_init:
         warnings.warn(
@@ -180,4 +224,5 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
     return report
 
 
-__all__ = ["CheckpointMismatchError", "LoadReport", "extract_state_dict", "load_checkpoint"]
+__all__ = ["CheckpointFileError", "CheckpointMismatchError", "LoadReport", "extract_state_dict",
+           "load_checkpoint", "read_checkpoint_file"]
