@@ -67,6 +67,26 @@ MIPNET_AI float vhsum(V v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 MIPNET_AI V vexp(V x) { return exp_lanes<v8f, v8i>(x); }
+// out[i] = vhsum(v[i]) for i < n <= 8, bit for bit: the same additions in the same order
+// (p = lo + hi, then adjacent pairs of p, then adjacent pairs of those, as hadd adds), 8
+// vectors at a time (a lone vhsum is ~15 shuffles and adds, as much as a short mat-vec row).
+template <int n>
+MIPNET_AI void vhsum_many(const V* v, float* out) {
+  static_assert(n >= 1 && n <= 8, "vhsum_many sums 1 to 8 vectors");
+  __m256 q[4];  // q[i] = [p(v[2i]) | p(v[2i + 1])]
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const __m256 a = 2 * i < n ? (__m256)v[2 * i] : _mm256_setzero_ps();
+    const __m256 b = 2 * i + 1 < n ? (__m256)v[2 * i + 1] : _mm256_setzero_ps();
+    q[i] = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+  }
+  // [s0 s2 s4 s6 | s1 s3 s5 s7]
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(q[0], q[1]), _mm256_hadd_ps(q[2], q[3]));
+  alignas(32) float t[8];
+  _mm256_store_ps(t, h);
+#pragma GCC unroll 8
+  for (int i = 0; i < n; ++i) out[i] = t[(i % 2) * 4 + i / 2];
+}
 
 MIPNET_AI V vload(const float* p) { return *reinterpret_cast<const v8f_u*>(p); }
 MIPNET_AI void vstore(float* p, V v) { *reinterpret_cast<v8f_u*>(p) = v; }
@@ -133,6 +153,12 @@ MIPNET_AI float vhsum(V v) {
   return ((v.lo[0] + v.hi[0]) + (v.lo[1] + v.hi[1])) + ((v.lo[2] + v.hi[2]) + (v.lo[3] + v.hi[3]));
 }
 MIPNET_AI V vexp(V x) { return V{exp_lanes<v4f, v4i>(x.lo), exp_lanes<v4f, v4i>(x.hi)}; }
+// out[i] = vhsum(v[i]) for i < n (the AVX2 variant does 8 at once; same results)
+template <int n>
+MIPNET_AI void vhsum_many(const V* v, float* out) {
+#pragma GCC unroll 8
+  for (int i = 0; i < n; ++i) out[i] = vhsum(v[i]);
+}
 
 MIPNET_AI v4f ld4(const float* p) { return *reinterpret_cast<const v4f_u*>(p); }
 MIPNET_AI void st4(float* p, v4f v) { *reinterpret_cast<v4f_u*>(p) = v; }
@@ -427,6 +453,74 @@ void matvec(const TW* M, int64_t ld, const float* v, float* out, int64_t R, int6
   }
 }
 
+// The same mat-vec for nb vectors at once: out[j * os + r] = sum_k M[r, k] * v[j * vs + k].
+// Per sample, matvec streams the whole matrix (64 KB at C = 256: more than L1) from L2
+// and does one multiply-add per weight loaded, so it is bound by L2 bandwidth.  Here a
+// register tile of RB rows x NB samples (the register blocking of a GEMM micro-kernel,
+// standard practice) keeps RB * NB accumulators live, so each weight vector loaded (and
+// converted from float16 / bfloat16) serves NB samples.  Bit-identical to matvec: every
+// output is still one 8-lane accumulator over k in order, then vhsum, then the scalar tail
+// in k order, with the same operand order (weight * vector); the tiling only changes which
+// outputs are computed side by side.
+#if MIPNET_MIMB_AVX2
+constexpr int kMatRows = 2;  // 2 x 4 accumulators + weights + vectors fit 16 ymm registers
+#else
+constexpr int kMatRows = 1;  // a V is two xmm registers here: 4 accumulators use 8 of 16
+#endif
+constexpr int kMatSamples = 4;  // samples per tile
+
+template <int RB, int NB, class TW>
+MIPNET_AI void matvec_tile(const TW* M, int64_t ld, const float* v, int64_t vs, float* out,
+                           int64_t os, int64_t K) {
+  V acc[RB * NB];  // acc[i * NB + j]: row i, sample j
+#pragma GCC unroll 8
+  for (int a = 0; a < RB * NB; ++a) acc[a] = vsplat(0.f);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+#pragma GCC unroll 4
+    for (int i = 0; i < RB; ++i) {
+      const V w = vload(M + i * ld + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) acc[i * NB + j] += w * vload(v + j * vs + k);
+    }
+  }
+  float s[RB * NB];
+  vhsum_many<RB * NB>(acc, s);
+#pragma GCC unroll 4
+  for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) {
+      float sum = s[i * NB + j];
+      for (int64_t t = k; t < K; ++t) sum += ld1(M[i * ld + t]) * v[j * vs + t];
+      out[j * os + i] = sum;
+    }
+}
+
+// All R rows for NB samples: tiles of kMatRows rows, then single rows.
+template <int NB, class TW>
+void matvec_nb(const TW* M, int64_t ld, const float* v, int64_t vs, float* out, int64_t os,
+               int64_t R, int64_t K) {
+  int64_t r = 0;
+  for (; r + kMatRows <= R; r += kMatRows)
+    matvec_tile<kMatRows, NB>(M + r * ld, ld, v, vs, out + r, os, K);
+  for (; r < R; ++r) matvec_tile<1, NB>(M + r * ld, ld, v, vs, out + r, os, K);
+}
+
+// Any nb: groups of kMatSamples samples, then the rest (one sample: matvec itself).
+template <class TW>
+void matvec_multi(const TW* M, int64_t ld, const float* v, int64_t vs, float* out, int64_t os,
+                  int64_t R, int64_t K, int64_t nb) {
+  for (; nb >= kMatSamples; nb -= kMatSamples, v += kMatSamples * vs, out += kMatSamples * os)
+    matvec_nb<kMatSamples>(M, ld, v, vs, out, os, R, K);
+  static_assert(kMatSamples == 4, "the remainder cases below assume 4 samples per tile");
+  switch (nb) {
+    case 1: return matvec(M, ld, v, out, R, K);
+    case 2: return matvec_nb<2>(M, ld, v, vs, out, os, R, K);
+    case 3: return matvec_nb<3>(M, ld, v, vs, out, os, R, K);
+    default: return;
+  }
+}
+
 // out[k] = sum_r v[r * vs] * M[r, k] for k < K (M [R, K]), r in order.
 template <class TW>
 void mattvec(const TW* M, int64_t ld, const float* v, int64_t vs, float* out, int64_t R,
@@ -474,7 +568,7 @@ inline void sigmoid(const float* z, float* e, int64_t n) {
 
 template <class TW>
 MatKern<TW> make_mat_kern() {
-  return MatKern<TW>{&matvec<TW>, &mattvec<TW>};
+  return MatKern<TW>{&matvec<TW>, &matvec_multi<TW>, &mattvec<TW>};
 }
 inline SigmoidFn make_sigmoid() { return &sigmoid; }
 

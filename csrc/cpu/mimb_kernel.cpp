@@ -31,11 +31,14 @@
 //
 // Parallelism (OpenMP, torch's intra-op thread count): when the batch divides evenly over
 // the threads (or is large), one thread runs all three phases of a sample back to back,
-// so phase 3 re-reads the sample from its own L2; otherwise the phases run over
-// (sample, item) pairs with a barrier between them, phases 1 and 3 with the same static
-// partition.  Each output value is computed by one thread in an order fixed by the shape
-// alone (including the batch sums of dw1 / dw2, done row by row after a barrier), so every
-// result is bit-identical for any thread count.
+// so phase 3 re-reads the sample from its own L2 (in the forward ops, small samples go in
+// groups of up to 4 whose phase 2 shares each load of the MLP's weights); otherwise the
+// phases run over (sample, item) pairs with a barrier between them, phases 1 and 3 with
+// the same static partition, phase 2 over samples (forward: groups of samples).  Each
+// output value is computed by one thread in an order fixed by the shape alone (including
+// the batch sums of dw1 / dw2, done row by row after a barrier; the MLP's mat-vecs give
+// the same bits whichever samples share a group), so every result is bit-identical for
+// any thread count.
 //
 // Vector code: the loops over data and the MLP are in mimb.h, compiled here for the
 // baseline ISA and (x86-64) for AVX2 + F16C, plus AVX512-BF16 stores for bfloat16, picked
@@ -191,6 +194,10 @@ template <class TW>
 struct MatKern {
   // out[r] = sum_k M[r, k] * v[k], r < R
   void (*matvec)(const TW* M, int64_t ld, const float* v, float* out, int64_t R, int64_t K);
+  // the same for nb vectors: out[j * os + r] = sum_k M[r, k] * v[j * vs + k], j < nb
+  // (bit-identical to matvec per vector; the weights are read once per 4 vectors)
+  void (*matvec_multi)(const TW* M, int64_t ld, const float* v, int64_t vs, float* out,
+                       int64_t os, int64_t R, int64_t K, int64_t nb);
   // out[k] = sum_r v[r * vs] * M[r, k], k < K, r in order
   void (*mattvec)(const TW* M, int64_t ld, const float* v, int64_t vs, float* out, int64_t R,
                   int64_t K);
@@ -316,6 +323,21 @@ struct Mat {
       default: return mat_kern<float>().matvec(static_cast<const float*>(p), ld, v, out, R, K);
     }
   }
+  // out[j * os + r] = sum_k M[r, k] * v[j * vs + k], r < R, j < nb (each as matvec)
+  void matvec_multi(const float* v, int64_t vs, float* out, int64_t os, int64_t R, int64_t K,
+                    int64_t nb) const {
+    switch (dt) {
+      case ScalarType::Half:
+        return mat_kern<Half>().matvec_multi(static_cast<const Half*>(p), ld, v, vs, out, os, R,
+                                             K, nb);
+      case ScalarType::BFloat16:
+        return mat_kern<BFloat16>().matvec_multi(static_cast<const BFloat16*>(p), ld, v, vs,
+                                                 out, os, R, K, nb);
+      default:
+        return mat_kern<float>().matvec_multi(static_cast<const float*>(p), ld, v, vs, out, os,
+                                              R, K, nb);
+    }
+  }
   // out[k] = sum_r v[r] * M[r, k], k < K
   void mattvec(const float* v, float* out, int64_t R, int64_t K) const {
     switch (dt) {
@@ -336,13 +358,15 @@ struct Mlp {
   int64_t C, Cr;
   SigmoidFn sigmoid = sigmoid_fn();
 
-  // z1 = w1 @ s, h = relu(z1) (NaN propagates, as torch.relu), e = sigmoid(w2 @ h);
-  // z2: [C] scratch.
-  void forward(const float* s, float* z1, float* h, float* z2, float* e) const {
-    w1.matvec(s, z1, Cr, C);
-    for (int64_t r = 0; r < Cr; ++r) h[r] = z1[r] < 0.f ? 0.f : z1[r];
-    w2.matvec(h, z2, C, Cr);
-    sigmoid(z2, e, C);
+  // z1 = w1 @ s, h = relu(z1) (NaN propagates, as torch.relu), e = sigmoid(w2 @ h) for
+  // nb consecutive samples (s, z2, e: rows of C; z1, h: rows of Cr); z2: scratch.  Several
+  // samples share each weight load (matvec_multi), with results bit-identical to one
+  // sample at a time.
+  void forward(const float* s, float* z1, float* h, float* z2, float* e, int64_t nb = 1) const {
+    w1.matvec_multi(s, C, z1, Cr, Cr, C, nb);
+    for (int64_t r = 0; r < nb * Cr; ++r) h[r] = z1[r] < 0.f ? 0.f : z1[r];
+    w2.matvec_multi(h, Cr, z2, C, C, Cr, nb);
+    for (int64_t j = 0; j < nb; ++j) sigmoid(z2 + j * C, e + j * C, C);
   }
 };
 
@@ -450,36 +474,59 @@ struct Geometry {
   }
 };
 
-// Runs reduce(b, part) for every part of every sample, then mid(b) per sample, then
-// apply(b, part), then post(i) for i < npost after all samples are done.  Either one
-// thread per sample for all three phases (batch divisible by the team, or large: the
-// sample stays in that thread's cache), or phase by phase over (sample, part) items,
-// phases 1 and 3 with the same static partition.
+// Samples per phase-2 call of the forward ops: up to 4 (matvec_multi's tile, which reads
+// the MLP's weights once per 4 samples), and in per-sample mode only as many as keep the
+// group's x in L2 (kGroupBytes, a quarter of a 1 MB L2: phase 3 re-reads it, and writes y).
+constexpr int64_t kGroupBytes = 256 * 1024;
+constexpr int64_t kMaxGroup = 4;
+int64_t mid_group(const Geometry& g, int64_t elem_bytes) {
+  const int64_t bytes = std::max<int64_t>(1, g.C * g.HW * elem_bytes);
+  return std::clamp<int64_t>(kGroupBytes / bytes, 1, kMaxGroup);
+}
+
+// Runs reduce(b, part) for every part of every sample, then mid(b0, nb) on groups of at
+// most `group` consecutive samples b0 .. b0 + nb - 1, then apply(b, part), then post(i)
+// for i < npost after all samples are done.  Either per sample: each thread takes a
+// contiguous block of samples and runs all three phases group by group (batch divisible
+// by the team, or large: the group stays in that thread's cache); or phase by phase over
+// (sample, part) items, phases 1 and 3 with the same static partition, phase 2 over
+// groups (of at most ceil(B / nt) samples, so that every thread gets some).  Which samples
+// share a group never changes a result (mid is bit-identical for any grouping).
 template <class Reduce, class Mid, class Apply, class Post>
-void run_phases(const Geometry& g, int64_t elems, const Reduce& reduce, const Mid& mid,
-                const Apply& apply, int64_t npost, const Post& post) {
+void run_phases(const Geometry& g, int64_t elems, int64_t group, const Reduce& reduce,
+                const Mid& mid, const Apply& apply, int64_t npost, const Post& post) {
   const int64_t B = g.B, P = g.parts, items = B * P;
   const int nt = num_threads_for(std::max(items, npost), elems);
   const bool per_sample = nt == 1 || B % nt == 0 || B >= 4 * nt;
+  group = std::max<int64_t>(1, group);
   if (per_sample) {
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-#pragma omp for schedule(static)
-      for (int64_t b = 0; b < B; ++b) {
-        for (int64_t k = 0; k < P; ++k) reduce(b, k);
-        mid(b);
-        for (int64_t k = 0; k < P; ++k) apply(b, k);
+      // Block t of the batch (a team smaller than nt runs several blocks).
+#pragma omp for schedule(static, 1)
+      for (int t = 0; t < nt; ++t) {
+        const int64_t end = B * (t + 1) / nt;
+        for (int64_t b0 = B * t / nt; b0 < end; b0 += group) {
+          const int64_t nb = std::min(group, end - b0);
+          for (int64_t b = b0; b < b0 + nb; ++b)
+            for (int64_t k = 0; k < P; ++k) reduce(b, k);
+          mid(b0, nb);
+          for (int64_t b = b0; b < b0 + nb; ++b)
+            for (int64_t k = 0; k < P; ++k) apply(b, k);
+        }
       }
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < npost; ++i) post(i);
     }
   } else {
+    group = std::min(group, (B + nt - 1) / nt);
+    const int64_t ngroups = (B + group - 1) / group;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < items; ++it) reduce(it / P, it % P);
 #pragma omp for schedule(static)
-      for (int64_t b = 0; b < B; ++b) mid(b);
+      for (int64_t i = 0; i < ngroups; ++i) mid(i * group, std::min(group, B - i * group));
 #pragma omp for schedule(static) nowait
       for (int64_t it = 0; it < items; ++it) apply(it / P, it % P);
 #pragma omp for schedule(static)
@@ -528,9 +575,9 @@ void reduce_part(const Geometry& g, const Kern<T>& K, const T* x, const T* dy, i
 }
 
 // ==================================================================== forward
-// Extras of the forward's per-sample phase 2, for the fused training op: `vb(b)` gives
-// sample b's embedding v[b] (a float32 [C] row; computed there, in parallel, by the
-// training op), and when non-null e_out / z1_out [B, C] / [B, Cr] receive the excite
+// Extras of the forward's phase 2: `vb(b0, nb)` gives the embedding rows v[b0 .. b0 + nb)
+// (float32, C apart; computed there, in parallel, by mimb_fwd and the training op), and,
+// for the fused training op, when non-null e_out / z1_out [B, C] / [B, Cr] receive the excite
 // MLP's e and z1 (saved so that the backward does not recompute them).
 template <class VRow>
 struct FwdExtras {
@@ -551,15 +598,22 @@ void scale_fwd_impl(const Geometry& g, const T* x, T* y, const Mlp& mlp,
   const float n_f = static_cast<float>(HW);
   const Kern<T>& K = kern<T>();
   auto reduce = [&](int64_t b, int64_t k) { reduce_part<T, false>(g, K, x, x, b, k, red.data()); };
-  auto mid = [&](int64_t b) {
-    float* sb = s + b * C;
-    g.finish_sum(red.data(), b, sb);
-    for (int64_t c = 0; c < C; ++c) sb[c] = sb[c] / n_f;
-    float* ab = a.data() + b * C;
-    mlp.forward(sb, pz1 + b * Cr, h.data() + b * Cr, z2.data() + b * C, ab);
-    if (ex.e_out) std::copy(ab, ab + C, ex.e_out + b * C);
-    const float* vb = ex.vb(b);
-    for (int64_t c = 0; c < C; ++c) ab[c] = ab[c] * vb[c];  // a = e * v
+  // Phase 2 for samples b0 .. b0 + nb - 1 (one MLP pass over the group).
+  auto mid = [&](int64_t b0, int64_t nb) {
+    for (int64_t b = b0; b < b0 + nb; ++b) {
+      float* sb = s + b * C;
+      g.finish_sum(red.data(), b, sb);
+      for (int64_t c = 0; c < C; ++c) sb[c] = sb[c] / n_f;
+    }
+    mlp.forward(s + b0 * C, pz1 + b0 * Cr, h.data() + b0 * Cr, z2.data() + b0 * C,
+                a.data() + b0 * C, nb);
+    const float* v = ex.vb(b0, nb) - b0 * C;
+    for (int64_t b = b0; b < b0 + nb; ++b) {
+      float* ab = a.data() + b * C;
+      if (ex.e_out) std::copy(ab, ab + C, ex.e_out + b * C);
+      const float* vb = v + b * C;
+      for (int64_t c = 0; c < C; ++c) ab[c] = ab[c] * vb[c];  // a = e * v
+    }
   };
   const float* pa = a.data();
   auto apply = [&](int64_t b, int64_t k) {
@@ -573,14 +627,14 @@ void scale_fwd_impl(const Geometry& g, const T* x, T* y, const Mlp& mlp,
         K.planes_scale(x + off + i, y + off + i, std::min(kPlaneBlock, HW - i), 1, pa + b * C + k);
     }
   };
-  run_phases(g, B * C * HW * 2, reduce, mid, apply, 0, NoPost{});
+  run_phases(g, B * C * HW * 2, mid_group(g, sizeof(T)), reduce, mid, apply, 0, NoPost{});
 }
 
 // v given as a float32 [B, C] array.
 struct GivenV {
   const float* v;
   int64_t C;
-  const float* operator()(int64_t b) const { return v + b * C; }
+  const float* operator()(int64_t b0, int64_t) const { return v + b0 * C; }
 };
 
 // Checks of x, w1, w2 shared by the forward ops.
@@ -667,6 +721,34 @@ const float* as_float_1d(const Tensor& t, std::vector<float>& buf) {
   return buf.data();
 }
 
+// v[b0 .. b0 + nb) = sigmoid(e2 @ relu(e1 @ lam[b] + b1) + b2) of mimb_fwd, computed in
+// phase 2 for a group of samples (any thread): each mat-vec over the whole group, so that
+// each weight load serves several samples (matvec_multi; bit-identical to one at a time).
+struct EmbedV {
+  const float *lam, *b1, *b2;  // [B, N], [K], [C]
+  const Mat *e1, *e2;          // [K, N], [C, K]
+  SigmoidFn sigmoid;
+  float *h, *z, *v;  // [B, K], [B, C] scratch; v [B, C]
+  int64_t C, K, N;
+  const float* operator()(int64_t b0, int64_t nb) const {
+    float* hg = h + b0 * K;
+    float* zg = z + b0 * C;
+    e1->matvec_multi(lam + b0 * N, N, hg, K, K, N, nb);
+    for (int64_t j = 0; j < nb; ++j)
+      for (int64_t k = 0; k < K; ++k) {
+        const float zh = hg[j * K + k] + b1[k];
+        hg[j * K + k] = zh < 0.f ? 0.f : zh;  // NaN propagates, as torch.relu
+      }
+    e2->matvec_multi(hg, K, zg, C, C, K, nb);
+    for (int64_t j = 0; j < nb; ++j) {
+      float* zb = zg + j * C;
+      for (int64_t c = 0; c < C; ++c) zb[c] = zb[c] + b2[c];
+      sigmoid(zb, v + (b0 + j) * C, C);
+    }
+    return v + b0 * C;
+  }
+};
+
 // mimb_scale_fwd with v = sigmoid(e2 @ relu(e1 @ lam[b] + b1) + b2) computed here (float32).
 std::tuple<Tensor, Tensor> mimb_fwd_cpu(Tensor x, Tensor lam, Tensor w1, Tensor w2, Tensor e1,
                                         Tensor b1, Tensor e2, Tensor b2) {
@@ -687,26 +769,15 @@ std::tuple<Tensor, Tensor> mimb_fwd_cpu(Tensor x, Tensor lam, Tensor w1, Tensor 
   const ScaleFwd o = scale_fwd_alloc(x, op);
   if (B * C == 0) return std::make_tuple(o.y, o.s);
 
-  // The embedding: B * (K * N + C * K) multiply-adds, serial (tiny next to the data passes).
+  // The embedding, B * (K * N + C * K) multiply-adds, runs in phase 2 (EmbedV).
   std::vector<float> bl, bb1, bb2, be1, be2;
-  const float* pl = as_float_2d(lam, bl);
-  const float* pb1 = as_float_1d(b1, bb1);
-  const float* pb2 = as_float_1d(b2, bb2);
   const Mat m1 = as_mat(e1, be1), m2 = as_mat(e2, be2);
-  std::vector<float> v(static_cast<size_t>(B * C)), z(static_cast<size_t>(C)),
-      h(static_cast<size_t>(K));
-  const SigmoidFn sigmoid = sigmoid_fn();
-  for (int64_t b = 0; b < B; ++b) {
-    m1.matvec(pl + b * N, h.data(), K, N);
-    for (int64_t k = 0; k < K; ++k) {
-      const float zh = h[k] + pb1[k];
-      h[k] = zh < 0.f ? 0.f : zh;  // NaN propagates, as torch.relu
-    }
-    m2.matvec(h.data(), z.data(), C, K);
-    for (int64_t c = 0; c < C; ++c) z[c] = z[c] + pb2[c];
-    sigmoid(z.data(), v.data() + b * C, C);
-  }
-  scale_fwd_run(o, x, w1, w2, v.data());
+  std::vector<float> v(static_cast<size_t>(B * C)), z(static_cast<size_t>(B * C)),
+      h(static_cast<size_t>(B * K));
+  const EmbedV vrow{as_float_2d(lam, bl), as_float_1d(b1, bb1), as_float_1d(b2, bb2), &m1,
+                    &m2, sigmoid_fn(), h.data(), z.data(), v.data(), C, K, N};
+  scale_fwd_run(o, x, w1, w2, FwdExtras<EmbedV>{vrow},
+                static_cast<float*>(o.s.data_ptr()));
   return std::make_tuple(o.y, o.s);
 }
 
@@ -828,7 +899,11 @@ void scale_bwd_impl(const Geometry& g, const T* dy, const T* x, T* dx, const Mlp
       hook.post(i - C - Cr);
     }
   };
-  run_phases(g, B * C * HW * 3, reduce, mid, apply, C + Cr + hook.npost, post);
+  // The backward's phase 2 stays one sample at a time (groups of 1).
+  auto mid1 = [&](int64_t b0, int64_t nb) {
+    for (int64_t b = b0; b < b0 + nb; ++b) mid(b);
+  };
+  run_phases(g, B * C * HW * 3, 1, reduce, mid1, apply, C + Cr + hook.npost, post);
 }
 
 // Checks of the backward's operands (op: the calling op's name, for messages); returns
@@ -1008,7 +1083,8 @@ void check_embed_train(const Tensor& lam, const Tensor& e1, const Tensor& e2,
   }
 }
 
-// v[b] of the training forward, computed in phase 2 (per sample, any thread).
+// v[b0 .. b0 + nb) of the training forward, computed in phase 2 (a group of samples, any
+// thread; e2's mat-vec over the whole group, bit-identical to one sample at a time).
 struct TrainV {
   const float *zn, *gam, *bet, *b2;
   const Mat* e2;
@@ -1016,18 +1092,22 @@ struct TrainV {
   float *h, *u, *v;  // [B, K], [B, C] scratch; v: the state's
   int64_t C, K;
   bool bn;
-  const float* operator()(int64_t b) const {
-    float* hb = h + b * K;
-    float* ub = u + b * C;
-    const float* zb = zn + b * K;
-    for (int64_t k = 0; k < K; ++k) {
-      const float a = bn ? gam[k] * zb[k] + bet[k] : zb[k];
-      hb[k] = a < 0.f ? 0.f : a;  // NaN propagates, as torch.relu
+  const float* operator()(int64_t b0, int64_t nb) const {
+    for (int64_t b = b0; b < b0 + nb; ++b) {
+      float* hb = h + b * K;
+      const float* zb = zn + b * K;
+      for (int64_t k = 0; k < K; ++k) {
+        const float a = bn ? gam[k] * zb[k] + bet[k] : zb[k];
+        hb[k] = a < 0.f ? 0.f : a;  // NaN propagates, as torch.relu
+      }
     }
-    e2->matvec(hb, ub, C, K);
-    for (int64_t c = 0; c < C; ++c) ub[c] = ub[c] + b2[c];
-    sigmoid(ub, v + b * C, C);
-    return v + b * C;
+    e2->matvec_multi(h + b0 * K, K, u + b0 * C, C, C, K, nb);
+    for (int64_t b = b0; b < b0 + nb; ++b) {
+      float* ub = u + b * C;
+      for (int64_t c = 0; c < C; ++c) ub[c] = ub[c] + b2[c];
+      sigmoid(ub, v + b * C, C);
+    }
+    return v + b0 * C;
   }
 };
 
@@ -1281,14 +1361,20 @@ void instances_impl(const Geometry& g, const T* x, T* y, const Mlp& mlp, const f
   const int64_t ostride = B * C * HW;  // one instance's block of the output
   const Kern<T>& K = kern<T>();
   auto reduce = [&](int64_t b, int64_t k) { reduce_part<T, false>(g, K, x, x, b, k, red.data()); };
-  auto mid = [&](int64_t b) {
-    float* sb = s.data() + b * C;
-    g.finish_sum(red.data(), b, sb);
-    for (int64_t c = 0; c < C; ++c) sb[c] = sb[c] / n_f;
-    float* eb = e.data() + b * C;
-    mlp.forward(sb, z1.data() + b * Cr, h.data() + b * Cr, z2.data() + b * C, eb);
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t c = 0; c < C; ++c) a[(n * B + b) * C + c] = eb[c] * table[n * C + c];
+  // Phase 2 for samples b0 .. b0 + nb - 1 (one MLP pass over the group).
+  auto mid = [&](int64_t b0, int64_t nb) {
+    for (int64_t b = b0; b < b0 + nb; ++b) {
+      float* sb = s.data() + b * C;
+      g.finish_sum(red.data(), b, sb);
+      for (int64_t c = 0; c < C; ++c) sb[c] = sb[c] / n_f;
+    }
+    mlp.forward(s.data() + b0 * C, z1.data() + b0 * Cr, h.data() + b0 * Cr,
+                z2.data() + b0 * C, e.data() + b0 * C, nb);
+    for (int64_t b = b0; b < b0 + nb; ++b) {
+      const float* eb = e.data() + b * C;
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = 0; c < C; ++c) a[(n * B + b) * C + c] = eb[c] * table[n * C + c];
+    }
   };
   // x is read once per part; the N outputs are written from registers.
   auto apply = [&](int64_t b, int64_t k) {
@@ -1306,7 +1392,8 @@ void instances_impl(const Geometry& g, const T* x, T* y, const Mlp& mlp, const f
       }
     }
   };
-  run_phases(g, B * C * HW * (1 + N), reduce, mid, apply, 0, NoPost{});
+  run_phases(g, B * C * HW * (1 + N), mid_group(g, sizeof(T)), reduce, mid, apply, 0,
+             NoPost{});
 }
 
 Tensor mimb_instances_cpu(Tensor x, Tensor w1, Tensor w2, Tensor table) {
