@@ -150,19 +150,32 @@ MIPNET_HD bool dark_samples(const F& f, const float* g, int k, int px, int py, i
   return fast;
 }
 
-// Newton step from the log-samples L[i] (ordered as dark_dy/dark_dx).  Adds the offset
-// -H^-1 g to (x, y) unless the Hessian is singular.
+// Whether v is finite (not NaN, not +-inf), without <cmath> classification (host or device).
+MIPNET_HD bool finite(float v) { return v - v == 0.0f; }
+
+// The Newton offset -H^-1 g of DARK and UDP, added to (x, y) only when the Hessian is
+// invertible and the offset is finite: an infinite sample (an fp16 map that overflowed to
+// +inf at its peak) makes the differences inf - inf = NaN, and such a map keeps its integer
+// argmax (as quarter does) -- NaN coordinates only for maps that contain NaN.
+MIPNET_HD void newton_offset(float gx, float gy, float hxx, float hyy, float hxy, float& x,
+                             float& y) {
+  const float det = hxx * hyy - hxy * hxy;
+  if (det == 0.0f) return;
+  const float ox = -(hyy * gx - hxy * gy) / det;
+  const float oy = -(hxx * gy - hxy * gx) / det;
+  if (!finite(ox) || !finite(oy)) return;
+  x += ox;
+  y += oy;
+}
+
+// Newton step from the log-samples L[i] (ordered as dark_dy/dark_dx) (newton_offset).
 MIPNET_HD void dark_step(const float* L, float& x, float& y) {
   const float dx = 0.5f * (L[1] - L[2]);
   const float dy = 0.5f * (L[3] - L[4]);
   const float dxx = 0.25f * (L[5] - 2.0f * L[0] + L[6]);
   const float dyy = 0.25f * (L[7] - 2.0f * L[0] + L[8]);
   const float dxy = 0.25f * (L[9] - L[10] - L[11] + L[12]);
-  const float det = dxx * dyy - dxy * dxy;
-  if (det != 0.0f) {
-    x += -(dyy * dx - dxy * dy) / det;
-    y += -(dxx * dy - dxy * dx) / det;
-  }
+  newton_offset(dx, dy, dxx, dyy, dxy, x, y);
 }
 
 // Log of the samples: fast path (rescale cancels) or exact with the rescale factor c.
@@ -208,11 +221,7 @@ MIPNET_HD void refine_udp(const F& f, const float* g, int k, int px, int py, int
   const float hxx = (ix1 - 2.0f * i0 + ix1_) + kUdpEps;
   const float hyy = (iy1 - 2.0f * i0 + iy1_) + kUdpEps;
   const float hxy = 0.5f * (ix1y1 - ix1 - iy1 + i0 + i0 - ix1_ - iy1_ + ix1_y1_);
-  const float det = hxx * hyy - hxy * hxy;
-  if (det != 0.0f) {
-    x += -(hyy * dx - hxy * dy) / det;
-    y += -(hxx * dy - hxy * dx) / det;
-  }
+  newton_offset(dx, dy, hxx, hyy, hxy, x, y);
 }
 
 }  // namespace decode

@@ -496,6 +496,24 @@ def test_infinite_values(backend, device, mode):
         assert coords.cpu()[0, 1].tolist() == [5.0, 5.0]  # sign(-inf - -inf) = sign(NaN) = 0
     if mode == "argmax":
         assert coords.cpu()[0, 0].tolist() == [3.0, 4.0]
+    # +-inf never gives NaN coordinates (issue 13: DARK returned NaN for an +inf peak); the
+    # refined modes keep the integer argmax where the Newton offset is not finite.
+    assert torch.isfinite(coords).all(), coords
+    if mode in ("dark", "udp"):
+        assert coords.cpu()[0, 1].tolist() == [5.0, 5.0]
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("mode", ["dark", "udp"])
+def test_overflowed_fp16_peak_keeps_integer_argmax(backend, device, mode):
+    """An fp16 map that overflowed at its peak ((7e4 * gaussian).half(): a block of +inf):
+    finite coordinates on every backend, the integer argmax (issue 13)."""
+    dev = skip_unless_runs(backend, device)
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(48.0), indexing="ij")
+    hm = (7e4 * torch.exp(-((xx - 20.3) ** 2 + (yy - 30.6) ** 2) / 8)).half()[None, None]
+    assert torch.isinf(hm).any()
+    coords, scores = decode_on(backend, hm.to(dev), mode)
+    assert coords.cpu()[0, 0].tolist() == [20.0, 30.0] and scores.cpu()[0, 0].item() == math.inf
 
 
 # --------------------------------------------------------------------------- empty inputs

@@ -31,10 +31,14 @@ Decoding semantics (every backend implements exactly these; see ARCHITECTURE.md)
   (reflect-101), clip to ``[0.001, 50]``, log, edge-pad by one pixel and take the
   regularised Newton step ``-(H + eps*I)^-1 g`` (eps = float32 eps) at the argmax, always
   (no interior guard); skipped only when that matrix is singular.
+* ``dark`` and ``udp`` take their Newton step only when its offset is finite: a map with
+  an infinite value (an fp16 map that overflowed at its peak, a map of -inf with one finite
+  peak) keeps its integer argmax, as ``quarter`` does.
 
 Differences to the original code, on purpose: we never zero or set to -1 the coordinates
 of heatmaps whose maximum is <= 0 (HRNet and MMPose do); scores tell the caller.  A heatmap
-containing NaN gives NaN coordinates and a NaN score on every backend.
+containing NaN gives NaN coordinates and a NaN score on every backend; +-inf values never
+give NaN coordinates (the score is the maximum, +inf if it is).
 
 Fused kernels read each heatmap once: the argmax scan is the only full pass; the
 refinement re-reads a small window around the argmax (DARK: 15x15 for k=11) and evaluates
@@ -312,11 +316,14 @@ def decode_heatmaps_reference(
             hyy = (iy1 - 2 * i0 + iy1_) + UDP_EPS
             dxy = 0.5 * (at(L, 1, 1) - ix1 - iy1 + i0 + i0 - ix1_ - iy1_ + at(L, -1, -1))
             apply = torch.ones_like(px, dtype=torch.bool)
+        # The step is taken where the Hessian is invertible and the offset finite (an
+        # infinite sample keeps the integer argmax; csrc/decode.h newton_offset).
         det = hxx * hyy - dxy * dxy
         apply = apply & (det != 0)
         safe = torch.where(apply, det, 1.0)
         ox = -(hyy * dx - dxy * dy) / safe
         oy = -(hxx * dy - dxy * dx) / safe
+        apply = apply & torch.isfinite(ox) & torch.isfinite(oy)
         cx = torch.where(apply, cx + ox, cx)
         cy = torch.where(apply, cy + oy, cy)
 

@@ -272,11 +272,19 @@ def _refine_dark(
     dxx = 0.25 * (L5 - 2.0 * L0 + L6)
     dyy = 0.25 * (L7 - 2.0 * L0 + L8)
     dxy = 0.25 * (L9 - L10 - L11 + L12)
-    det = dxx * dyy - dxy * dxy
-    apply = interior & valid & (det != 0.0)
+    return _newton_offset(interior & valid, dx, dy, dxx, dyy, dxy, x, y)
+
+
+@triton.jit
+def _newton_offset(apply, gx, gy, hxx, hyy, hxy, x, y):
+    """csrc/decode.h newton_offset: ``(x, y) - H^-1 g`` where ``apply``, the Hessian is
+    invertible and the offset is finite (an infinite sample keeps the integer argmax)."""
+    det = hxx * hyy - hxy * hxy
+    apply = apply & (det != 0.0)
     safe = tl.where(apply, det, 1.0)
-    ox = -tl.math.div_rn(dyy * dx - dxy * dy, safe)
-    oy = -tl.math.div_rn(dxx * dy - dxy * dx, safe)
+    ox = -tl.math.div_rn(hyy * gx - hxy * gy, safe)
+    oy = -tl.math.div_rn(hxx * gy - hxy * gx, safe)
+    apply = apply & ((ox - ox) == 0.0) & ((oy - oy) == 0.0)  # finite
     return tl.where(apply, x + ox, x), tl.where(apply, y + oy, y)
 
 
@@ -354,12 +362,7 @@ def _refine_udp(
     hxx = (ix1 - 2.0 * i0 + ix1_) + 1.1920928955078125e-07  # + float32 eps
     hyy = (iy1 - 2.0 * i0 + iy1_) + 1.1920928955078125e-07
     hxy = 0.5 * (ix1y1 - ix1 - iy1 + i0 + i0 - ix1_ - iy1_ + ix1_y1_)
-    det = hxx * hyy - hxy * hxy
-    apply = det != 0.0
-    safe = tl.where(apply, det, 1.0)
-    ox = -tl.math.div_rn(hyy * dx - hxy * dy, safe)
-    oy = -tl.math.div_rn(hxx * dy - hxy * dx, safe)
-    return tl.where(apply, x + ox, x), tl.where(apply, y + oy, y)
+    return _newton_offset(px >= 0, dx, dy, hxx, hyy, hxy, x, y)  # UDP: no interior guard
 
 
 # --------------------------------------------------------------------------- decode kernel
