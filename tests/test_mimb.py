@@ -872,3 +872,48 @@ def test_eager_path_not_taken_under_a_dispatch_mode():
         assert not M._eager_plain(x, w1, w2, v)
         mk.mimb_scale(x, w1, w2, v)
     assert any("mipnet.mimb_scale_fwd" in s for s in seen), seen
+
+
+# --------------------------------------------------------------------------- issue 13: NaN / overflow
+@pytest.mark.parametrize("backend, device", backend_device_params())
+@pytest.mark.parametrize("bad", ["nan_x", "plus_3e38", "minus_3e38", "nan_w1", "nan_v"])
+def test_non_finite_input_makes_its_sample_nan(backend, device, bad):
+    """One semantics on every backend, the reference's: a NaN in a sample's x (or a mean that
+    overflows float32, x = +-3e38) makes that whole sample NaN -- forward, instances and dx --
+    and leaves the others untouched; a NaN in a weight makes every sample NaN.  The C++
+    kernel gave a finite ~1e-39 scale (its exp clamp dropped the NaN), Triton 0.5 (relu as
+    max(z, 0) dropped it)."""
+    dev = skip_unless_runs(backend, device)
+    g = torch.Generator().manual_seed(7)
+    B, C, H, W = 3, 16, 3, 5
+    x = torch.randn(B, C, H, W, generator=g)
+    w1 = torch.randn(C // 4, C, generator=g)
+    w2 = torch.randn(C, C // 4, generator=g)
+    v = torch.rand(B, C, generator=g)
+    table = torch.rand(2, C, generator=g)
+    if bad == "nan_x":
+        x[1, 2, 1, 1] = math.nan
+    elif bad in ("plus_3e38", "minus_3e38"):
+        x[1] = 3e38 if bad == "plus_3e38" else -3e38
+    elif bad == "nan_w1":
+        w1[0, 0] = math.nan
+    else:
+        v[1, 0] = math.nan
+    xs = x.clone().to(dev).requires_grad_(True)
+    with mk.use_backend(backend):
+        y = mk.mimb_scale(xs, w1.to(dev), w2.to(dev), v.to(dev))
+        y.backward(torch.ones_like(y))
+        inst = mk.mimb_instances(x.to(dev), w1.to(dev), w2.to(dev), table.to(dev)) if bad != "nan_v" else None
+    nan_samples = {"nan_w1": {0, 1, 2}}.get(bad, {1})
+    for b in range(B):
+        want_nan = b in nan_samples
+        if bad == "nan_v" and b == 1:  # v scales channel by channel: only that channel
+            assert torch.isnan(y[b, 0]).all() and not torch.isnan(y[b, 1:]).any()
+            continue
+        for name, t in (("y", y[b]), ("dx", xs.grad[b])):
+            assert bool(torch.isnan(t).all()) == want_nan and bool(torch.isnan(t).any()) == want_nan, \
+                f"{name}[{b}]: {torch.isnan(t).sum().item()} NaN of {t.numel()}"
+        if inst is not None:
+            for n in range(2):
+                t = inst[n * B + b]
+                assert bool(torch.isnan(t).all()) == want_nan, f"instances[{n}, {b}]"

@@ -553,7 +553,10 @@ void mattvec(const TW* M, int64_t ld, const float* v, int64_t vs, float* out, in
   }
 }
 
-// e[i] = 1 / (1 + exp(-z[i]))  (the tail through a zero-padded vector: same lane math)
+// e[i] = 1 / (1 + exp(-z[i]))  (the tail through a zero-padded vector: same lane math).
+// Non-finite z as torch.sigmoid: NaN -> NaN, -inf -> 0, +inf -> 1.  The Cephes range clamp
+// in vexp (max/min) would turn a NaN into a finite value (a diverged sample, NaN or
+// overflowing x, would look healthy) and -inf into 2.9e-39 (so inf * e is not NaN).
 inline void sigmoid(const float* z, float* e, int64_t n) {
   const V one = vsplat(1.f);
   int64_t i = 0;
@@ -564,6 +567,8 @@ inline void sigmoid(const float* z, float* e, int64_t n) {
     vstore(te, one / (one + vexp(-vload(tz))));
     for (int64_t j = i; j < n; ++j) e[j] = te[j - i];
   }
+  for (int64_t j = 0; j < n; ++j)
+    if (!(z[j] - z[j] == 0.f)) e[j] = z[j] != z[j] ? z[j] : (z[j] > 0.f ? 1.f : 0.f);
 }
 
 template <class TW>

@@ -273,7 +273,7 @@ def _reduce_mlp_program(
         rmask = rs < CR
         z1 = _mimb_mlp_hidden(part_ptr, s_ptr, w1_ptr, b, C, CR, HW, SPLIT, sw1_r, sw1_c,
                               MODE != 2, MLP_C, CR_PAD)
-        h = tl.maximum(z1, 0.0)
+        h = tl.where(z1 < 0.0, 0.0, z1)  # relu with NaN propagating, as torch.relu
         if MODE == 2:
             gz1 = tl.zeros([CR_PAD], ACC)
         for c0 in range(0, C, MLP_C):
