@@ -37,6 +37,11 @@ Dtypes and layouts (every backend):
   Weight gradients come back contiguous in the weights' dtypes.
 * Empty batches / zero channels give empty outputs; ``H*W == 0`` with ``B*C > 0`` is an
   error (the mean over H*W is undefined).
+* Non-finite values follow IEEE arithmetic in float32 as the reference computes it, on
+  every backend: a NaN in a sample of ``x``, or a squeeze that overflows float32 (``x`` of
+  +-3e38), makes that sample's ``y`` (and ``dx``) NaN everywhere; a NaN weight makes every
+  sample NaN; ``relu`` and ``sigmoid`` keep NaN, ``sigmoid(-inf) = 0`` and
+  ``sigmoid(+inf) = 1``.  Never a finite value computed from a NaN.
 
 Autograd structure (what is saved: only ``x``, the small operands and per-(sample, channel)
 vectors -- never a full-size intermediate):
