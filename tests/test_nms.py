@@ -553,3 +553,21 @@ def test_oks_iou_checks_values_like_nms(which, bad, message):
         mk.oks_iou(args["kpts_a"], args["areas_a"], args["kpts_b"], args["areas_b"], args["sigmas"])
     args[which].view(-1)[0] = 1.0  # the same call with valid values works
     assert mk.oks_iou(args["kpts_a"], args["areas_a"], args["kpts_b"], args["areas_b"], args["sigmas"]).shape == (3, 2)
+
+
+def test_max_dets_and_num_images_checked_before_the_argument_parser():
+    """max_dets=10**20 means "no limit" (it failed in torch's parser with an unrelated
+    message); num_images=True / max_dets=True are refused, not read as 1 (issue 13.9)."""
+    g = torch.Generator().manual_seed(3)
+    kp = torch.rand(4, 17, 3, generator=g) * 100
+    scores, areas = torch.rand(4, generator=g), torch.rand(4, generator=g) * 100 + 1
+    batch = torch.tensor([0, 0, 1, 1])
+    keep_all, _ = mk.soft_oks_nms(kp, scores, areas, batch, max_dets=None)
+    keep_big, _ = mk.soft_oks_nms(kp, scores, areas, batch, max_dets=10**20)
+    assert torch.equal(keep_big, keep_all)
+    with pytest.raises(ValueError, match="num_images must be an int"):
+        mk.oks_nms_mask(kp, scores, areas, batch, True)
+    with pytest.raises(ValueError, match="num_images must be an int"):
+        mk.soft_oks_nms_mask(kp, scores, areas, batch, True)
+    with pytest.raises(ValueError, match="max_dets must be an int"):
+        mk.soft_oks_nms(kp, scores, areas, batch, max_dets=True)

@@ -673,6 +673,21 @@ def _prepare(keypoints, scores, areas, batch_idx, sigmas) -> Tensor:
     return sig
 
 
+def _public_max_dets(max_dets, M: int) -> Optional[int]:
+    """``max_dets`` checked here (torch's argument parser would reject 10**20 with an
+    unrelated message and turn True into 1) and clamped to ``max(M, 1)``: picks beyond the
+    candidate count change nothing."""
+    if max_dets is not None and (isinstance(max_dets, bool) or not isinstance(max_dets, int) or max_dets < 1):
+        raise ValueError(f"max_dets must be an int >= 1 or None, got {max_dets!r}")
+    return None if max_dets is None else min(max_dets, max(M, 1))
+
+
+def _public_num_images(num_images, M: int) -> int:
+    """``num_images`` checked before torch's argument parser turns True into 1."""
+    _check_num_images(num_images, M)
+    return num_images
+
+
 def _default_validate(validate: Optional[bool], keypoints: Tensor) -> bool:
     return keypoints.device.type == "cpu" if validate is None else bool(validate)
 
@@ -727,6 +742,7 @@ def oks_nms_mask(keypoints: Tensor, scores: Tensor, areas: Tensor, batch_idx: Te
     reads the largest image's candidate count once (one synchronisation) to size its launch.
     """
     sig = _prepare(keypoints, scores, areas, batch_idx, sigmas)
+    num_images = _public_num_images(num_images, keypoints.shape[0])
     return torch.ops.mipnet.oks_nms_mask(keypoints, scores, areas, batch_idx, num_images, sig, threshold,
                                          None if vis_threshold is None else float(vis_threshold),
                                          _default_validate(validate, keypoints))
@@ -747,6 +763,7 @@ def soft_oks_nms(keypoints: Tensor, scores: Tensor, areas: Tensor, batch_idx: Te
         of each kept candidate when it was picked (float64 for float64 keypoints, else float32).
     """
     sig = _prepare(keypoints, scores, areas, batch_idx, sigmas)
+    max_dets = _public_max_dets(max_dets, keypoints.shape[0])
     return torch.ops.mipnet.soft_oks_nms(keypoints, scores, areas, batch_idx, sig, method, threshold,
                                          None if vis_threshold is None else float(vis_threshold),
                                          score_threshold, max_dets)
@@ -760,6 +777,8 @@ def soft_oks_nms_mask(keypoints: Tensor, scores: Tensor, areas: Tensor, batch_id
     counts [num_images] int64)`` in input order (``rank``: pick number inside the image, -1
     if not picked).  ``validate`` as in :func:`oks_nms_mask`."""
     sig = _prepare(keypoints, scores, areas, batch_idx, sigmas)
+    num_images = _public_num_images(num_images, keypoints.shape[0])
+    max_dets = _public_max_dets(max_dets, keypoints.shape[0])
     return torch.ops.mipnet.soft_oks_nms_mask(keypoints, scores, areas, batch_idx, num_images, sig, method,
                                               threshold, None if vis_threshold is None else float(vis_threshold),
                                               score_threshold, max_dets, _default_validate(validate, keypoints))
