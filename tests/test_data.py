@@ -546,3 +546,38 @@ def test_targets_decode_back_to_image_keypoints(synthetic_dir):
             assert err <= 1e-2 * px + 1e-3
             checked += ok.sum()
     assert checked > 50
+
+
+# --------------------------------------------------------------------------- issue 13: bad annotation files
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.pop("categories"), "missing the 'categories' list"),
+    (lambda d: d["annotations"][0].pop("bbox"), r"annotations\[0\] \(id \d+\) has no 'bbox'"),
+    (lambda d: d["annotations"][0].pop("iscrowd"), "has no 'iscrowd'"),
+    (lambda d: d["images"][0].pop("width"), r"images\[0\] \(id \d+\) has no 'width'"),
+    (lambda d: d["images"][0].pop("file_name"), "has no 'file_name'"),
+    (lambda d: d["annotations"][0].__setitem__("bbox", [1, 2, 3]), "expected \\[x, y, w, h\\]"),
+])
+def test_bad_annotation_file_names_file_and_entry(tmp_path, mutate, message):
+    """One ValueError naming the file and the entry, not a bare KeyError from pycocotools."""
+    from mipnet.data.coco import load_coco
+
+    good = {"images": [{"id": 1, "width": 64, "height": 48, "file_name": "a.jpg"}],
+            "annotations": [{"id": 7, "image_id": 1, "bbox": [1, 2, 10, 20], "iscrowd": 0, "category_id": 1,
+                             "keypoints": [0] * 51, "num_keypoints": 0, "area": 200}],
+            "categories": [{"id": 1, "name": "person"}]}
+    load_coco(good)  # the valid dict loads
+    mutate(good)
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(good))
+    with pytest.raises(ValueError, match=message) as info:
+        load_coco(path)
+    assert str(path) in str(info.value)
+
+
+def test_annotation_file_that_is_a_json_list(tmp_path):
+    from mipnet.data.coco import load_coco
+
+    path = tmp_path / "list.json"
+    path.write_text("[1, 2, 3]")
+    with pytest.raises(ValueError, match="JSON object .* got a JSON list"):
+        load_coco(path)

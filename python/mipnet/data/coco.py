@@ -113,24 +113,63 @@ def keypoint_spec(kind: str) -> KeypointSpec:
         raise ValueError(f"kind must be one of {sorted(DATASET_KINDS)}, got {kind!r}") from None
 
 
+# Fields every COCO keypoint file must have, checked before pycocotools (whose failures are
+# bare KeyErrors / AssertionErrors naming neither the file nor the entry).
+_REQUIRED = {
+    "images": ("id", "width", "height", "file_name"),
+    "annotations": ("id", "image_id", "bbox", "iscrowd"),
+    "categories": ("id",),
+}
+
+
+def check_coco_dict(dataset: Any, source: str) -> None:
+    """``ValueError`` naming ``source`` and the entry when ``dataset`` is not a COCO
+    keypoint dict: a JSON object with lists ``images``, ``annotations`` and ``categories``
+    whose entries have the fields pycocotools and the loaders read (``bbox`` 4 numbers)."""
+    if not isinstance(dataset, Mapping):
+        raise ValueError(f"{source}: a COCO file is a JSON object with images / annotations / "
+                         f"categories, got a JSON {type(dataset).__name__}")
+    for section, fields in _REQUIRED.items():
+        entries = dataset.get(section)
+        if not isinstance(entries, list):
+            raise ValueError(f"{source}: missing the {section!r} list")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, Mapping):
+                raise ValueError(f"{source}: {section}[{i}] is not an object")
+            for key in fields:
+                if key not in entry:
+                    ident = f" (id {entry['id']})" if "id" in entry else ""
+                    raise ValueError(f"{source}: {section}[{i}]{ident} has no {key!r}")
+            if section == "annotations":
+                box = entry["bbox"]
+                if not (isinstance(box, (list, tuple)) and len(box) == 4
+                        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+                    raise ValueError(f"{source}: annotations[{i}] (id {entry['id']}) has bbox {box!r}; "
+                                     "expected [x, y, w, h]")
+
+
 def load_coco(annotations: str | os.PathLike | Mapping[str, Any]):
-    """A pycocotools ``COCO`` from a file path or an in-memory COCO dict (quietly)."""
+    """A pycocotools ``COCO`` from a file path or an in-memory COCO dict (quietly), after
+    :func:`check_coco_dict`."""
     from pycocotools.coco import COCO
 
     if isinstance(annotations, Mapping):
-        coco = COCO()
-        coco.dataset = dict(annotations)
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco.createIndex()
-        return coco
-    path = Path(annotations)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation_file {str(path)!r} does not exist")
-    with contextlib.redirect_stdout(io.StringIO()):
+        source, dataset = "annotations", annotations
+    else:
+        path = Path(annotations)
+        if not path.is_file():
+            raise FileNotFoundError(f"annotation_file {str(path)!r} does not exist")
+        source = f"annotation_file {str(path)!r}"
         try:
-            return COCO(str(path))
-        except (ValueError, KeyError, TypeError) as e:  # json errors are ValueErrors
-            raise ValueError(f"annotation_file {str(path)!r} is not a COCO keypoint file: {e}") from e
+            dataset = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{source} is not a JSON file: {e}") from e
+    check_coco_dict(dataset, source)
+    coco = COCO()
+    coco.dataset = dict(dataset)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
 
 
 def load_detections(path: str | os.PathLike, score_threshold: float = 0.0) -> list[dict]:
