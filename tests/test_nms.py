@@ -571,3 +571,28 @@ def test_max_dets_and_num_images_checked_before_the_argument_parser():
         mk.soft_oks_nms_mask(kp, scores, areas, batch, True)
     with pytest.raises(ValueError, match="max_dets must be an int"):
         mk.soft_oks_nms(kp, scores, areas, batch, max_dets=True)
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("method", ["linear", "gaussian"])
+def test_soft_nms_infinite_scores_times_zero_factor(backend, device, method):
+    """Identical poses with +inf scores: the rescore factor is 0 (linear: 1 - OKS = 0;
+    gaussian at a tiny threshold: exp(-1/1e-3) underflows), and inf * 0 is NaN.  Every backend
+    takes +inf * 0 = 0 (cpu / reference kept 8 with NaN scores, triton 1: issue 13.8)."""
+    dev = require(backend, device)
+    n = 8
+    kp = torch.zeros(n, 17, 3, dtype=torch.float64)
+    kp[:, :, :2] = torch.arange(17, dtype=torch.float64)[:, None] * 3
+    kp[:, :, 2] = 1
+    scores = torch.full((n,), math.inf, dtype=torch.float64)
+    scores[5] = -math.inf
+    areas = torch.full((n,), 500.0, dtype=torch.float64)
+    batch = torch.zeros(n, dtype=torch.int64)
+    thr = 0.5 if method == "linear" else 1e-3
+    with mk.use_backend(backend):
+        keep, new = mk.soft_oks_nms(kp.to(dev), scores.to(dev), areas.to(dev), batch.to(dev), method=method,
+                                    threshold=thr, score_threshold=-math.inf, max_dets=None)
+    keep, new = keep.cpu(), new.cpu()
+    assert not torch.isnan(new).any(), new
+    assert keep.tolist() == [0, 1, 2, 3, 4, 6, 7, 5]  # inf first, then the zeros by row, -inf last
+    assert new.tolist() == [math.inf] + [0.0] * 6 + [-math.inf]

@@ -200,6 +200,15 @@ void hard_impl(const Oks<T>& oks, const int64_t* off, int64_t I, T thr, bool* ke
   }
 }
 
+// A score times its soft-NMS factor (in [0, 1]).  inf * 0 would be NaN: a fully suppressed
+// +inf score becomes 0 and -inf stays -inf (the same rule on every backend; NaN scores,
+// refused by the op's checks, stay NaN).
+template <class T>
+inline T rescale(T s, T f) {
+  const T p = s * f;
+  return p != p ? (s > T(0) ? T(0) : s) : p;
+}
+
 template <class T>
 void soft_impl(const Oks<T>& oks, const T* scores, const int64_t* off, int64_t I, int64_t method,
                T thr, T score_thr, int64_t max_dets, int64_t* rank, T* new_scores) {
@@ -229,9 +238,9 @@ void soft_impl(const Oks<T>& oks, const T* scores, const int64_t* off, int64_t I
           const T o = oks(b, r);
           T& s = cur[r - lo];
           if (method == 0)
-            s = s * std::exp(-(o * o) / thr);
+            s = rescale(s, std::exp(-(o * o) / thr));
           else if (o >= thr)
-            s = s * (T(1) - o);
+            s = rescale(s, T(1) - o);
         }
       }
     }

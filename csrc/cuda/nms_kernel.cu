@@ -479,6 +479,14 @@ __device__ Best<T> block_best(Best<T> a, T* s_v, int64_t* s_row) {
   return b;
 }
 
+// A score times its soft-NMS factor (in [0, 1]); inf * 0 -> 0 for +inf, -inf for -inf
+// (csrc/cpu/nms_kernel.cpp rescale: the same rule on every backend).
+template <class T>
+__device__ __forceinline__ T rescale(T s, T f) {
+  const T p = s * f;
+  return p != p ? (s > T(0) ? T(0) : s) : p;
+}
+
 template <class T>
 __global__ void __launch_bounds__(kSoftThreads)
     soft_nms_kernel(const T* __restrict__ kp, const T* __restrict__ areas,
@@ -523,9 +531,9 @@ __global__ void __launch_bounds__(kSoftThreads)
       const T o = oks_rows(R, p, j, half_inv_area(ap, areas[start + j]), P);
       T s = new_scores[start + j];
       if (method == 0)
-        s = s * dev_exp<T>(-(o * o) / threshold);
+        s = rescale(s, dev_exp<T>(-(o * o) / threshold));
       else if (o >= threshold)
-        s = s * (T(1) - o);
+        s = rescale(s, T(1) - o);
       new_scores[start + j] = s;
       best_merge(mine, s, j);
     }

@@ -26,7 +26,9 @@ Public ops (each also under ``torch.ops.mipnet``):
     ``linear``: ``s * (1 - o)`` where ``o >= threshold`` -- until ``max_dets`` picks (``None``:
     no limit; HRNet / MMPose hard-code 20), nothing remains, or the best current score is
     ``< score_threshold``.  ``keep`` is ordered by image, then pick order; ``new_scores[j]`` is
-    the (rescored) score of ``keep[j]`` when it was picked.
+    the (rescored) score of ``keep[j]`` when it was picked.  Scores may be +-inf: where a
+    factor of 0 meets an infinite score (``inf * 0``), +inf becomes 0 and -inf stays -inf, on
+    every backend (never NaN).
 
 ``oks_nms_mask(keypoints, scores, areas, batch_idx, num_images, ...) -> (keep_mask [M] bool, counts [num_images] int64)``
 ``soft_oks_nms_mask(keypoints, scores, areas, batch_idx, num_images, ...) -> (rank [M] int64, new_scores [M], counts [num_images] int64)``
@@ -347,6 +349,13 @@ def oks_nms_sorted_reference(keypoints: Tensor, areas: Tensor, offsets: Tensor, 
     return keep
 
 
+def _rescale(s: Tensor, f: Tensor) -> Tensor:
+    """A score times its soft-NMS factor; ``inf * 0`` (NaN) -> 0 for +inf, -inf for -inf, as
+    every backend does (csrc/cpu/nms_kernel.cpp ``rescale``)."""
+    p = s * f
+    return torch.where(torch.isnan(p), torch.where(s > 0, torch.zeros_like(s), s), p)
+
+
 def soft_oks_nms_sorted_reference(keypoints: Tensor, areas: Tensor, scores: Tensor, offsets: Tensor,
                                   sigmas: Tensor, method: int, threshold: float, vis_threshold: float,
                                   score_threshold: float, max_dets: int) -> tuple[Tensor, Tensor]:
@@ -378,9 +387,9 @@ def soft_oks_nms_sorted_reference(keypoints: Tensor, areas: Tensor, scores: Tens
             alive[best] = False
             o = oks[best]
             if method == METHOD_ID["gaussian"]:
-                rescored = cur * torch.exp(-(o * o) / threshold)
+                rescored = _rescale(cur, torch.exp(-(o * o) / threshold))
             else:
-                rescored = torch.where(o >= threshold, cur * (1 - o), cur)
+                rescored = torch.where(o >= threshold, _rescale(cur, 1 - o), cur)
             cur = torch.where(alive, rescored, cur)
         new_scores[lo:hi] = torch.where(alive, cur, final)
     return rank, new_scores

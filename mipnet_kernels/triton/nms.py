@@ -91,6 +91,14 @@ def _device_guard(t: Tensor):
 
 # --------------------------------------------------------------------------- jit helpers
 @triton.jit
+def _rescale(s, f):
+    """A score times its soft-NMS factor; inf * 0 -> 0 for +inf, -inf for -inf (the rule of
+    every backend, csrc/cpu/nms_kernel.cpp rescale)."""
+    p = s * f
+    return tl.where(p != p, tl.where(s > 0.0, 0.0, s), p)
+
+
+@triton.jit
 def _oks_vs_row(
     kp_ptr,  # keypoints, shape (M, K, 3), contiguous, float32/float64
     sig_ptr,  # sigmas, shape (K,), keypoints' dtype
@@ -335,9 +343,9 @@ def _soft_nms_kernel(
             area = tl.load(area_ptr + start + local, mask=rest, other=0.0)
             oks = _oks_vs_row(kp_ptr, sig_ptr, p, start + local, rest, area_p, area, K, vis_t, HAS_VIS, KC)
             if METHOD == 0:  # gaussian: s * exp(-oks^2 / thr)
-                s = tl.where(rest, s * _math.exp(-_math.div(oks * oks, thr)), s)
+                s = tl.where(rest, _rescale(s, _math.exp(-_math.div(oks * oks, thr))), s)
             else:  # linear: s * (1 - oks) where oks >= thr
-                s = tl.where(rest & (oks >= thr), s * (1.0 - oks), s)
+                s = tl.where(rest & (oks >= thr), _rescale(s, 1.0 - oks), s)
             rank = tl.where(local == pick, picks.to(tl.int64), rank)
             tl.store(new_ptr + start + local, s, mask=m)
             tl.store(rank_ptr + start + local, rank, mask=m)
