@@ -70,8 +70,9 @@ def test_gate_rejects_float32_thresholds_and_approximate_math():
 def test_approximate_math_counter():
     from mipnet_kernels.triton._compile import approximate_math
 
-    ptx = "ex2.approx.f32 %f1, %f2;\n ex2.approx.ftz.f32 %f3, %f4;\n div.full.f32 %f5, %f6, %f7;\n div.rn.f32 %f8;"
-    assert approximate_math(ptx) == {"div.full.f32": 1, "ex2.approx.f32": 1}
+    ptx = ("ex2.approx.f32 %f1, %f2;\n ex2.approx.ftz.f32 %f3, %f4;\n div.full.f32 %f5, %f6, %f7;\n div.rn.f32 %f8;"
+           "\n lg2.approx.f32 %f9, %f10;\n lg2.approx.ftz.f32 %f11, %f12;")
+    assert approximate_math(ptx) == {"div.full.f32": 1, "ex2.approx.f32": 1, "lg2.approx.f32": 1}
 
 
 @pytest.mark.triton

@@ -159,11 +159,13 @@ def param_types(ptx: str) -> list[str]:
 
 
 def approximate_math(ptx: str) -> dict[str, int]:
-    """Counts of Triton's approximate float32 lowerings in ``ptx``: ``div.full.f32`` (``/``)
-    and non-``ftz`` ``ex2.approx.f32`` (``tl.exp``).  libdevice's ``expf`` uses
-    ``ex2.approx.ftz.f32`` on an exactly reduced argument: not counted."""
+    """Counts of Triton's approximate float32 lowerings in ``ptx``: ``div.full.f32`` (``/``),
+    non-``ftz`` ``ex2.approx.f32`` (``tl.exp``) and non-``ftz`` ``lg2.approx.f32``
+    (``tl.log``).  libdevice's ``expf`` / ``logf`` use the ``.ftz`` forms on exactly reduced
+    arguments: not counted."""
     return {"div.full.f32": len(re.findall(r"\bdiv\.full\.f32\b", ptx)),
-            "ex2.approx.f32": len(re.findall(r"\bex2\.approx\.f32\b", ptx))}
+            "ex2.approx.f32": len(re.findall(r"\bex2\.approx\.f32\b", ptx)),
+            "lg2.approx.f32": len(re.findall(r"\blg2\.approx\.f32\b", ptx))}
 
 
 #: Constexprs that only size tiles (no code path of their own): the compile gate keeps one

@@ -15,6 +15,11 @@ kernels use these instead:
   exactly by ``fma.rn`` (no non-``ftz`` ``ex2.approx.f32``: that form is Triton's own
   lowering, which the compile gate rejects).
 
+* :func:`log` -- libdevice's ``log`` (``__nv_logf``, CUDA's ``logf``), named explicitly:
+  Triton 3.9 lowers ``tl.log`` to it as well (checked in the PTX), but an approximate
+  ``lg2.approx.f32`` lowering would move DARK / UDP, whose Newton steps difference logs of
+  nearly equal samples; the compile gate rejects ``lg2.approx.f32`` in the decode kernels.
+
 Under ``TRITON_INTERPRET=1`` libdevice does not exist; the same helpers run numpy's
 ``exp`` and ``/`` there (correctly rounded in practice), so interpreter tests see
 reference numerics either way.
@@ -43,6 +48,15 @@ def exp(x):
         return tl.exp(x)
     else:
         return libdevice.exp(x)
+
+
+@triton.jit
+def log(x):
+    """libdevice ``log`` (CUDA's ``logf`` / ``log``) of a float32 / float64 tensor."""
+    if _INTERPRETED:
+        return tl.log(x)
+    else:
+        return libdevice.log(x)
 
 
 # Under TRITON_INTERPRET=1, @triton.jit gives an InterpretedFunction (not a JITFunction).

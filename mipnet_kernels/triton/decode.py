@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _math
 from ._launch import launch, num_warps
 
 # Mode ids shared with csrc/decode.h and mipnet_kernels.ops.decode.MODE_ID.
@@ -253,19 +254,19 @@ def _refine_dark(
     valid = (vmax > 0.0) & (bmax != 0.0)  # dark_rescale_valid
     c = tl.where(need & valid, tl.math.div_rn(vmax, tl.where(valid, bmax, 1.0)), 1.0)
     # c == 1 on the fast path, where the floor is a no-op since every s >= 2e-10.
-    L0 = tl.log(tl.maximum(s0 * c, 1e-10))
-    L1 = tl.log(tl.maximum(s1 * c, 1e-10))
-    L2 = tl.log(tl.maximum(s2 * c, 1e-10))
-    L3 = tl.log(tl.maximum(s3 * c, 1e-10))
-    L4 = tl.log(tl.maximum(s4 * c, 1e-10))
-    L5 = tl.log(tl.maximum(s5 * c, 1e-10))
-    L6 = tl.log(tl.maximum(s6 * c, 1e-10))
-    L7 = tl.log(tl.maximum(s7 * c, 1e-10))
-    L8 = tl.log(tl.maximum(s8 * c, 1e-10))
-    L9 = tl.log(tl.maximum(s9 * c, 1e-10))
-    L10 = tl.log(tl.maximum(s10 * c, 1e-10))
-    L11 = tl.log(tl.maximum(s11 * c, 1e-10))
-    L12 = tl.log(tl.maximum(s12 * c, 1e-10))
+    L0 = _math.log(tl.maximum(s0 * c, 1e-10))
+    L1 = _math.log(tl.maximum(s1 * c, 1e-10))
+    L2 = _math.log(tl.maximum(s2 * c, 1e-10))
+    L3 = _math.log(tl.maximum(s3 * c, 1e-10))
+    L4 = _math.log(tl.maximum(s4 * c, 1e-10))
+    L5 = _math.log(tl.maximum(s5 * c, 1e-10))
+    L6 = _math.log(tl.maximum(s6 * c, 1e-10))
+    L7 = _math.log(tl.maximum(s7 * c, 1e-10))
+    L8 = _math.log(tl.maximum(s8 * c, 1e-10))
+    L9 = _math.log(tl.maximum(s9 * c, 1e-10))
+    L10 = _math.log(tl.maximum(s10 * c, 1e-10))
+    L11 = _math.log(tl.maximum(s11 * c, 1e-10))
+    L12 = _math.log(tl.maximum(s12 * c, 1e-10))
     # Newton step (csrc/decode.h dark_step).
     dx = 0.5 * (L1 - L2)
     dy = 0.5 * (L3 - L4)
@@ -350,13 +351,13 @@ def _refine_udp(
     by1_ = tl.sum(tl.where(mym, c_0 * gym, 0.0), axis=1)  # (-1, 0)
     bx1y1 = tl.sum(tl.where(myp, c_p * gyp, 0.0), axis=1)  # (+1, +1)
     bx1_y1_ = tl.sum(tl.where(mym, c_m * gym, 0.0), axis=1)  # (-1, -1)
-    i0 = tl.log(tl.minimum(tl.maximum(b0, 0.001), 50.0))
-    ix1 = tl.log(tl.minimum(tl.maximum(bx1, 0.001), 50.0))
-    ix1_ = tl.log(tl.minimum(tl.maximum(bx1_, 0.001), 50.0))
-    iy1 = tl.log(tl.minimum(tl.maximum(by1, 0.001), 50.0))
-    iy1_ = tl.log(tl.minimum(tl.maximum(by1_, 0.001), 50.0))
-    ix1y1 = tl.log(tl.minimum(tl.maximum(bx1y1, 0.001), 50.0))
-    ix1_y1_ = tl.log(tl.minimum(tl.maximum(bx1_y1_, 0.001), 50.0))
+    i0 = _math.log(tl.minimum(tl.maximum(b0, 0.001), 50.0))
+    ix1 = _math.log(tl.minimum(tl.maximum(bx1, 0.001), 50.0))
+    ix1_ = _math.log(tl.minimum(tl.maximum(bx1_, 0.001), 50.0))
+    iy1 = _math.log(tl.minimum(tl.maximum(by1, 0.001), 50.0))
+    iy1_ = _math.log(tl.minimum(tl.maximum(by1_, 0.001), 50.0))
+    ix1y1 = _math.log(tl.minimum(tl.maximum(bx1y1, 0.001), 50.0))
+    ix1_y1_ = _math.log(tl.minimum(tl.maximum(bx1_y1_, 0.001), 50.0))
     dx = 0.5 * (ix1 - ix1_)
     dy = 0.5 * (iy1 - iy1_)
     hxx = (ix1 - 2.0 * i0 + ix1_) + 1.1920928955078125e-07  # + float32 eps
