@@ -43,7 +43,7 @@ $(VENV)/.stamp-deps: pyproject.toml
 	  test -x $(PY) || $(PYTHON) -m venv $(VENV); \
 	  $(PY) -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v "is ignored" || true; \
 	  $(PY) -m pip install -q torch==$(TORCH_VERSION) triton==$(TRITON_VERSION) \
-	    numpy pybind11 ninja pytest pytest-benchmark pycocotools opencv-python-headless scipy \
+	    numpy pybind11 ninja pytest pytest-benchmark hypothesis pycocotools opencv-python-headless scipy \
 	    matplotlib tqdm pyyaml pillow \
 	    2>&1 | grep -v "is ignored" || true; \
 	  $(PY) -c "import torch, triton, pytest_benchmark" ; \

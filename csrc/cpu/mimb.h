@@ -567,8 +567,19 @@ inline void sigmoid(const float* z, float* e, int64_t n) {
     vstore(te, one / (one + vexp(-vload(tz))));
     for (int64_t j = i; j < n; ++j) e[j] = te[j - i];
   }
-  for (int64_t j = 0; j < n; ++j)
-    if (!(z[j] - z[j] == 0.f)) e[j] = z[j] != z[j] ? z[j] : (z[j] > 0.f ? 1.f : 0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    const float zj = z[j];
+    if (!(zj - zj == 0.f)) {
+      e[j] = zj != zj ? zj : (zj > 0.f ? 1.f : 0.f);
+    } else if (zj < -80.f) {
+      // Far left tail: sigmoid(z) = exp(z) to float32 precision, and vexp's range clamp
+      // (exp(88.7) at most) would leave 2.9e-39 instead of the subnormal or zero torch
+      // gives -- visible as y = x * e when x is huge.  exp(z / 2)^2 stays out of the
+      // subnormal range until the final product.
+      const float h = std::exp(0.5f * zj);
+      e[j] = h * h;
+    }
+  }
 }
 
 template <class TW>

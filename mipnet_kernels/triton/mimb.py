@@ -183,9 +183,11 @@ def _mimb_mlp_hidden(part_ptr, s_ptr, w1_ptr, b, C, CR, HW, SPLIT, sw1_r, sw1_c,
             tl.store(s_ptr + b64 * C + cc, sc, mask=cm)
         else:
             sc = tl.load(s_ptr + b64 * C + cc, mask=cm, other=0.0)
-        w1t = tl.load(w1_ptr + rs[:, None] * sw1_r + cc[None, :] * sw1_c,
-                      mask=rmask[:, None] & cm[None, :], other=0.0).to(ACC)
-        z1 += tl.sum(w1t * sc[None, :], axis=1)
+        wm = rmask[:, None] & cm[None, :]
+        w1t = tl.load(w1_ptr + rs[:, None] * sw1_r + cc[None, :] * sw1_c, mask=wm, other=0.0).to(ACC)
+        # Padded lanes masked out of the sum, not zero-filled: 0 * inf = NaN would make a
+        # sample with one infinite mean NaN everywhere (the reference's NaN is per element).
+        z1 += tl.sum(tl.where(wm, w1t * sc[None, :], 0.0), axis=1)
     return z1
 
 
@@ -194,9 +196,9 @@ def _mimb_excite_chunk(w2_ptr, h, cc, cm, CR, sw2_c, sw2_r, CR_PAD: tl.constexpr
     """``e = sigmoid(W2[cc] @ h)`` for the channels ``cc`` (and the ``W2[cc]`` tile)."""
     ACC = h.dtype
     rs = tl.arange(0, CR_PAD)
-    w2t = tl.load(w2_ptr + cc[:, None] * sw2_c + rs[None, :] * sw2_r,
-                  mask=cm[:, None] & (rs < CR)[None, :], other=0.0).to(ACC)
-    z2 = tl.sum(w2t * h[None, :], axis=1)
+    wm = cm[:, None] & (rs < CR)[None, :]
+    w2t = tl.load(w2_ptr + cc[:, None] * sw2_c + rs[None, :] * sw2_r, mask=wm, other=0.0).to(ACC)
+    z2 = tl.sum(tl.where(wm, w2t * h[None, :], 0.0), axis=1)  # padded lanes out (0 * inf)
     # IEEE division and libdevice exp: the CUDA backend's 1.0f / (1.0f + expf(-z)), bit for bit.
     return _math.div(tl.full([], 1.0, ACC), 1.0 + _math.exp(-z2)), w2t
 
@@ -295,7 +297,7 @@ def _reduce_mlp_program(
                     tl.store(dv_ptr + b64 * C + cc, g_a * e, mask=cm)
                     g_z2 = g_a * vv * e * (1.0 - e)
                     tl.store(gz2_ptr + b64 * C + cc, g_z2, mask=cm)
-                    gz1 += tl.sum(w2t * g_z2[:, None], axis=0)
+                    gz1 += tl.sum(tl.where(cm[:, None] & rmask[None, :], w2t * g_z2[:, None], 0.0), axis=0)
         if MODE == 2:
             gz1 = tl.where(z1 > 0.0, gz1, 0.0)
             tl.store(h_ptr + b64 * CR + rs, h, mask=rmask)
@@ -305,7 +307,7 @@ def _reduce_mlp_program(
                 cm = cc < C
                 w1t = tl.load(w1_ptr + rs[:, None] * sw1_r + cc[None, :] * sw1_c,
                               mask=rmask[:, None] & cm[None, :], other=0.0).to(ACC)
-                g_s = tl.sum(w1t * gz1[:, None], axis=0)
+                g_s = tl.sum(tl.where(rmask[:, None] & cm[None, :], w1t * gz1[:, None], 0.0), axis=0)
                 tl.store(bias_ptr + b64 * C + cc, _math.div(g_s, tl.full([], HW, ACC)), mask=cm)
 
 
