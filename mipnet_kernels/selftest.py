@@ -592,12 +592,16 @@ def _require_nms(backend, dev, soft: bool) -> None:
 
 
 def check_nms(op: str, backend, dev, kind: str, K: int, thr: float, vis, dtype, small: bool,
-              method: str = "gaussian", max_dets=20) -> Mismatch:
+              method: str = "gaussian", max_dets=20, *, data: Optional[dict] = None) -> Mismatch:
+    """An NMS op on ``backend`` against the reference (same picks, scores within rounding);
+    ``data``: explicit candidates (``keypoints``, ``scores``, ``areas``, ``batch_idx``)
+    instead of the battery's ``kind`` -- keep them clear of the threshold
+    (:func:`drop_near_threshold`): a pair at the threshold may flip with OKS rounding."""
     import mipnet_kernels as mk
 
     soft = op.startswith("soft")
     _require_nms(backend, dev, soft)
-    data = _nms_data(kind, K, thr, vis, small)
+    data = _nms_data(kind, K, thr, vis, small) if data is None else data
     num_images = int(data["batch_idx"].max()) + 2 if data["batch_idx"].numel() else 2
     sig = _sigmas(K)
 
@@ -627,8 +631,11 @@ def check_nms(op: str, backend, dev, kind: str, K: int, thr: float, vis, dtype, 
             m.fail("new_scores", f"{new.dtype} {tuple(new.shape)} != {ref.dtype} {tuple(ref.shape)}")
         else:
             rtol, atol = (1e-12, 0.0) if dtype == F64 else (1e-5, 1e-6)
+            fin = torch.isfinite(ref)
+            if not torch.equal(new[~fin].double(), ref[~fin].double()):  # +-inf (NaN never)
+                m.fail("new_scores", "non-finite scores differ from the reference")
             err = (new.double() - ref.double()).abs()
-            _worst(m, "new_scores", err, atol + rtol * ref.double().abs(), torch.ones_like(err, dtype=torch.bool))
+            _worst(m, "new_scores", err, atol + rtol * ref.double().abs(), fin)
     return m
 
 

@@ -2,7 +2,8 @@
 
 Property-based (hypothesis, derandomized: the same examples every run, so CI is stable):
 each example draws a shape, dtype, memory layout and a set of special values (NaN, +-inf,
-+-3e38, subnormals, zeros, ties) and checks every usable backend against the reference
++-3e38, subnormals, zeros, ties) -- for NMS, crowds of candidates with tied or infinite
+scores, both methods, float32 / float64 -- and checks every usable backend against the reference
 with the self-test's checkers (``mipnet_kernels.selftest``: the op's documented bound,
 NaN patterns included).  The Triton backend runs under the interpreter on the CPU, so it
 gets fewer examples.  The bad-input table asserts a ``ValueError`` / ``TypeError`` naming
@@ -112,6 +113,38 @@ def test_mimb_battery(backend):
         # order of the products, which the contract does not fix (forward: it does).
         grad = grad and op != "mimb_instances" and not bool((x.float().abs() > 1e30).any())
         _check(selftest.check_mimb, op, backend, dev, (B, K, H, W, r), x.dtype, layout, grad, x=x)
+
+    run()
+
+
+@st.composite
+def crowds(draw):
+    """Candidates of a few images (``selftest.clustered_candidates``) with drawn sizes, tied
+    or infinite scores, kept clear of the threshold (OKS rounding may flip a pair at it)."""
+    K = draw(st.sampled_from((17, 14, 5)))
+    sizes = draw(st.lists(st.integers(0, 12), min_size=1, max_size=4))
+    data = selftest.clustered_candidates(sizes, K, seed=draw(st.integers(0, 2**31 - 1)),
+                                         ties=draw(st.booleans()))
+    M = data["scores"].numel()
+    for _ in range(draw(st.integers(0, 2)) if M else 0):
+        data["scores"][draw(st.integers(0, M - 1))] = draw(st.sampled_from((math.inf, -math.inf)))
+    thr = draw(st.sampled_from((0.3, 0.5, 0.9)))
+    vis = draw(st.sampled_from((None, 0.2)))
+    return selftest.drop_near_threshold(data, K, thr, vis), K, thr, vis
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_nms_battery(backend):
+    dev = skip_unless_runs(backend, "cpu")
+
+    @_settings(backend)
+    @given(case=crowds(), op=st.sampled_from(("oks_nms", "oks_nms_mask", "soft_oks_nms", "soft_oks_nms_mask")),
+           method=st.sampled_from(("gaussian", "linear")), dtype=st.sampled_from((torch.float32, torch.float64)),
+           max_dets=st.sampled_from((None, 1, 3, 20)))
+    def run(case, op, method, dtype, max_dets):
+        data, K, thr, vis = case
+        _check(selftest.check_nms, op, backend, dev, "random", K, thr, vis, dtype, True, method, max_dets,
+               data=data)
 
     run()
 
