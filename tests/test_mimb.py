@@ -917,3 +917,18 @@ def test_non_finite_input_makes_its_sample_nan(backend, device, bad):
             for n in range(2):
                 t = inst[n * B + b]
                 assert bool(torch.isnan(t).all()) == want_nan, f"instances[{n}, {b}]"
+
+
+@pytest.mark.parametrize("backend, device", backend_device_params())
+@pytest.mark.parametrize("z", [-85.0, -90.0, -100.0, -110.0])
+def test_sigmoid_far_left_tail(backend, device, z):
+    """e = sigmoid(z) near and beyond float32 exp's overflow, as torch.sigmoid (the reference)
+    and the CUDA / Triton kernels compute it, not the C++ exp range clamp's 2.9e-39 -- with a
+    huge x, y = x * e shows the difference (the property battery found it)."""
+    dev = skip_unless_runs(backend, device)
+    x = torch.ones(2, 1, 1, 1)
+    w1, w2, v = torch.ones(1, 1), torch.full((1, 1), z), torch.ones(2, 1)
+    with mk.use_backend(backend):
+        y = mk.mimb_scale(x.to(dev), w1.to(dev), w2.to(dev), v.to(dev)).cpu()
+    want = torch.sigmoid(torch.tensor(z))  # float32: 1 / (1 + exp(-z)), 0 once exp(-z) overflows
+    torch.testing.assert_close(y.flatten(), want.expand(2), rtol=1e-5, atol=0)

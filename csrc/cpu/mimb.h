@@ -572,12 +572,10 @@ inline void sigmoid(const float* z, float* e, int64_t n) {
     if (!(zj - zj == 0.f)) {
       e[j] = zj != zj ? zj : (zj > 0.f ? 1.f : 0.f);
     } else if (zj < -80.f) {
-      // Far left tail: sigmoid(z) = exp(z) to float32 precision, and vexp's range clamp
-      // (exp(88.7) at most) would leave 2.9e-39 instead of the subnormal or zero torch
-      // gives -- visible as y = x * e when x is huge.  exp(z / 2)^2 stays out of the
-      // subnormal range until the final product.
-      const float h = std::exp(0.5f * zj);
-      e[j] = h * h;
+      // Far left tail as torch.sigmoid (and the CUDA / Triton kernels) computes it,
+      // 1 / (1 + exp(-z)) with exp(-z) overflowing to inf below -88.7 (so 0): vexp's range
+      // clamp (exp(88.7) at most) would leave 2.9e-39, visible as y = x * e for a huge x.
+      e[j] = 1.f / (1.f + std::exp(-zj));
     }
   }
 }
