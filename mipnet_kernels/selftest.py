@@ -410,10 +410,9 @@ def check_mimb(op: str, backend, dev, shape, dtype, layout, grad: bool, kind: st
     # Yardsticks, on CPU: the reference backend in float64 (truth) and in the test dtype (eager).
     truth, truth_g, _ = _mimb_run(op, "reference", [v.double() for v in vals], None if dy is None else dy.double(), "contiguous", grad)
     eager, eager_g, _ = _mimb_run(op, "reference", vals, dy, "contiguous", grad)
-    if kind == "nonfinite":
-        _flash_nonfinite(m, _cpu(y), eager, truth, dtype, vals[0], y_shape[0] // max(vals[0].shape[0], 1))
-        return m
     _flash(m, "y", _cpu(y), eager, truth, dtype)
+    if kind == "nonfinite":  # gradients through inf / NaN depend on the order of the products
+        return m
     for name, got, e, t in zip(names, grads, eager_g, truth_g):
         if got is None:
             m.fail(f"d{name}", "no gradient")
@@ -442,12 +441,6 @@ def _flash(m: Mismatch, what: str, out, eager, truth, dtype) -> None:
         return
     err, bound = _numerics.flash_bound(out[keep], eager[keep], truth[keep], dtype)
     m.add(what, err, bound)
-
-
-def _flash_nonfinite(m: Mismatch, out, eager, truth, dtype, x, reps: int) -> None:
-    """NaN / inf in ``x``: as :func:`_flash` (a NaN or overflowing squeeze makes its whole
-    sample NaN on every backend, as in the reference)."""
-    _flash(m, "y", out, eager, truth, dtype)
 
 
 GROUPED_BRANCHES = {  # HRNet-like branches (C, H, W), tiny and with C > 256

@@ -150,10 +150,7 @@ ScanKern<T> scan_kern_for(Isa isa) {
 }
 template <class T>
 const ScanKern<T>& scan_kern() {
-  static const ScanKern<T> k[kNumIsas] = {scan_kern_for<T>(Isa::kScalar),
-                                          scan_kern_for<T>(Isa::kAvx2),
-                                          scan_kern_for<T>(Isa::kAvx512)};
-  return k[static_cast<int>(current_isa())];
+  return isa_variant<ScanKern<T>, &scan_kern_for<T>>();
 }
 
 // Argmax of one map: first maximum in row-major order, plus the NaN flag.

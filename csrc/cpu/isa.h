@@ -136,6 +136,14 @@ inline bool set_isa(Isa isa) {
   return true;
 }
 
+// The kernel table K of the path in use: make(isa) for every path, built once (per K and
+// make), then picked on every call.  The one place the kernels turn the setting into code.
+template <class K, K (*Make)(Isa)>
+const K& isa_variant() {
+  static const K k[kNumIsas] = {Make(Isa::kScalar), Make(Isa::kAvx2), Make(Isa::kAvx512)};
+  return k[static_cast<int>(current_isa())];
+}
+
 // AVX512-BF16 (vcvtneps2bf16: Zen 4, Sapphire Rapids) bfloat16 stores, used by the MIMB
 // kernels on the avx512 path.
 inline bool cpu_has_avx512bf16() {

@@ -280,9 +280,7 @@ Kern<T> kern_for(Isa isa) {
 }
 template <class T>
 const Kern<T>& kern() {
-  static const Kern<T> k[kNumIsas] = {kern_for<T>(Isa::kScalar), kern_for<T>(Isa::kAvx2),
-                                      kern_for<T>(Isa::kAvx512)};
-  return k[static_cast<int>(current_isa())];
+  return isa_variant<Kern<T>, &kern_for<T>>();
 }
 template <class TW>
 MatKern<TW> mat_kern_for(Isa isa) {
@@ -293,10 +291,7 @@ MatKern<TW> mat_kern_for(Isa isa) {
 }
 template <class TW>
 const MatKern<TW>& mat_kern() {
-  static const MatKern<TW> k[kNumIsas] = {mat_kern_for<TW>(Isa::kScalar),
-                                          mat_kern_for<TW>(Isa::kAvx2),
-                                          mat_kern_for<TW>(Isa::kAvx512)};
-  return k[static_cast<int>(current_isa())];
+  return isa_variant<MatKern<TW>, &mat_kern_for<TW>>();
 }
 SigmoidFn sigmoid_fn() {
 #if MIPNET_ISA_DISPATCH_AVX2

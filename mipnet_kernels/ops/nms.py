@@ -175,59 +175,58 @@ def _check_soft_params(method, threshold, score_threshold, max_dets) -> None:
         raise ValueError(f"max_dets must be an int >= 1 or None, got {max_dets!r}")
 
 
+def _all_finite(t: Tensor) -> Tensor:
+    """0-d bool: every value of ``t`` finite (aminmax propagates NaN: one pass)."""
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    lo, hi = torch.aminmax(t)
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
+def _raise_first(checks: list[tuple[Tensor, str]]) -> None:
+    """``ValueError`` with the message of the first 0-d bool that is true; the conditions are
+    read back together (one host synchronisation on GPU tensors)."""
+    bad = torch.stack([c for c, _ in checks]).tolist()
+    for is_bad, (_, message) in zip(bad, checks):
+        if is_bad:
+            raise ValueError(message)
+
+
+def _sigma_check(sigmas: Tensor) -> tuple[Tensor, str]:
+    return ~((sigmas > 0) & torch.isfinite(sigmas)).all(), "sigmas must be positive and finite"
+
+
+def _area_check(areas: Tensor, name: str) -> tuple[Tensor, str]:
+    return ~(areas >= 0).all(), f"{name} must be >= 0 (found a negative or NaN area)"  # NaN fails
+
+
 def _check_values(keypoints: Tensor, scores: Tensor, areas: Tensor, batch_idx: Tensor, sigmas: Tensor,
                   num_images: Optional[int] = None) -> None:
     """The checks that read the data (one host synchronisation on GPU tensors)."""
     if keypoints.numel() == 0:
         return
-    lo, hi = torch.aminmax(keypoints)  # NaN propagates: finite extremes <=> all finite (one pass)
     id_lo, id_hi = torch.aminmax(batch_idx)
-    bad = torch.stack([
-        ~(torch.isfinite(lo) & torch.isfinite(hi)),
-        torch.isnan(scores).any(),
-        ~(areas >= 0).all(),  # negative or NaN
-        id_lo < 0,
-        id_hi >= (num_images if num_images is not None else id_hi + 1),
-        ~((sigmas > 0) & torch.isfinite(sigmas)).all(),
-    ]).tolist()
-    messages = (
-        "keypoints must be finite (found NaN or inf)",
-        "scores contain NaN",
-        "areas must be >= 0 (found a negative or NaN area)",
-        "batch_idx must be >= 0 (found a negative image index)",
-        f"batch_idx must be < num_images = {num_images}",
-        "sigmas must be positive and finite",
-    )
-    for is_bad, message in zip(bad, messages):
-        if is_bad:
-            raise ValueError(message)
+    _raise_first([
+        (~_all_finite(keypoints), "keypoints must be finite (found NaN or inf)"),
+        (torch.isnan(scores).any(), "scores contain NaN"),
+        _area_check(areas, "areas"),
+        (id_lo < 0, "batch_idx must be >= 0 (found a negative image index)"),
+        (id_hi >= (num_images if num_images is not None else id_hi + 1),
+         f"batch_idx must be < num_images = {num_images}"),
+        _sigma_check(sigmas),
+    ])
 
 
 def _check_oks_iou_values(kpts_a: Tensor, areas_a: Tensor, kpts_b: Tensor, areas_b: Tensor,
                           sigmas: Tensor) -> None:
-    """oks_iou's value checks, the same as the NMS ops' (one host synchronisation): finite
-    keypoints, areas >= 0, positive finite sigmas -- a negative area gave OKS = inf and a
-    zero sigma NaN."""
-    def finite(t: Tensor) -> Tensor:
-        if t.numel() == 0:
-            return torch.ones((), dtype=torch.bool, device=t.device)
-        lo, hi = torch.aminmax(t)  # NaN propagates
-        return torch.isfinite(lo) & torch.isfinite(hi)
-
-    bad = torch.stack([
-        ~finite(kpts_a), ~finite(kpts_b),
-        ~(areas_a >= 0).all(), ~(areas_b >= 0).all(),
-        ~((sigmas > 0) & torch.isfinite(sigmas)).all(),
-    ]).tolist()
-    messages = (
-        "kpts_a must be finite (found NaN or inf)", "kpts_b must be finite (found NaN or inf)",
-        "areas_a must be >= 0 (found a negative or NaN area)",
-        "areas_b must be >= 0 (found a negative or NaN area)",
-        "sigmas must be positive and finite",
-    )
-    for is_bad, message in zip(bad, messages):
-        if is_bad:
-            raise ValueError(message)
+    """oks_iou's value checks, the NMS ops' (a negative area gave OKS = inf, a zero sigma NaN)."""
+    _raise_first([
+        (~_all_finite(kpts_a), "kpts_a must be finite (found NaN or inf)"),
+        (~_all_finite(kpts_b), "kpts_b must be finite (found NaN or inf)"),
+        _area_check(areas_a, "areas_a"),
+        _area_check(areas_b, "areas_b"),
+        _sigma_check(sigmas),
+    ])
 
 
 def _check_oks_iou_args(kpts_a, areas_a, kpts_b, areas_b, sigmas, vis_threshold) -> None:
