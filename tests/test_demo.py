@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mipnet import cli
-from mipnet.demo import FIGURE_NAME, QUICK, RESULTS_NAME, build_small_model, run_demo
+from mipnet.demo import FIGURE_NAME, QUICK, RESULTS_NAME, run_demo
+from mipnet.models import build_model
 
 
 def test_micro_demo_writes_results_with_the_promised_keys(tmp_path):
@@ -32,15 +33,15 @@ def test_micro_demo_writes_results_with_the_promised_keys(tmp_path):
 
 
 def test_small_model_is_a_posenet_with_mimbs_only_for_mipnet():
-    base = build_small_model("resnet_tiny", num_instances=1)
-    mip = build_small_model("resnet_tiny", num_instances=2).eval()
+    base = build_model("resnet_tiny", num_instances=1)
+    mip = build_model("resnet_tiny", num_instances=2).eval()
     assert base.layer3_se is None and mip.layer3_se is not None and mip.layer4_se is not None
     x = torch.randn(2, 3, 64, 64)
     assert base(x).shape == (2, 17, 16, 16)
     both = mip.forward_instances(x)
     torch.testing.assert_close(both[1], mip(x, lam=1), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="arch"):
-        build_small_model("resnet_huge")
+        build_model("resnet_huge")
 
 
 def test_demo_cli_rejects_bad_arguments(capsys):

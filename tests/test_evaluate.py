@@ -21,7 +21,7 @@ import torch
 from mipnet import cli
 from mipnet.config import load_config
 from mipnet.data import KeypointDataset, keypoint_spec
-from mipnet.demo import build_small_model
+from mipnet.models import build_model
 from mipnet.evaluate import (
     EvalSettings,
     HeatmapPredictor,
@@ -225,7 +225,7 @@ def test_evaluate_model_reports_boxes_and_writes_files(tmp_path, boxes):
     path, images, kind, dets = _real("mmpose_coco")
     dataset = KeypointDataset(path, images, kind, input_size=(64, 64), num_instances=2,
                               boxes=dets if boxes == "detections" else None)
-    model = build_small_model("resnet_tiny", num_instances=2)
+    model = build_model("resnet_tiny", num_instances=2)
     result = evaluate_model(model, dataset, EvalSettings(batch_size=64), tmp_path)
     report = result.report
     assert report["boxes"] == boxes and report["num_crops"] == len(dataset)

@@ -15,12 +15,11 @@ import torch
 
 from mipnet import cli
 from mipnet.config import Config, load_config
+from mipnet.runtime import CHECKPOINT_NAME, load_trained
 from mipnet.train import (
-    CHECKPOINT_NAME,
     METRICS_NAME,
     Trainer,
     joints_mse_loss,
-    load_trained,
     repeat_instances,
     rng_state,
     save_checkpoint,

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
+from .models import arch_names
+
 
 def _yaml():
     """PyYAML, imported on first use (configs are the only reason this package needs it)."""
@@ -39,7 +41,7 @@ DEFAULT_CACHE = Path(os.environ.get("MIPNET_CACHE", Path.home() / ".cache" / "mi
 
 @dataclass
 class ModelConfig:
-    """``arch``: a :data:`mipnet.models.ARCHS` name or a small demo net (:data:`mipnet.demo.SMALL_ARCHS`);
+    """``arch``: a :data:`mipnet.models.ARCHS` name or a small demo net (:data:`mipnet.models.SMALL_ARCHS`);
     ``num_instances``: N (1 = the baseline); ``init_checkpoint``: HRNet/MIPNet weights to
     start from (:func:`mipnet.models.load_checkpoint`, non-strict: a baseline checkpoint
     into a MIPNet model leaves the MIMBs at their initialisation)."""
@@ -141,12 +143,9 @@ class Config:
     def validate(self, *, need_train_data: bool = False, need_val_data: bool = False) -> "Config":
         """Check values (``ValueError`` naming the key) and, when asked, that the dataset
         files exist (``FileNotFoundError`` naming the key).  Returns ``self``."""
-        from .models import ARCHS
-
         m, d, t, e = self.model, self.data, self.train, self.eval
-        small = _small_archs()
-        if m.arch not in ARCHS and m.arch not in small:
-            raise ValueError(f"model.arch must be one of {sorted(ARCHS) + sorted(small)}, got {m.arch!r}")
+        if m.arch not in arch_names():
+            raise ValueError(f"model.arch must be one of {list(arch_names())}, got {m.arch!r}")
         _positive("model.num_instances", m.num_instances)
         if d.kind not in DATA_KINDS:
             raise ValueError(f"data.kind must be one of {DATA_KINDS}, got {d.kind!r}")
@@ -197,12 +196,6 @@ class Config:
         if m.init_checkpoint is not None:
             _require_path("model.init_checkpoint", m.init_checkpoint, "file")
         return self
-
-
-def _small_archs() -> Sequence[str]:
-    from .demo import SMALL_ARCHS  # local import: demo builds on train, which builds on this module
-
-    return tuple(SMALL_ARCHS)
 
 
 def _positive(key: str, value) -> None:

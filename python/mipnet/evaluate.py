@@ -55,7 +55,9 @@ from torch.utils.data import DataLoader
 from mipnet_kernels import decode_heatmaps, flip_merge
 
 from .data import KeypointDataset
+from .config import load_config
 from .data.transforms import PIXEL_STD
+from .runtime import CHECKPOINT_NAME, autocast, dataset_kwargs, load_trained, resolve_data, resolve_device, set_threads
 
 #: COCOeval.stats indices of the keypoint metrics we report.
 METRIC_NAMES = ("AP", "AP50", "AP75", "AP_M", "AP_L", "AR", "AR50", "AR75", "AR_M", "AR_L")
@@ -94,8 +96,6 @@ class HeatmapPredictor:
         self.device = next(model.parameters()).device
 
     def _heatmaps(self, images: Tensor) -> Tensor:
-        from .train import autocast
-
         with torch.no_grad(), autocast(self.device, self.amp):
             return self.model.forward_instances(images).float()  # [N, B, K, h, w]
 
@@ -378,17 +378,12 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 def eval_dataset(cfg, files=None) -> KeypointDataset:
     """The evaluation dataset of a :class:`~mipnet.config.Config` (GT boxes unless ``data.val_boxes``)."""
-    from .train import dataset_kwargs, resolve_data
-
     files = files or resolve_data(cfg)
     return KeypointDataset(files.val_annotations, files.val_images, files.kind, train=False,
                            boxes=files.val_boxes, **dataset_kwargs(cfg))
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .train import CHECKPOINT_NAME, load_trained, resolve_device, set_threads
-
     user_cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
     ckpt = args.checkpoint or (user_cfg.eval.checkpoint if user_cfg else None)
     if ckpt is None:

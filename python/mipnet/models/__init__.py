@@ -9,21 +9,25 @@
   MIPNet ones (official parameter names throughout).
 """
 
-from .builder import ARCHS, build_model
+from .builder import ARCHS, SMALL_ARCHS, arch_names, build_model
 from .checkpoint import (CheckpointFileError, CheckpointMismatchError, LoadReport, extract_state_dict,
                          load_checkpoint, read_checkpoint_file)
 from .common import MIMBGroup, PoseNet
 from .hrnet import PoseHighResolutionNet
 from .resnet import PoseResNet
+from .small import TinyPoseResNet
 
 __all__ = [
     "ARCHS",
+    "SMALL_ARCHS",
+    "arch_names",
     "CheckpointMismatchError",
     "LoadReport",
     "MIMBGroup",
     "PoseHighResolutionNet",
     "PoseNet",
     "PoseResNet",
+    "TinyPoseResNet",
     "build_model",
     "extract_state_dict",
     "load_checkpoint",
