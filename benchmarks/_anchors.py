@@ -1,7 +1,7 @@
-"""The NumPy anchors the benchmarks compare against: ``tests/numpy_anchors.py``.
+"""The NumPy anchors the benchmarks compare against: ``tests/anchors.py``.
 
 The anchors live with the tests, so benchmarks and tests never drift apart.  Imported as
-``tests.numpy_anchors``, or by path when another ``tests`` package shadows the
+``tests.anchors``, or by path when another ``tests`` package shadows the
 repository's.  ``numpy_anchors`` is None (and ``ANCHOR_IMPORT_ERROR`` says why) when the
 file cannot be imported, e.g. in an install without the tests.
 """
@@ -11,12 +11,12 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-ANCHORS_PATH = Path(__file__).resolve().parents[1] / "tests" / "numpy_anchors.py"
+ANCHORS_PATH = Path(__file__).resolve().parents[1] / "tests" / "anchors.py"
 
 
 def _load_numpy_anchors():
     try:
-        from tests import numpy_anchors as mod
+        from tests import anchors as mod
 
         if Path(mod.__file__).resolve() == ANCHORS_PATH:
             return mod
@@ -33,4 +33,4 @@ try:
     numpy_anchors = _load_numpy_anchors()
 except (ImportError, OSError) as exc:  # pragma: no cover - only when tests/ is not shipped
     numpy_anchors = None
-    ANCHOR_IMPORT_ERROR = f"tests/numpy_anchors.py could not be imported: {exc!r}"
+    ANCHOR_IMPORT_ERROR = f"tests/anchors.py could not be imported: {exc!r}"

@@ -28,7 +28,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-# Make `import utils` / `import numpy_anchors` work however pytest is invoked.
+# Make `import utils` / `import anchors` work however pytest is invoked.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mipnet_kernels  # noqa: E402  (after TRITON_INTERPRET; warns once if the extension is missing)

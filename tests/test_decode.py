@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import mipnet_kernels as mk
-import numpy_anchors as na
+import anchors as na
 from mipnet_kernels.ops.decode import decode_heatmaps_reference, gaussian_kernel_1d
 from utils import (
     LAYOUTS,

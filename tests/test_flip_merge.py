@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mipnet_kernels as mk
-import numpy_anchors as na
+import anchors as na
 from mipnet_kernels.ops.decode import flip_index_from_pairs, flip_merge_reference
 from utils import (
     assert_exact,

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import mipnet_kernels as mk
-import numpy_anchors as na
+import anchors as na
 from mipnet_kernels import _backends
 from utils import backend_params, skip_unless_runs
 

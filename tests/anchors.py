@@ -1,13 +1,22 @@
-"""Independent NumPy anchors for heatmap decoding, the flip test and OKS-NMS.
+"""The outside references: the published code the ops are checked against (tests) and the
+pipelines they are timed against (benchmarks), restated in one place so the two never drift.
 
-Written from the published code of HRNet (Sun et al., CVPR 2019,
-``lib/core/inference.py`` / ``lib/utils/transforms.py``), DarkPose (Zhang et al., CVPR
-2020, ``lib/core/inference.py``) and MMPose 0.x (``mmpose/core/evaluation/top_down_eval.py``
-``_get_max_preds`` / ``post_dark_udp``); OKS-NMS from HRNet's ``lib/nms/nms.py``
-(``oks_iou`` / ``oks_nms`` / ``soft_oks_nms``), see its section below.  This module deliberately does NOT import
-``mipnet_kernels``: it is the outside check of the op, and the baseline the benchmarks
-import ("the pipeline we beat"), so it keeps the original structure -- the per-joint
-Python loops included.
+* **NumPy anchors** for heatmap decoding, the flip test and OKS-NMS, written from the
+  published code of HRNet (Sun et al., CVPR 2019, ``lib/core/inference.py`` /
+  ``lib/utils/transforms.py``), DarkPose (Zhang et al., CVPR 2020, ``lib/core/inference.py``)
+  and MMPose 0.x (``mmpose/core/evaluation/top_down_eval.py`` ``_get_max_preds`` /
+  ``post_dark_udp``); OKS-NMS from HRNet's ``lib/nms/nms.py`` (``oks_iou`` / ``oks_nms`` /
+  ``soft_oks_nms``), see its section below.  They keep the original structure -- the
+  per-joint Python loops included -- because they are also "the pipeline we beat".
+* **The official MIPNet layer** (Khirodkar et al., ICCV 2021,
+  ``lib/models/pose_hrnet_se_lambda.py`` ``SELambdaLayer``), as a module
+  (:class:`OfficialSELambdaLayer`, :func:`official_se_lambda`) and written out in plain
+  torch functions (:func:`official_scale`, :func:`official_embed`, :func:`official_mimb`,
+  :func:`official_instances`); see its section at the end.
+
+This module deliberately does NOT import ``mipnet_kernels``: it is the outside check of the
+ops.  Tests import it as ``anchors`` (``tests/`` is on ``sys.path``), benchmarks through
+``benchmarks/common.py``.
 
 Where the original code and our op differ on purpose:
 
@@ -27,6 +36,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 try:  # OpenCV is what the original code blurs with; the anchors need it for dark/udp.
     import cv2
@@ -36,7 +48,7 @@ except ImportError:  # pragma: no cover - opencv is a test dependency
 
 def _require_cv2():
     if cv2 is None:
-        raise ImportError("numpy_anchors: dark/udp anchors need opencv-python(-headless)")
+        raise ImportError("anchors: dark/udp anchors need opencv-python(-headless)")
 
 
 # --------------------------------------------------------------------------- affine (HRNet)
@@ -467,3 +479,76 @@ def hrnet_soft_oks_nms_batched(keypoints, scores, areas, batch_idx, thr, sigmas,
         keep.append(idx[np.asarray(k, dtype=np.int64)])
         new.append(np.asarray(s, dtype=np.float64))
     return np.concatenate(keep).astype(np.int64), np.concatenate(new)
+
+
+# --------------------------------------------------------------------------- MIPNet SELambdaLayer
+# lib/models/pose_hrnet_se_lambda.py (Khirodkar et al., ICCV 2021): the squeeze-excite scale
+# times the instance embedding fc_lambda(lambda_vec).
+class OfficialSELambdaLayer(nn.Module):
+    """SELambdaLayer as published, with Linear(2, .) generalised to Linear(N, .) and an
+    optional Identity in place of the BatchNorm (for ``embed_norm=False``)."""
+
+    def __init__(self, channel, reduction=4, num_instances=2, embed_norm=True):
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Sequential(
+            nn.Linear(channel, channel // reduction, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(channel // reduction, channel, bias=False),
+            nn.Sigmoid(),
+        )
+        self.fc_lambda = nn.Sequential(
+            nn.Linear(num_instances, channel // reduction),
+            nn.BatchNorm1d(channel // reduction) if embed_norm else nn.Identity(),
+            nn.ReLU(inplace=True),
+            nn.Linear(channel // reduction, channel),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x, lambda_vec):
+        b, c, _, _ = x.size()
+        y = self.avg_pool(x).view(b, c)
+        y = self.fc(y).view(b, c, 1, 1)
+        z = self.fc_lambda(lambda_vec).view(b, c, 1, 1)
+        return x * y.expand_as(x) * z.expand_as(x)
+
+
+def official_se_lambda(C, N=2, r=4, embed_norm=True, *, seed=0, stats=True, generator=None):
+    """An :class:`OfficialSELambdaLayer` moved away from its initialisation so every parameter
+    matters: initialised under ``torch.manual_seed(seed)``, then ``0.3 * N(0, 1)`` added to every
+    parameter and, with ``embed_norm and stats``, BatchNorm running statistics set to
+    non-trivial values, all drawn from ``generator`` (default: a new one seeded ``seed + 1``)."""
+    torch.manual_seed(seed)
+    off = OfficialSELambdaLayer(C, r, N, embed_norm)
+    g = torch.Generator().manual_seed(seed + 1) if generator is None else generator
+    with torch.no_grad():
+        for p in off.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+        if embed_norm and stats:
+            bn = off.fc_lambda[1]
+            bn.running_mean.copy_(0.5 * torch.randn(bn.running_mean.shape, generator=g))
+            bn.running_var.copy_(0.5 + torch.rand(bn.running_var.shape, generator=g))
+    return off
+
+
+# SELambdaLayer.forward written out in plain torch, with the embedding v given (the scale
+# op), or computed by the BN-free / BN-folded embedding MLP.
+def official_scale(x, w1, w2, v):
+    b, c, _, _ = x.size()
+    y = F.adaptive_avg_pool2d(x, 1).view(b, c)
+    y = torch.sigmoid(F.linear(F.relu(F.linear(y, w1)), w2)).view(b, c, 1, 1)
+    z = v.view(b, c, 1, 1)
+    return x * y.expand_as(x) * z.expand_as(x)
+
+
+def official_embed(lam, e1, b1, e2, b2):
+    return torch.sigmoid(F.linear(F.relu(F.linear(lam, e1, b1)), e2, b2))
+
+
+def official_mimb(x, lam, w1, w2, e1, b1, e2, b2):
+    return official_scale(x, w1, w2, official_embed(lam, e1, b1, e2, b2))
+
+
+def official_instances(x, w1, w2, table):
+    B, C = x.shape[:2]
+    return torch.cat([official_scale(x, w1, w2, table[n].expand(B, C)) for n in range(table.shape[0])])
