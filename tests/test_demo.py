@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from mipnet import cli
-from mipnet.demo import FIGURE_NAME, QUICK, RESULTS_NAME, run_demo
+from mipnet.demo import BOXES_FIGURE_NAME, FIGURE_NAME, QUICK, RESULTS_NAME, run_demo
 from mipnet.models import build_model
 
 
 def test_micro_demo_writes_results_with_the_promised_keys(tmp_path):
-    settings = dataclasses.replace(QUICK, train_images=4, val_images=3, epochs=1, batch_size=4,
-                                   max_steps_per_epoch=1, workers=0)
+    settings = dataclasses.replace(QUICK, train_images=4, val_images=6, epochs=1, batch_size=4,
+                                   max_steps_per_epoch=1, workers=0, bootstrap=50)
     returned = run_demo(tmp_path, settings, threads=1, progress=False)
     results = json.loads((tmp_path / RESULTS_NAME).read_text())
     assert results == json.loads(json.dumps(returned))
@@ -30,6 +30,23 @@ def test_micro_demo_writes_results_with_the_promised_keys(tmp_path):
     assert sum(results["val_people_by_iou"].values()) > 0
     if results["val_people_by_iou"][">0.5"]:
         assert (tmp_path / FIGURE_NAME).stat().st_size > 0
+    # the reduced-box evaluations (issue 17): AP over all val people, fewer boxes
+    names = {"all", "keep_0.75", "keep_0.5", "occluded_dropped"}
+    for name in ("baseline", "mipnet"):
+        by_boxes = results[name]["AP_by_boxes"]
+        assert set(by_boxes) == names
+        assert by_boxes["all"] == pytest.approx(results[name]["AP"], abs=1e-12)  # the pycocotools AP
+        assert results[name]["AP_by_fraction_kept"]["1"] == pytest.approx(by_boxes["all"], abs=1e-12)
+    assert set(results["comparison"]) == names | {"<0.3", "0.3-0.5", ">0.5"}
+    for key, c in results["comparison"].items():
+        assert set(c) == {"diff", "ci95"} and len(c["ci95"]) == 2
+        if key in names:
+            assert c["diff"] == pytest.approx(results["mipnet"]["AP_by_boxes"][key]
+                                              - results["baseline"]["AP_by_boxes"][key], abs=1e-12)
+            assert c["ci95"][0] <= c["ci95"][1]
+    assert results["boxes_kept"]["all"] == 1.0 and results["boxes_kept"]["occluded_dropped"] < 1.0
+    assert isinstance(results["targets"]["occluded_dropped_ci_above_zero"], bool)
+    assert (tmp_path / BOXES_FIGURE_NAME).stat().st_size > 0
 
 
 def test_small_model_is_a_posenet_with_mimbs_only_for_mipnet():

@@ -26,13 +26,19 @@ from mipnet.evaluate import (
     EvalSettings,
     HeatmapPredictor,
     Predictions,
+    bootstrap_difference,
     coco_keypoint_metrics,
     crowd_index_splits,
     evaluate_model,
     full_report,
+    image_matches,
+    keep_random_boxes,
+    occluded_dropped,
+    occlusion_degree,
     postprocess,
     prepare_ground_truth,
     rescore,
+    subset_predictions,
 )
 from mipnet.data.targets import gaussian_heatmaps
 from mipnet_kernels.keypoints import COCO_FLIP_PAIRS, COCO_SIGMAS, CROWDPOSE_SIGMAS
@@ -263,3 +269,124 @@ def test_eval_cli_bad_checkpoint_one_line_exit_2(tmp_path, capsys, content):
     assert len(err) == 1 and str(bad) in err[0] and "Traceback" not in err[0], err
     with pytest.raises(ValueError):  # --debug shows the exception itself
         cli.main(["--debug", "eval", "--checkpoint", str(bad)])
+
+
+# ------------------------------------------------------------------------------ reduced boxes, bootstrap
+@pytest.fixture(scope="module")
+def small_crowd():
+    from mipnet.data.synthetic import generate
+
+    return prepare_ground_truth(generate(None, 30, image_size=(96, 128), seed=5).coco)
+
+
+def _renamed_copies(gt: dict, results: list[dict], image_ids) -> tuple[dict, list[dict]]:
+    """``gt`` and ``results`` on the image multiset ``image_ids``, each draw a new image id."""
+    images = {im["id"]: im for im in gt["images"]}
+    out_gt = {"images": [], "annotations": [], "categories": gt["categories"]}
+    out_res = []
+    for new, old in enumerate(image_ids, start=1):
+        out_gt["images"].append({**images[old], "id": new})
+        for ann in gt["annotations"]:
+            if ann["image_id"] == old:
+                out_gt["annotations"].append({**ann, "id": len(out_gt["annotations"]) + 1, "image_id": new})
+        out_res += [{**r, "image_id": new} for r in results if r["image_id"] == old]
+    return out_gt, out_res
+
+
+def test_image_matches_reproduce_pycocotools_on_any_image_multiset(small_crowd):
+    rng = np.random.default_rng(1)
+    results = _gt_results(small_crowd, rng, noise=0.04)
+    results += _gt_results(small_crowd, rng, noise=0.15)[::3]  # some duplicates / poor poses
+    m = image_matches(small_crowd, results, COCO_SIGMAS)
+    assert m.average_precision() == pytest.approx(_pycocotools_ap(small_crowd, results, COCO_SIGMAS), abs=1e-12)
+    for _ in range(3):
+        sample = rng.integers(0, len(m.image_ids), len(m.image_ids))
+        gt2, res2 = _renamed_copies(small_crowd, results, m.image_ids[sample].tolist())
+        assert m.average_precision(sample) == pytest.approx(_pycocotools_ap(gt2, res2, COCO_SIGMAS), abs=1e-12)
+    samples = rng.integers(0, len(m.image_ids), (4, len(m.image_ids)))
+    np.testing.assert_array_equal(m.average_precisions(samples), [m.average_precision(s) for s in samples])
+    ignore = [a["id"] for a in small_crowd["annotations"] if a["id"] % 3 == 0]
+    assert image_matches(small_crowd, results, COCO_SIGMAS, ignore).average_precision() == pytest.approx(
+        coco_keypoint_metrics(small_crowd, results, COCO_SIGMAS, ignore_annotations=ignore)["AP"], abs=1e-12)
+    assert image_matches(small_crowd, [], COCO_SIGMAS).average_precision() == 0.0
+    everyone = [a["id"] for a in small_crowd["annotations"]]
+    assert image_matches(small_crowd, results, COCO_SIGMAS, everyone).average_precision() == -1.0
+
+
+def test_bootstrap_difference_is_paired_and_brackets_the_difference(small_crowd):
+    rng = np.random.default_rng(2)
+    good = image_matches(small_crowd, _gt_results(small_crowd, rng, noise=0.03), COCO_SIGMAS)
+    poor = image_matches(small_crowd, _gt_results(small_crowd, rng, noise=0.12), COCO_SIGMAS)
+    same = bootstrap_difference(good, good, resamples=50)
+    assert same["diff"] == 0.0 and same["ci95"] == [0.0, 0.0]  # paired: identical models never differ
+    d = bootstrap_difference(poor, good, resamples=200, seed=3)
+    assert d["diff"] == pytest.approx(good.average_precision() - poor.average_precision())
+    assert d["ci95"][0] <= d["diff"] <= d["ci95"][1] and d["ci95"][0] > 0  # clearly better poses
+    assert d == bootstrap_difference(poor, good, resamples=200, seed=3)  # deterministic by seed
+    with pytest.raises(ValueError, match="resamples"):
+        bootstrap_difference(poor, good, resamples=0)
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_difference(poor, good, level=1.5)
+    with pytest.raises(ValueError, match="same images"):
+        bootstrap_difference(poor, image_matches({**small_crowd, "images": small_crowd["images"][:5]},
+                                                 [], COCO_SIGMAS))
+
+
+def test_random_box_draw_is_nested_and_the_same_for_every_model():
+    ids = list(range(1, 2001))
+    half, three_quarters = keep_random_boxes(ids, 0.5, seed=4), keep_random_boxes(ids[::-1], 0.75, seed=4)
+    assert half < three_quarters and half == keep_random_boxes(reversed(ids), 0.5, seed=4)
+    assert abs(len(half) / 2000 - 0.5) < 0.05 and abs(len(three_quarters) / 2000 - 0.75) < 0.05
+    assert keep_random_boxes(ids, 1.0) == set(ids) and keep_random_boxes(ids, 0.0) == set()
+    assert keep_random_boxes(ids, 0.5, seed=5) != half
+    with pytest.raises(ValueError, match="fraction"):
+        keep_random_boxes(ids, 1.5)
+
+
+def _person(ann_id, image_id, bbox, hidden_joints=0, **extra):
+    kp = np.tile([[5.0, 5.0, 2.0]], (17, 1))
+    kp[:hidden_joints, 2] = 1
+    return {"id": ann_id, "image_id": image_id, "category_id": 1, "iscrowd": 0, "bbox": bbox,
+            "area": bbox[2] * bbox[3], "keypoints": kp.reshape(-1).tolist(), **extra}
+
+
+def test_occluded_dropped_removes_the_more_occluded_box_of_each_overlapping_pair():
+    gt = {"images": [{"id": i, "width": 200, "height": 200} for i in (1, 2, 3)], "annotations": [
+        # image 1: a front person (1) and one behind it (2, IoU 0.6), one apart (3, IoU 0)
+        _person(1, 1, [0, 0, 50, 100], hidden_joints=0), _person(2, 1, [12.5, 0, 50, 100], hidden_joints=6),
+        _person(3, 1, [120, 0, 50, 100], hidden_joints=9),
+        # image 2: IoU 0.25 only (< 0.3): nobody dropped
+        _person(4, 2, [0, 0, 50, 100], hidden_joints=0), _person(5, 2, [30, 0, 50, 100], hidden_joints=5),
+        # image 3: visible_area wins over keypoint flags; a crowd region is ignored
+        _person(6, 3, [0, 0, 50, 100], hidden_joints=8, visible_area=4000),
+        _person(7, 3, [10, 0, 50, 100], hidden_joints=0, visible_area=1000),
+        {**_person(8, 3, [5, 0, 50, 100]), "iscrowd": 1},
+    ]}
+    assert occluded_dropped(gt) == {2, 7}
+    assert occluded_dropped(gt, iou_threshold=0.2) == {2, 5, 7}
+    assert occlusion_degree(gt["annotations"][1]) == pytest.approx(6 / 17)
+    assert occlusion_degree(gt["annotations"][6]) == pytest.approx(0.8)
+
+
+def test_subset_predictions_keeps_the_crops_of_the_kept_boxes():
+    kp = np.random.default_rng(0).uniform(0, 50, (4, 2, 17, 3))
+    preds = Predictions(kp, np.array([1, 1, 2, 2]), np.ones(4), np.full(4, 100.0), np.array([10, 11, 12, 13]))
+    sub = subset_predictions(preds, {11, 13, 99})
+    np.testing.assert_array_equal(sub.annotation_ids, [11, 13])
+    np.testing.assert_array_equal(sub.keypoints, kp[[1, 3]])
+    np.testing.assert_array_equal(sub.image_ids, [1, 2])
+
+
+def test_postprocess_without_nms_and_with_sources():
+    rng = np.random.default_rng(0)
+    person = np.concatenate([rng.uniform(0, 100, (17, 2)), np.full((17, 1), 0.8)], axis=1)
+    kp = np.stack([np.stack([person, person + [0.5, 0, 0]]), np.stack([person + [300, 0, 0], person])])
+    preds = _preds(kp, [1.0, 0.9], [7, 7])
+    kept = postprocess(preds, None, sigmas=COCO_SIGMAS, with_source=True)
+    everything = postprocess(preds, None, sigmas=COCO_SIGMAS, nms=False, with_source=True)
+    assert sorted((r["crop"], r["instance"]) for r in everything) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert len(kept) < len(everything)
+    assert all("crop" not in r for r in postprocess(preds, None, sigmas=COCO_SIGMAS))
+    for r in everything:  # the source is the row it was computed from
+        np.testing.assert_allclose(np.reshape(r["keypoints"], (17, 3))[:, :2], kp[r["crop"], r["instance"], :, :2],
+                                   atol=1e-3)

@@ -122,6 +122,26 @@ def test_occluded_keypoints_are_flagged(crowd):
     assert means[">0.5"] > 0.2, means
 
 
+def test_visible_area_counts_the_pixels_nobody_covers(crowd):
+    """``visible_area``: the last-drawn person of an image is fully visible, everyone else at
+    most so; people with body keypoints under someone are partly covered; per-pixel labels
+    mean the visible areas of an image never add up to more than its pixels."""
+    by_image = {}
+    for ann in crowd.coco["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    assert crowd.coco["info"]["generator_version"] >= 2
+    partly = []
+    for anns in by_image.values():
+        for ann in anns:
+            assert 0 <= ann["visible_area"] <= ann["area"]
+        assert anns[-1]["visible_area"] == anns[-1]["area"]  # annotation order is the draw order
+        assert sum(a["visible_area"] for a in anns) <= SIZE[0] * SIZE[1]
+        for ann in anns:
+            if (_keypoints(ann)[5:, 2] == 1).any():
+                partly.append(ann["visible_area"] / ann["area"])
+    assert partly and max(partly) < 1.0 and np.mean(partly) < 0.9
+
+
 def test_deterministic_by_seed():
     a = generate(None, 6, seed=3)
     b = generate(None, 6, seed=3)

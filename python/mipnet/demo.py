@@ -56,14 +56,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import Config, DataConfig, EvalConfig, ModelConfig, SyntheticConfig, TrainConfig
 from .data import keypoint_spec
-from .data.synthetic import IOU_BUCKETS, iou_bucket, nearest_person_iou
+from .data.synthetic import GENERATOR_VERSION, IOU_BUCKETS, iou_bucket, nearest_person_iou
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, invert_affine, transform_points
-from .evaluate import EvalSettings, eval_dataset, evaluate_model
-from .runtime import make_model, resolve_data, train_dataset
+from .evaluate import (EvalSettings, ImageMatches, bootstrap_difference, eval_dataset, evaluate_model,
+                       image_matches, keep_random_boxes, occluded_dropped, postprocess, prepare_ground_truth,
+                       subset_predictions)
+from .runtime import CHECKPOINT_NAME, make_model, resolve_data, train_dataset
 from .train import train
 
 RESULTS_NAME = "demo_results.json"
 FIGURE_NAME = "demo_occlusion.png"
+BOXES_FIGURE_NAME = "demo_boxes.png"
+#: The reduced-box evaluations of ``AP_by_boxes`` (issue 17) and the random-keep fractions.
+BOX_SETTINGS = ("all", "keep_0.75", "keep_0.5", "occluded_dropped")
+KEEP_FRACTIONS = {"keep_0.75": 0.75, "keep_0.5": 0.5}
 
 
 # ------------------------------------------------------------------------------ training data
@@ -131,6 +137,10 @@ class DemoSettings:
     channels_last: bool = True
     max_steps_per_epoch: int | None = None
     figure_examples: int = 4
+    box_draw_seed: int = 0  # the random box draw of keep_* (the same for both models)
+    box_fractions: tuple[float, ...] = (1.0, 0.9, 0.75, 0.6, 0.5, 0.4, 0.25)  # the AP-vs-boxes curve
+    occlusion_pair_iou: float = 0.3  # occluded_dropped: pairs overlapping more than this
+    bootstrap: int = 1000  # resamples of the val images for the 95% intervals
 
 
 QUICK = DemoSettings()
@@ -148,7 +158,7 @@ def run_config(s: DemoSettings, out: Path, num_instances: int, threads: int | No
                         workers=s.workers if s.augment else 0,  # pre-rendered crops otherwise
                         synthetic=SyntheticConfig(train_images=s.train_images, val_images=s.val_images,
                                                   image_size=s.image_size, seed=s.seed,
-                                                  cache_dir=str(out / "data"))),
+                                                  cache_dir=str(out / f"data-v{GENERATOR_VERSION}"))),
         train=TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, lr_steps=s.lr_steps, amp=s.amp,
                           seed=s.seed, output_dir=str(out / name), device=s.device, threads=threads,
                           log_every=10, max_steps_per_epoch=s.max_steps_per_epoch),
@@ -220,12 +230,96 @@ def run_demo(out_dir: str | os.PathLike, settings: DemoSettings = QUICK, threads
     heavy = IOU_BUCKETS[-1][0]
     results["mipnet_ahead_on_heavy_occlusion"] = results["mipnet"]["AP_by_iou"][heavy] > \
         results["baseline"]["AP_by_iou"][heavy]
+    boxes_start = time.perf_counter()
+    per_model, shared = box_evaluations({name: ev for name, (_, ev) in runs.items()}, val_gt, groups, settings,
+                                        runs["baseline"][0].spec.sigmas)
+    for name, fields in per_model.items():
+        results[name].update(fields)
+    results.update(shared)
+    results["box_evaluation_seconds"] = time.perf_counter() - boxes_start
+    results["targets"] = _targets(results)
     results["figure"] = str(out / FIGURE_NAME) if _figure(runs, groups, val_gt, out / FIGURE_NAME,
                                                            settings.figure_examples) else None
+    results["boxes_figure"] = str(out / BOXES_FIGURE_NAME) if _boxes_figure(results, out / BOXES_FIGURE_NAME) \
+        else None
+    results["predict_example"] = _predict_example(out, files, val_gt, settings)
     results["total_seconds"] = time.perf_counter() - start
     (out / RESULTS_NAME).write_text(json.dumps(results, indent=2))
     print(format_results(results))
     return results
+
+
+def box_evaluations(evals: dict, val_gt: dict, groups: dict, s: DemoSettings, sigmas) -> tuple[dict, dict]:
+    """The reduced-box evaluations of both models and the bootstrap intervals of their differences.
+
+    Box sets (always scored against *every* val person -- a person without a box can only be
+    found as another crop's second instance): ``all``; ``keep_0.75`` / ``keep_0.5``, each box
+    kept with that probability (one uniform draw per annotation, seed ``s.box_draw_seed``,
+    the same for both models and nested across fractions); ``occluded_dropped``, the more
+    occluded person's box of every pair overlapping with box IoU > ``s.occlusion_pair_iou``
+    (:func:`mipnet.evaluate.occluded_dropped`).  The crops' predictions do not depend on the
+    other boxes, so each set is the kept crops' rows of the one inference, re-post-processed
+    (rescoring, OKS-NMS) and scored by pycocotools.
+
+    Uncertainty: pycocotools' per-image matching is computed once per (model, evaluation)
+    (:func:`mipnet.evaluate.image_matches`); each of ``s.bootstrap`` resamples draws the val
+    images with replacement and recomputes ``COCOeval.accumulate``'s AP for both models on
+    that multiset (:func:`mipnet.evaluate.bootstrap_difference`, exactly pycocotools on the
+    resampled image set), giving the percentile 95% interval of MIPNet − baseline.
+
+    Returns ``({model: {"AP_by_boxes", "AP_by_fraction_kept"}}, {"comparison", ...})``.
+    """
+    gt = prepare_ground_truth(val_gt)
+    ann_ids = [a["id"] for a in gt["annotations"] if not a.get("iscrowd", 0)]
+    dropped = occluded_dropped(gt, s.occlusion_pair_iou)
+    keep_sets = {"all": set(ann_ids), "occluded_dropped": set(ann_ids) - dropped}
+    keep_sets.update({name: keep_random_boxes(ann_ids, f, s.box_draw_seed) for name, f in KEEP_FRACTIONS.items()})
+    fraction_sets = {f"{f:g}": keep_random_boxes(ann_ids, f, s.box_draw_seed) for f in s.box_fractions}
+
+    def results_of(ev, keep):
+        preds = subset_predictions(ev.predictions, keep)
+        return postprocess(preds, None, sigmas=sigmas, in_vis_threshold=ev.report["settings"]["in_vis_threshold"],
+                           oks_threshold=ev.report["settings"]["oks_threshold"],
+                           secondary_score_decay=ev.report["settings"]["secondary_score_decay"])
+
+    matches: dict[str, dict[str, ImageMatches]] = {}
+    per_model: dict[str, dict[str, dict[str, float]]] = {}
+    for name, ev in evals.items():
+        m = {box: image_matches(gt, results_of(ev, keep_sets[box]), sigmas) for box in BOX_SETTINGS}
+        for bucket, _, _ in IOU_BUCKETS:  # all boxes; everyone outside the bucket is an ignore region
+            others = [a for a in ann_ids if groups.get(a) != bucket]
+            m[bucket] = image_matches(gt, ev.results, sigmas, ignore_annotations=others)
+        matches[name] = m
+        per_model[name] = {
+            "AP_by_boxes": {box: m[box].average_precision() for box in BOX_SETTINGS},
+            "AP_by_fraction_kept": {key: image_matches(gt, results_of(ev, keep), sigmas).average_precision()
+                                    for key, keep in fraction_sets.items()},
+        }
+    comparison = {}
+    for key in (*BOX_SETTINGS, *(b for b, _, _ in IOU_BUCKETS)):
+        c = bootstrap_difference(matches["baseline"][key], matches["mipnet"][key], s.bootstrap, seed=s.seed)
+        comparison[key] = {"diff": c["diff"], "ci95": c["ci95"]}
+    n = len(ann_ids)
+    return per_model, {
+        "comparison": comparison,
+        "bootstrap": {"resamples": s.bootstrap, "unit": "val image", "paired": True, "interval": "percentile"},
+        "boxes_kept": {name: len(keep) / n if n else 0.0 for name, keep in keep_sets.items()},
+        "val_people": n,
+    }
+
+
+def _targets(results: dict) -> dict:
+    """The demo's targets (issue 17): MIPNet ahead on ``occluded_dropped`` with the interval above
+    zero, and MIPNet's fall from ``all`` to ``keep_0.5`` at most half the baseline's."""
+    base, mip = results["baseline"]["AP_by_boxes"], results["mipnet"]["AP_by_boxes"]
+    fall_base, fall_mip = base["all"] - base["keep_0.5"], mip["all"] - mip["keep_0.5"]
+    lo = results["comparison"]["occluded_dropped"]["ci95"][0]
+    return {
+        "occluded_dropped_ci_above_zero": bool(lo > 0),
+        "keep_0.5_fall": {"baseline": fall_base, "mipnet": fall_mip,
+                          "ratio": fall_mip / fall_base if fall_base > 0 else None},
+        "keep_0.5_fall_at_most_half": bool(fall_base > 0 and fall_mip <= 0.5 * fall_base),
+    }
 
 
 def format_results(results: dict) -> str:
@@ -237,6 +331,25 @@ def format_results(results: dict) -> str:
         r = results[name]
         lines.append(f"{name:>9} {r['AP']:7.4f} " + " ".join(f"{r['AP_by_iou'][b]:10.4f}" for b in buckets)
                      + f" {r['seconds']:9.1f}")
+    if "comparison" in results:
+        kept = results["boxes_kept"]
+        lines.append(f"AP over all {results['val_people']} val people with fewer boxes "
+                     f"(fraction of boxes kept: " + ", ".join(f"{k} {v:.2f}" for k, v in kept.items()) + ")")
+        lines.append(f"{'':>9} " + " ".join(f"{b:>16}" for b in BOX_SETTINGS))
+        for name in ("baseline", "mipnet"):
+            r = results[name]["AP_by_boxes"]
+            lines.append(f"{name:>9} " + " ".join(f"{r[b]:16.4f}" for b in BOX_SETTINGS))
+        lines.append(f"MIPNet - baseline, 95% bootstrap interval over val images "
+                     f"({results['bootstrap']['resamples']} resamples):")
+        for key, c in results["comparison"].items():
+            label = key if key in BOX_SETTINGS else f"IoU{key} (all boxes)"
+            lines.append(f"  {label:>24}: {c['diff']:+.4f} (95% CI [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}])")
+        t = results["targets"]
+        ratio = t["keep_0.5_fall"]["ratio"]
+        lines.append(f"targets: occluded_dropped interval above zero: {t['occluded_dropped_ci_above_zero']}; "
+                     f"all -> keep_0.5 fall {t['keep_0.5_fall']['mipnet']:.4f} (MIPNet) vs "
+                     f"{t['keep_0.5_fall']['baseline']:.4f} (baseline), ratio "
+                     f"{'n/a' if ratio is None else f'{ratio:.2f}'}, at most half: {t['keep_0.5_fall_at_most_half']}")
     lines.append(f"total {results['total_seconds']:.1f} s; MIPNet ahead on IoU{buckets[-1]}: "
                  f"{results['mipnet_ahead_on_heavy_occlusion']}")
     return "\n".join(lines)
@@ -296,6 +409,68 @@ def _figure(runs: dict, groups: dict, val_gt: dict, path: Path, examples: int) -
     return True
 
 
+def _boxes_figure(results: dict, path: Path) -> bool:
+    """AP over all val people against the fraction of boxes kept, both models (paper Fig. 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.4, 3.2))
+    for name, color, label in (("baseline", "tab:red", "baseline (N=1)"), ("mipnet", "tab:blue", "MIPNet (N=2)")):
+        curve = sorted((float(k), v) for k, v in results[name]["AP_by_fraction_kept"].items() if v >= 0)
+        if curve:
+            ax.plot(*zip(*curve), "o-", color=color, ms=3.5, label=label)
+        ax.plot([results["boxes_kept"]["occluded_dropped"]], [results[name]["AP_by_boxes"]["occluded_dropped"]],
+                "*", color=color, ms=9, label=f"{label}, occluded dropped")
+    ax.set_xlabel("fraction of ground-truth boxes kept (random; ★ occluded person's box dropped)", fontsize=6.5)
+    ax.set_ylabel("AP over all val people", fontsize=8)
+    ax.set_title("synthetic crowd: AP as person boxes go missing", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _predict_example(out: Path, files, val_gt: dict, s: DemoSettings) -> dict | None:
+    """``mipnet predict`` on one val image with the ``occluded_dropped`` boxes, both checkpoints.
+
+    The image is the first val image (by id) where a dropped person overlaps a kept one with
+    box IoU > 0.5 -- chosen by the data alone, not by any model's output.  Writes
+    ``example/image.<ext>``, ``example/boxes.json`` (its kept boxes as COCO detections) and
+    ``example/<model>.png`` / ``.json`` (what ``mipnet predict`` gives).
+    """
+    from .predict import run_predict
+
+    gt = prepare_ground_truth(val_gt)
+    dropped = occluded_dropped(gt, s.occlusion_pair_iou)
+    nearest = nearest_person_iou(gt)
+    for im in sorted(gt["images"], key=lambda im: im["id"]):
+        anns = [a for a in gt["annotations"] if a["image_id"] == im["id"] and not a.get("iscrowd", 0)]
+        if any(a["id"] in dropped and nearest.get(a["id"], 0.0) > 0.5 for a in anns):
+            break
+    else:
+        return None
+    folder = out / "example"
+    folder.mkdir(parents=True, exist_ok=True)
+    image = folder / f"image{Path(im['file_name']).suffix}"
+    image.write_bytes((Path(files.val_images) / im["file_name"]).read_bytes())
+    kept = [{"image_id": im["id"], "category_id": 1, "bbox": a["bbox"], "score": 1.0}
+            for a in anns if a["id"] not in dropped]
+    (folder / "boxes.json").write_text(json.dumps(kept))
+    example = {"image": str(image), "boxes": str(folder / "boxes.json"), "people": len(anns),
+               "boxes_given": len(kept)}
+    for name in ("baseline", "mipnet"):
+        res = run_predict(str(out / name / CHECKPOINT_NAME), str(image), [k["bbox"] for k in kept],
+                          image_id=im["id"], output_png=str(folder / f"{name}.png"),
+                          output_json=str(folder / f"{name}.json"), device=s.device)
+        example[name] = {"png": str(folder / f"{name}.png"), "poses": len(res)}
+    return example
+
+
 # ------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
@@ -303,6 +478,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="CPU intra-op threads (default: 1)")
     parser.add_argument("--epochs", type=int, help="override the setting's epochs")
     parser.add_argument("--train-images", type=int, help="override the number of synthetic train images")
+    parser.add_argument("--seed", type=int, help="data, initialisation and order seed (default 0)")
+    parser.add_argument("--bootstrap", type=int, help="bootstrap resamples for the 95%% intervals (default 1000)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -312,9 +489,14 @@ def run(args: argparse.Namespace) -> int:
         raise RuntimeError("--full needs a CUDA GPU (HRNet-W32 at 256x192); run without it on CPU")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    changes = {k: v for k, v in (("epochs", args.epochs), ("train_images", args.train_images)) if v is not None}
+    changes = {k: v for k, v in (("epochs", args.epochs), ("train_images", args.train_images),
+                                 ("bootstrap", args.bootstrap)) if v is not None}
     if any(v < 1 for v in changes.values()):
-        raise ValueError(f"--epochs and --train-images must be >= 1, got {changes}")
+        raise ValueError(f"--epochs, --train-images and --bootstrap must be >= 1, got {changes}")
+    if args.seed is not None:
+        if args.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {args.seed}")
+        changes["seed"] = args.seed
     settings = dataclasses.replace(settings, **changes)
     run_demo(args.out, settings, args.threads, progress=not args.no_progress)
     return 0

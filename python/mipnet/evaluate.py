@@ -169,8 +169,12 @@ def rescore(keypoints: np.ndarray, box_scores: np.ndarray, in_vis_threshold: flo
 
 def postprocess(preds: Predictions, instances: Sequence[int] | None = None, *, sigmas,
                 in_vis_threshold: float = 0.2, oks_threshold: float = 0.9,
-                secondary_score_decay: float = 0.5) -> list[dict]:
-    """COCO keypoint results of ``instances`` (default all): rescoring, then per-image OKS-NMS."""
+                secondary_score_decay: float = 0.5, nms: bool = True, with_source: bool = False) -> list[dict]:
+    """COCO keypoint results of ``instances`` (default all): rescoring, then per-image OKS-NMS.
+
+    ``nms=False`` keeps every instance of every crop; ``with_source`` adds to each result
+    the crop it came from (``"crop"``: row of ``preds``) and its ``"instance"``.
+    """
     N = preds.num_instances
     instances = list(range(N)) if instances is None else list(instances)
     if any(not 0 <= n < N for n in instances):
@@ -185,16 +189,23 @@ def postprocess(preds: Predictions, instances: Sequence[int] | None = None, *, s
     areas = np.repeat(preds.areas, len(instances))
     image_ids = np.repeat(preds.image_ids, len(instances))
     uniq, batch_idx = np.unique(image_ids, return_inverse=True)
-    if oks_nms is None:  # pragma: no cover
+    if not nms:
+        keep = np.arange(len(kp))
+    elif oks_nms is None:  # pragma: no cover
         raise RuntimeError("mipnet_kernels.oks_nms is not available; update mipnet_kernels")
-    keep = oks_nms(torch.from_numpy(kp.astype(np.float64)), torch.from_numpy(scores.astype(np.float64)),
-                   torch.from_numpy(areas.astype(np.float64)), torch.from_numpy(batch_idx.astype(np.int64)),
-                   sigmas=list(sigmas), threshold=oks_threshold).numpy()
-    return [
+    else:
+        keep = oks_nms(torch.from_numpy(kp.astype(np.float64)), torch.from_numpy(scores.astype(np.float64)),
+                       torch.from_numpy(areas.astype(np.float64)), torch.from_numpy(batch_idx.astype(np.int64)),
+                       sigmas=list(sigmas), threshold=oks_threshold).numpy()
+    out = [
         {"image_id": int(image_ids[i]), "category_id": 1, "keypoints": np.round(kp[i], 3).reshape(-1).tolist(),
          "score": float(scores[i])}
         for i in keep
     ]
+    if with_source:
+        for r, i in zip(out, keep):
+            r["crop"], r["instance"] = int(i) // len(instances), int(instances[int(i) % len(instances)])
+    return out
 
 
 # ------------------------------------------------------------------------------ pycocotools
@@ -295,6 +306,229 @@ def full_report(gt: Mapping[str, Any], results: Sequence[dict], sigmas, kind: st
         for name, ids in crowd_index_splits(gt).items():
             report[f"AP_{name}"] = coco_keypoint_metrics(gt, results, sigmas, image_ids=ids)["AP"] if ids else -1.0
     return report
+
+
+# ------------------------------------------------------------------------------ reduced boxes
+def subset_predictions(preds: Predictions, keep_annotation_ids) -> Predictions:
+    """The crops of ``preds`` whose ground-truth annotation id is in ``keep_annotation_ids``.
+
+    A crop's predictions do not depend on the other boxes of its image, so evaluating with
+    fewer ground-truth boxes needs no new inference: the kept crops' rows, then
+    :func:`postprocess` and the metrics against *all* people of the ground truth.
+    """
+    keep = np.isin(preds.annotation_ids, np.fromiter((int(a) for a in keep_annotation_ids), dtype=np.int64))
+    return Predictions(preds.keypoints[keep], preds.image_ids[keep], preds.box_scores[keep], preds.areas[keep],
+                       preds.annotation_ids[keep])
+
+
+def random_box_draw(annotation_ids, seed: int = 0) -> dict[int, float]:
+    """One uniform number per annotation id (ids sorted, ``numpy.random.default_rng(seed)``).
+
+    :func:`keep_random_boxes` keeps the ids whose number is below the fraction, so the
+    kept sets of one draw are nested (everything kept at 0.5 is kept at 0.75) and every
+    model evaluated with the same ``seed`` loses the very same boxes.
+    """
+    ids = sorted({int(a) for a in annotation_ids})
+    return dict(zip(ids, np.random.default_rng(seed).random(len(ids)).tolist()))
+
+
+def keep_random_boxes(annotation_ids, fraction: float, seed: int = 0) -> set[int]:
+    """The annotation ids whose box is kept when each is kept with probability ``fraction``."""
+    if not 0.0 <= float(fraction) <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    return {a for a, u in random_box_draw(annotation_ids, seed).items() if u < fraction}
+
+
+def occlusion_degree(ann: Mapping[str, Any]) -> float:
+    """How occluded a person is, in [0, 1]: ``1 - visible_area / area`` when the annotation has
+    ``visible_area`` (the synthetic crowd's pixels not covered by people drawn later),
+    otherwise the fraction of its labelled keypoints marked occluded (``v = 1``)."""
+    if "visible_area" in ann and ann.get("area", 0) > 0:
+        return float(min(1.0, max(0.0, 1.0 - ann["visible_area"] / ann["area"])))
+    v = np.asarray(ann.get("keypoints") or [], dtype=np.float64)[2::3]
+    labelled = int((v > 0).sum())
+    return float((v == 1).sum() / labelled) if labelled else 0.0
+
+
+def occluded_dropped(gt: Mapping[str, Any], iou_threshold: float = 0.3) -> set[int]:
+    """Annotation ids a detector misses in the paper's story: in every pair of people of an
+    image whose boxes overlap with IoU > ``iou_threshold``, the box of the more occluded one
+    (:func:`occlusion_degree`; a tie drops the later annotation id).  Crowd regions are
+    neither dropped nor counted."""
+    from .data.synthetic import box_iou
+
+    by_image: dict[Any, list[Mapping[str, Any]]] = {}
+    for ann in gt["annotations"]:
+        if not ann.get("iscrowd", 0):
+            by_image.setdefault(ann["image_id"], []).append(ann)
+    dropped: set[int] = set()
+    for anns in by_image.values():
+        if len(anns) < 2:
+            continue
+        iou = box_iou([a["bbox"] for a in anns], [a["bbox"] for a in anns])
+        degree = [occlusion_degree(a) for a in anns]
+        for i in range(len(anns)):
+            for j in range(i + 1, len(anns)):
+                if iou[i, j] > iou_threshold:
+                    a, b = (i, j) if (degree[i], anns[i]["id"]) > (degree[j], anns[j]["id"]) else (j, i)
+                    dropped.add(int(anns[a]["id"]))
+    return dropped
+
+
+# ------------------------------------------------------------------------------ bootstrap
+@dataclass
+class ImageMatches:
+    """pycocotools' per-image matching of one evaluation (``COCOeval.evaluate``, area "all",
+    the last ``maxDets``): what ``accumulate`` needs, flattened over images.
+
+    ``scores [D]``, ``tp`` / ``fp [T, D]`` (matched / unmatched, neither when ignored) of the
+    detections in image order, ``det_image [D]`` their image's position in ``image_ids``,
+    and ``num_gt [I]`` each image's non-ignored ground truth.
+    """
+
+    image_ids: np.ndarray
+    scores: np.ndarray
+    tp: np.ndarray
+    fp: np.ndarray
+    det_image: np.ndarray
+    num_gt: np.ndarray
+    rec_thresholds: np.ndarray
+
+    def __post_init__(self):
+        # one stable sort by score of all detections (image order among equal scores, as the
+        # concatenation pycocotools sorts); a resample only re-weights them
+        self._order = np.argsort(-self.scores, kind="mergesort")
+        self._sorted_image = self.det_image[self._order]
+        self._sorted_tp = self.tp[:, self._order].astype(np.float64)
+        self._sorted_fp = self.fp[:, self._order].astype(np.float64)
+
+    def average_precision(self, sample: np.ndarray | None = None) -> float:
+        """COCO AP (mean precision over the IoU-threshold × recall-threshold grid) of the image
+        multiset ``sample`` (positions into ``image_ids``, repeats allowed; default all once).
+
+        What ``COCOeval.accumulate`` + ``summarize`` give for those images, a repeated image
+        counting as a distinct copy.  Each detection is weighted by how often its image was
+        drawn: the copies of one detection are adjacent in pycocotools' score order, and
+        collapsing a run of identical true (false) positives into one weighted step leaves the
+        interpolated precision at every recall threshold unchanged, so the result is exact --
+        except that detections of *different* images with exactly equal scores keep their
+        image order instead of the draw order.  -1 when no person is scored.
+        """
+        I = len(self.image_ids)
+        counts = np.ones((1, I)) if sample is None else \
+            np.bincount(np.asarray(sample, dtype=np.int64), minlength=I)[None].astype(np.float64)
+        return float(self._average_precisions(counts)[0])
+
+    def average_precisions(self, samples: np.ndarray) -> np.ndarray:
+        """:meth:`average_precision` of each row of ``samples [B, I']`` (image positions)."""
+        samples = np.asarray(samples, dtype=np.int64).reshape(len(samples), -1)
+        I = len(self.image_ids)
+        # one resample at a time: batching them measured slower (memory-bound [B, T, D] arrays)
+        return np.array([self._average_precisions(np.bincount(row, minlength=I)[None].astype(np.float64))[0]
+                         for row in samples])
+
+    def _average_precisions(self, counts: np.ndarray) -> np.ndarray:
+        """AP for each row of image weights ``counts [B, I]``."""
+        npig = counts @ self.num_gt  # [B]
+        B, T, D, R = len(counts), self.tp.shape[0], len(self._order), len(self.rec_thresholds)
+        ap = np.where(npig > 0, 0.0, -1.0)
+        if D == 0:
+            return ap
+        w = counts[:, self._sorted_image][:, None, :]  # [B, 1, D]
+        tp = np.cumsum(self._sorted_tp[None] * w, axis=2)  # [B, T, D]
+        fp = np.cumsum(self._sorted_fp[None] * w, axis=2)
+        rc = tp / np.maximum(npig, 1)[:, None, None]
+        pr = tp / (fp + tp + np.spacing(1))
+        pr = np.flip(np.maximum.accumulate(np.flip(pr, 2), axis=2), 2)  # precision envelope
+        for b in np.flatnonzero(npig > 0):
+            q = np.zeros((T, R))
+            for t in range(T):
+                inds = np.searchsorted(rc[b, t], self.rec_thresholds, side="left")
+                ok = inds < D
+                q[t, ok] = pr[b, t, inds[ok]]
+            ap[b] = q.mean()
+        return ap
+
+
+def image_matches(gt: Mapping[str, Any], results: Sequence[dict], sigmas,
+                  ignore_annotations: Sequence[int] = ()) -> ImageMatches:
+    """Run pycocotools' per-image matching once (:class:`ImageMatches`), e.g. to bootstrap AP
+    over images without re-running ``COCOeval``.  Arguments as :func:`coco_keypoint_metrics`
+    (every image of ``gt``)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    gt = copy.deepcopy(dict(gt))
+    ignore = set(int(a) for a in ignore_annotations)
+    for ann in gt["annotations"]:
+        if ann["id"] in ignore:
+            ann["iscrowd"] = 1
+    ids = sorted(im["id"] for im in gt["images"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        coco_dt = COCO()
+        if results:
+            coco_dt = coco_gt.loadRes(copy.deepcopy(list(results)))
+        else:  # loadRes refuses an empty list: an empty result set by hand
+            coco_dt.dataset = {"images": gt["images"], "annotations": [], "categories": gt["categories"]}
+            coco_dt.createIndex()
+        ev = COCOeval(coco_gt, coco_dt, "keypoints")
+        ev.params.kpt_oks_sigmas = sigmas
+        ev.params.imgIds = ids
+        ev.evaluate()
+    p = ev.params
+    T, A, I = len(p.iouThrs), len(p.areaRng), len(p.imgIds)
+    max_det = p.maxDets[-1]
+    all_area = [tuple(a) for a in p.areaRng].index(tuple(p.areaRng[0]))  # "all" comes first
+    scores, tps, fps, det_image = [], [], [], []
+    num_gt = np.zeros(I, dtype=np.int64)
+    for k in range(len(p.catIds)):
+        for i in range(I):
+            e = ev.evalImgs[k * A * I + all_area * I + i]
+            if e is None:
+                continue
+            s = np.asarray(e["dtScores"][:max_det], dtype=np.float64)
+            m = np.asarray(e["dtMatches"][:, :max_det]) != 0
+            ig = np.asarray(e["dtIgnore"][:, :max_det], dtype=bool)
+            scores.append(s)
+            tps.append(m & ~ig)
+            fps.append(~m & ~ig)
+            det_image.append(np.full(len(s), i, dtype=np.int64))
+            num_gt[i] += int(np.count_nonzero(np.asarray(e["gtIgnore"]) == 0))
+    cat = (lambda xs, shape: np.concatenate(xs, axis=-1) if xs else np.zeros(shape))
+    return ImageMatches(np.asarray(ids), cat(scores, (0,)), cat(tps, (T, 0)).astype(bool),
+                        cat(fps, (T, 0)).astype(bool), cat(det_image, (0,)).astype(np.int64), num_gt,
+                        np.asarray(p.recThrs, dtype=np.float64))
+
+
+def bootstrap_difference(a: ImageMatches, b: ImageMatches, resamples: int = 1000, seed: int = 0,
+                         level: float = 0.95) -> dict[str, Any]:
+    """AP(b) − AP(a) on the whole image set and its percentile bootstrap interval over images.
+
+    Each resample draws the images with replacement (``numpy.random.default_rng(seed)``) and
+    scores *both* evaluations on that same multiset (a paired bootstrap); resamples where
+    no person is scored are skipped.  Returns ``{"diff", "ci95": [lo, hi], "resamples"}``
+    (the key says 95 whatever ``level`` is only when ``level`` is 0.95; otherwise ``"ci"``).
+    """
+    if list(a.image_ids) != list(b.image_ids):
+        raise ValueError("a and b must be evaluations of the same images")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    I = len(a.image_ids)
+    samples = np.random.default_rng(seed).integers(0, I, size=(int(resamples), I))
+    ap_a, ap_b = a.average_precisions(samples), b.average_precisions(samples)
+    ok = (ap_a >= 0) & (ap_b >= 0)
+    diffs = (ap_b - ap_a)[ok]
+    ap_a, ap_b = a.average_precision(), b.average_precision()
+    lo, hi = (np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2]).tolist() if len(diffs) else [float("nan")] * 2)
+    key = "ci95" if abs(level - 0.95) < 1e-12 else "ci"
+    return {"diff": ap_b - ap_a if ap_a >= 0 and ap_b >= 0 else float("nan"), key: [lo, hi],
+            "resamples": len(diffs)}
 
 
 # ------------------------------------------------------------------------------ driver

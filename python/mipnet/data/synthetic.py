@@ -21,7 +21,8 @@ Scene model (per image, all drawing with OpenCV):
 * **annotations**: COCO format; ``bbox`` and ``area`` are those of the person's whole drawn
   figure (amodal, clipped to the image); a keypoint outside the image is ``(0, 0, 0)``, one
   under a person drawn later (or a face keypoint of a figure facing away) ``v = 1``, any
-  other ``v = 2``.  Annotations carry no ``segmentation``.
+  other ``v = 2``; ``visible_area`` counts the figure's pixels not covered by people drawn
+  later (``1 - visible_area / area`` is how occluded it is).  Annotations carry no ``segmentation``.
 
 :func:`generate` renders ``num_images`` scenes, in memory or to ``out_dir`` (images plus
 ``annotations.json``); image ``i`` depends only on ``(seed, i)``.  :func:`nearest_person_iou`
@@ -50,6 +51,9 @@ IOU_BUCKETS: tuple[tuple[str, float, float], ...] = (
     (">0.5", 0.5, math.inf),
 )
 DEFAULT_GROUP_SIZES: Mapping[int, float] = {1: 0.15, 2: 0.55, 3: 0.20, 4: 0.10}
+#: Bumped whenever the output of :func:`generate` changes (2: ``visible_area``), so caches of
+#: rendered crowds can be keyed by it.
+GENERATOR_VERSION = 2
 IMAGE_FORMATS = ("jpg", "png")
 
 # Joint indices (COCO order).
@@ -414,6 +418,7 @@ def _render(
     gain = sigma * math.sqrt(12.0) / 255.0
     image = cv2.addWeighted(image, 1.0, noise, gain, -127.5 * gain)
 
+    visible = np.bincount(label[label >= 0].ravel(), minlength=len(people))  # pixels on top, per person
     records = []
     for p, fig in enumerate(people):
         if boxes[p] is None:
@@ -429,7 +434,7 @@ def _render(
         kps[inside, :2] = xy[inside]
         kps[inside, 2] = np.where(hidden[inside], 1, 2)
         records.append({
-            "bbox": boxes[p], "area": areas[p], "keypoints": kps.reshape(-1).tolist(),
+            "bbox": boxes[p], "area": areas[p], "visible_area": int(visible[p]), "keypoints": kps.reshape(-1).tolist(),
             "num_keypoints": int((kps[:, 2] > 0).sum()),
         })
     return image, records
@@ -528,7 +533,7 @@ def generate(
 
     coco = {
         "info": {
-            "description": "mipnet synthetic crowd", "seed": int(seed),
+            "description": "mipnet synthetic crowd", "seed": int(seed), "generator_version": GENERATOR_VERSION,
             "image_size": [height, width], "iou_range": [lo, hi],
         },
         "images": coco_images,
