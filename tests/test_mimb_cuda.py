@@ -21,20 +21,19 @@ import pytest
 import torch
 
 import mipnet_kernels as mk
+from anchors import official_instances, official_scale
 from mipnet_kernels.ops import mimb as M
-from test_mimb import (
+from utils import (
     MIMB_KEYS,
-    _seed,
     check_flash,
     check_output,
     eager_with_grads,
     expected_format,
     make_case,
-    official_instances,
-    official_scale,
     relayout,
+    seed_of as _seed,
+    skip_unless_runs,
 )
-from utils import skip_unless_runs
 
 pytestmark = pytest.mark.cuda
 

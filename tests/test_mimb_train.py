@@ -20,9 +20,17 @@ from torch import nn
 import mipnet_kernels as mk
 from mipnet_kernels import _backends
 from mipnet_kernels.nn import MIMB
-from mipnet_kernels.ops.mimb_train import mimb_train
-from test_nn import OfficialSELambdaLayer, flash, make_pair, make_x, named_grads, require_backend, run_official64
-from utils import backend_device_params, skip_unless_runs
+from mipnet_kernels.ops.mimb import mimb_train
+from utils import (
+    backend_device_params,
+    flash,
+    make_pair,
+    make_x,
+    named_grads,
+    require_backend,
+    run_official64,
+    skip_unless_runs,
+)
 
 
 def _cpu_kernel_or_skip():

@@ -15,60 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import mipnet_kernels as mk
-from mipnet_kernels import _backends
+from anchors import OfficialSELambdaLayer
 from mipnet_kernels.nn import MIMB
-from utils import backend_device_params, skip_unless_runs
-
-
-class OfficialSELambdaLayer(nn.Module):
-    """SELambdaLayer as published, with Linear(2, .) generalised to Linear(N, .) and an
-    optional Identity in place of the BatchNorm (for ``embed_norm=False``)."""
-
-    def __init__(self, channel, reduction=4, num_instances=2, embed_norm=True):
-        super().__init__()
-        self.avg_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Sequential(
-            nn.Linear(channel, channel // reduction, bias=False),
-            nn.ReLU(inplace=True),
-            nn.Linear(channel // reduction, channel, bias=False),
-            nn.Sigmoid(),
-        )
-        self.fc_lambda = nn.Sequential(
-            nn.Linear(num_instances, channel // reduction),
-            nn.BatchNorm1d(channel // reduction) if embed_norm else nn.Identity(),
-            nn.ReLU(inplace=True),
-            nn.Linear(channel // reduction, channel),
-            nn.Sigmoid(),
-        )
-
-    def forward(self, x, lambda_vec):
-        b, c, _, _ = x.size()
-        y = self.avg_pool(x).view(b, c)
-        y = self.fc(y).view(b, c, 1, 1)
-        z = self.fc_lambda(lambda_vec).view(b, c, 1, 1)
-        return x * y.expand_as(x) * z.expand_as(x)
-
-
-def make_pair(C, N=2, r=4, embed_norm=True, seed=0, stats=True):
-    """(ours, official) with identical weights; non-trivial BN running statistics."""
-    torch.manual_seed(seed)
-    off = OfficialSELambdaLayer(C, r, N, embed_norm)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # move away from the init so every parameter matters
-        for p in off.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g))
-        if embed_norm and stats:
-            bn = off.fc_lambda[1]
-            bn.running_mean.copy_(0.5 * torch.randn(bn.running_mean.shape, generator=g))
-            bn.running_var.copy_(0.5 + torch.rand(bn.running_var.shape, generator=g))
-    ours = MIMB(C, N, r, embed_norm)
-    ours.load_state_dict(off.state_dict())
-    return ours, off
-
-
-def make_x(B, C, H, W, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, C, H, W, generator=g) + 2 * torch.randn(1, C, 1, 1, generator=g)
+from utils import backend_device_params, flash, make_pair, make_x, named_grads, require_backend, run_official64
 
 
 def lam_inputs(kind, B, N, seed=0):
@@ -87,48 +36,10 @@ def lam_inputs(kind, B, N, seed=0):
     return soft, soft
 
 
-def require_backend(backend, device):
-    dev = skip_unless_runs(backend, device)
-    x = torch.zeros(1, 4, 1, 1, device=dev)
-    reasons = _backends.not_supported_reasons(
-        "mimb_scale_fwd", backend, dev, x, torch.zeros(1, 4, device=dev), torch.zeros(4, 1, device=dev), torch.zeros(1, 4, device=dev)
-    )
-    if reasons:
-        pytest.skip(f"backend {backend!r} cannot run mimb_scale_fwd: {'; '.join(reasons)}")
-    return dev
-
-
 def close(a, b, what, rtol=1e-5, atol_rel=1e-5):
     a, b = a.detach().cpu().double(), b.detach().cpu().double()
     scale = float(b.abs().max()) if b.numel() else 0.0
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol_rel * max(scale, 1e-6), msg=lambda m: f"{what}: {m}")
-
-
-def flash(ours, eager, truth, what):
-    """Flash-attention's rule: ``|ours - truth| <= 2 |eager32 - truth| + 1e-5 max(|truth|, 1)``
-    (max over the tensor), ``truth`` the official layer in float64.  Needed for gradients that
-    are zero in exact arithmetic (the bias before a training-mode BatchNorm), where both float32
-    results are rounding noise."""
-    ours, eager, truth = (t.detach().cpu().double() for t in (ours, eager, truth))
-    err = float((ours - truth).abs().max())
-    ref_err = float((eager - truth).abs().max())
-    atol = 1e-5 * max(float(truth.abs().max()), 1.0)
-    assert err <= 2 * ref_err + atol, f"{what}: error {err:.3g} > 2 x official float32's {ref_err:.3g} + {atol:.3g}"
-
-
-def run_official64(off, x, lam, dy):
-    """The official layer in float64 (a copy, same mode): output, input grads, param grads."""
-    off64 = copy.deepcopy(off).double()
-    off64.zero_grad()
-    x64 = x.detach().double().requires_grad_(True)
-    lam64 = lam.detach().double().requires_grad_(lam.requires_grad)
-    y = off64(x64, lam64)
-    y.backward(dy.double())
-    return y, x64.grad, lam64.grad, named_grads(off64)
-
-
-def named_grads(m):
-    return {n: p.grad for n, p in m.named_parameters()}
 
 
 # --------------------------------------------------------------------------- structure

@@ -1,4 +1,7 @@
-"""Shared helpers for the op tests: backend/device parametrization, inputs, tolerances.
+"""Shared helpers for the op tests: backend/device parametrization, inputs, tolerances, and
+the MIMB helpers (official-layer / ``MIMB`` pairs, cases, the flash-attention error rules).
+The outside references themselves (NumPy anchors, the official SELambdaLayer) are in
+``anchors.py``.
 
 Backends are tested on the devices they serve: ``reference`` and ``cpu`` on CPU tensors,
 ``cuda`` on CUDA tensors, ``triton`` on CUDA tensors and -- under ``TRITON_INTERPRET=1``
@@ -9,14 +12,20 @@ with the reason the library gives (``available_backends()`` / ``not_supported_re
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import math
+import zlib
 from typing import Iterable
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import anchors
 import mipnet_kernels as mk
 from mipnet_kernels import _backends
+from mipnet_kernels.nn import MIMB
 from mipnet_kernels._numerics import (  # noqa: F401  (one definition of each rule, shared with the self-test)
     _reflect101_index,
     affine_px_scale,
@@ -274,3 +283,126 @@ def to_numpy_f32(x: torch.Tensor):
     return x.detach().cpu().float().numpy()
 
 
+
+
+# --------------------------------------------------------------------------- MIMB
+def seed_of(*parts) -> int:
+    """A stable seed from any repr-able parts (a case's parameters)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def make_pair(C, N=2, r=4, embed_norm=True, seed=0, stats=True):
+    """(ours, official) with identical weights; non-trivial BN running statistics
+    (:func:`anchors.official_se_lambda`)."""
+    off = anchors.official_se_lambda(C, N, r, embed_norm, seed=seed, stats=stats)
+    ours = MIMB(C, N, r, embed_norm)
+    ours.load_state_dict(off.state_dict())
+    return ours, off
+
+
+def make_x(B, C, H, W, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, C, H, W, generator=g) + 2 * torch.randn(1, C, 1, 1, generator=g)
+
+
+def require_backend(backend, device):
+    """Skip unless ``backend`` runs the MIMB forward on ``device`` tensors (with its reasons)."""
+    dev = skip_unless_runs(backend, device)
+    x = torch.zeros(1, 4, 1, 1, device=dev)
+    reasons = _backends.not_supported_reasons(
+        "mimb_scale_fwd", backend, dev, x, torch.zeros(1, 4, device=dev), torch.zeros(4, 1, device=dev), torch.zeros(1, 4, device=dev)
+    )
+    if reasons:
+        pytest.skip(f"backend {backend!r} cannot run mimb_scale_fwd: {'; '.join(reasons)}")
+    return dev
+
+
+def flash(ours, eager, truth, what):
+    """Flash-attention's rule: ``|ours - truth| <= 2 |eager32 - truth| + 1e-5 max(|truth|, 1)``
+    (max over the tensor), ``truth`` the official layer in float64.  Needed for gradients that
+    are zero in exact arithmetic (the bias before a training-mode BatchNorm), where both float32
+    results are rounding noise."""
+    ours, eager, truth = (t.detach().cpu().double() for t in (ours, eager, truth))
+    err = float((ours - truth).abs().max())
+    ref_err = float((eager - truth).abs().max())
+    atol = 1e-5 * max(float(truth.abs().max()), 1.0)
+    assert err <= 2 * ref_err + atol, f"{what}: error {err:.3g} > 2 x official float32's {ref_err:.3g} + {atol:.3g}"
+
+
+def run_official64(off, x, lam, dy):
+    """The official layer in float64 (a copy, same mode): output, input grads, param grads."""
+    off64 = copy.deepcopy(off).double()
+    off64.zero_grad()
+    x64 = x.detach().double().requires_grad_(True)
+    lam64 = lam.detach().double().requires_grad_(lam.requires_grad)
+    y = off64(x64, lam64)
+    y.backward(dy.double())
+    return y, x64.grad, lam64.grad, named_grads(off64)
+
+
+def named_grads(m):
+    return {n: p.grad for n, p in m.named_parameters()}
+
+
+def eager_with_grads(fn, dy, *inputs):
+    """``fn(*inputs)`` and the gradients of ``(fn * dy).sum()`` w.r.t. every input (CPU)."""
+    leaves = [t.detach().cpu().clone().requires_grad_(True) for t in inputs]
+    y = fn(*leaves)
+    if dy is None:
+        return y.detach(), []
+    y.backward(dy.detach().cpu().to(y.dtype))
+    return y.detach(), [t.grad for t in leaves]
+
+
+def make_case(B, C, H, W, r, N=2, *, seed=0, soft=False):
+    """Float32 inputs of the MIMB ops with realistic magnitudes: per-channel offsets so the
+    squeeze is not ~0 and the ReLUs are partly active; embeddings in (0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    Cr = max(C // r, 1)
+    x = torch.randn(B, C, H, W, generator=g) + 2 * torch.randn(1, C, 1, 1, generator=g)
+    w1 = torch.randn(Cr, C, generator=g) / math.sqrt(C)
+    w2 = 2 * torch.randn(C, Cr, generator=g) / math.sqrt(Cr)
+    v = 0.1 + 0.8 * torch.rand(B, C, generator=g)
+    if soft:
+        lam = torch.softmax(2 * torch.randn(B, N, generator=g), dim=1)
+    else:
+        lam = F.one_hot(torch.randint(0, N, (B,), generator=g), N).float()
+    e1 = torch.randn(Cr, N, generator=g)
+    b1 = 0.5 * torch.randn(Cr, generator=g)
+    e2 = 2 * torch.randn(C, Cr, generator=g) / math.sqrt(Cr)
+    b2 = 0.5 * torch.randn(C, generator=g)
+    table = 0.1 + 0.8 * torch.rand(N, C, generator=g)
+    return dict(x=x, w1=w1, w2=w2, v=v, lam=lam, e1=e1, b1=b1, e2=e2, b2=b2, table=table)
+
+
+#: The MIMB op's inputs, in its argument order.
+MIMB_KEYS = ("x", "lam", "w1", "w2", "e1", "b1", "e2", "b2")
+
+
+def expected_format(x):
+    return torch.channels_last if (not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)) else torch.contiguous_format
+
+
+def check_output(out, like, batch=None):
+    B, C, H, W = like.shape
+    assert out.shape == ((B if batch is None else batch), C, H, W)
+    assert out.dtype == like.dtype and out.device == like.device
+    assert out.is_contiguous(memory_format=expected_format(like)), "y must have x's memory format"
+
+
+def check_flash(out, eager, truth, dtype, what):
+    """Flash-attention's rule for the MIMB ops: ``|out - truth| <= 2 |eager - truth| +
+    1e-5 max|truth|`` (+ half an ulp of ``max|truth|`` in float16 / bfloat16)."""
+    out, eager, truth = (t.detach().cpu().double() for t in (out, eager, truth))
+    assert out.shape == truth.shape, f"{what}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
+    if truth.numel() == 0:
+        return
+    scale = float(truth.abs().max())
+    atol = 1e-5 * scale
+    if dtype in (torch.float16, torch.bfloat16):
+        atol += 0.5 * torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(max(scale, 1e-30)))
+    err = float((out - truth).abs().max())
+    ref_err = float((eager - truth).abs().max())
+    assert err <= 2 * ref_err + atol, (
+        f"{what} ({dtype}): error {err:.3g} > 2 x eager's {ref_err:.3g} + {atol:.3g} (max |truth| {scale:.3g})"
+    )
