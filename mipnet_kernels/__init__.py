@@ -1,7 +1,9 @@
 """mipnet_kernels: fused kernels for Multi-Instance Pose Networks (MIPNet, ICCV 2021).
 
-Every op is a ``torch.library`` custom op under ``torch.ops.mipnet`` with four backends
-(``cuda``, ``triton``, ``cpu``, ``reference``); see :mod:`mipnet_kernels._backends`.
+Every op is a ``torch.library`` op under ``torch.ops.mipnet`` with four backends
+(``cuda``, ``triton``, ``cpu``, ``reference``), declared once in
+:mod:`mipnet_kernels._backends`; :func:`backends_for` says which of them can run given
+inputs and why the others cannot.  docs/ops.md maps where each op lives.
 """
 
 from . import _extension
@@ -9,6 +11,7 @@ from ._extension import cpu_isas, get_cpu_isa, set_cpu_isa, use_cpu_isa
 from ._backends import (
     BACKENDS,
     available_backends,
+    backends_for,
     get_backend,
     select,
     set_backend,
@@ -34,6 +37,7 @@ __all__ = [
     "CROWDPOSE_SIGMAS",
     "MIMB",
     "available_backends",
+    "backends_for",
     "cpu_isas",
     "decode_heatmaps",
     "flip_merge",

@@ -1,26 +1,47 @@
-"""Which backend runs an op: ``cuda | triton | cpu | reference``.
+"""Backends, declared once, and the kernel table of every op: which backend runs an op.
 
-Every public op is one ``torch.library.custom_op`` whose implementation calls
-:func:`dispatch`.  Each backend registers an implementation per op together with a
-function that lists the reasons it cannot run given inputs (the xformers
-``not_supported_reasons`` pattern).  The backend is chosen, most specific first, by
+A backend (``cuda | triton | cpu | reference``) is one :class:`Backend` declaration in
+:data:`DECLARATIONS` -- the device types it runs, the floating dtypes its kernels take, its
+limits, how its kernels are reached and a probe saying why it cannot run in this process --
+in the manner of xformers' per-backend classes.  An op is one :class:`KernelTable`: a row
+``backend -> Kernel``.  Every reason a backend gives against inputs is derived from these
+two, in this order (the first that applies is reported):
+
+1. the backend is unavailable in this process (its probe: extension not built, no GPU, ...);
+2. it does not run tensors of this device type (``devices``);
+3. the op has no kernel in its column, or the kernel's compiled op / launcher is missing
+   (``Kernel.symbol``, resolved by the backend's ``resolve``);
+4. a tensor argument has a dtype the kernel does not take (``dtypes``, per argument named
+   in the table's ``tensor_args``; lists of tensors are checked per branch);
+5. op-specific reasons, the only hand-written ones (``Kernel.reasons``).
+
+The backend is chosen, most specific first, by
 
 1. :func:`use_backend` (a context manager, per thread / task),
 2. :func:`set_backend` (process-wide),
 3. the environment variable ``MIPNET_KERNELS_BACKEND``,
-4. automatically: the first backend, in the op's order for the input's device, that
-   has no reasons against the inputs (CUDA tensors: cuda, triton, reference;
-   CPU tensors: cpu, reference).
+4. automatically: the first backend, in :data:`BACKENDS` order, that declares the input's
+   device type in ``auto`` and has no reasons against the inputs (CUDA tensors: cuda,
+   triton, reference; CPU tensors: cpu, reference).
 
-A backend chosen explicitly (1-3) that cannot run the inputs raises a
-``RuntimeError`` with its reasons; it never falls back silently.  ``"auto"`` (or
-``None``) restores the automatic choice; ``use_backend("auto")`` forces it inside a block.
+A backend chosen explicitly (1-3) that cannot run the inputs raises a ``RuntimeError`` with
+its reasons; it never falls back silently.  ``"auto"`` (or ``None``) restores the automatic
+choice; ``use_backend("auto")`` forces it inside a block.  :func:`backends_for` tells the
+caller, for given inputs, which backends can run an op and why the others cannot.
 
-Profiling: while a ``torch.profiler`` (or any autograd profiler) is recording, every
-dispatched call is wrapped in ``record_function("mipnet::<op>[<backend>]")``, so traces
-name the op and the backend that ran it; with ``MIPNET_KERNELS_NVTX=1`` (read at import)
-calls on CUDA tensors are also NVTX ranges of the same name (for Nsight Systems).  When
-neither is on, the cost is one C call per dispatch (~0.1 µs on CPU).
+Profiling: while a ``torch.profiler`` (or any autograd profiler) records, every dispatched
+call is wrapped in ``record_function("mipnet::<op>[<backend>]")``, so traces name the op
+and the backend that ran it; with ``MIPNET_KERNELS_NVTX=1`` (read at import) calls on CUDA
+tensors are also NVTX ranges of the same name (for Nsight Systems).  PyTorch has no public
+"is a profiler recording" query: the check reads the Python flag that ``torch.profiler`` /
+``torch.autograd.profiler`` set on entry and exit (``torch.autograd.profiler._is_profiler_enabled``,
+the flag torch's own dynamo and inductor read for the same purpose), with a getattr default
+so a torch without it only loses the labels.  When neither is on the cost is one attribute
+read per dispatch.
+
+Adding a backend: one declaration here (a :class:`Backend` in :data:`DECLARATIONS`, in the
+automatic order's place), the module(s) holding its kernels, and one column (a ``Kernel``
+entry) in each op's table that it implements; docs/ops.md lists the steps.
 """
 
 from __future__ import annotations
@@ -28,27 +49,27 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib
 import importlib.util
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
+import torch.autograd.profiler as _autograd_profiler
+from torch import Tensor
 
-from . import _extension
+from ._extension import BUILD_COMMAND, cpu_extension, cuda_extension, missing_kernel
 
-BACKENDS = ("cuda", "triton", "cpu", "reference")
 ENV_VAR = "MIPNET_KERNELS_BACKEND"
 NVTX_ENV_VAR = "MIPNET_KERNELS_NVTX"
 
-#: Default automatic order per device type; an op may register its own.
-DEFAULT_AUTO_ORDER = {
-    "cuda": ("cuda", "triton", "reference"),
-    "cpu": ("cpu", "reference"),
-}
+_F32_F16_BF16 = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.float64: "float64"}
 
 
-# --------------------------------------------------------------------------- backends
+# --------------------------------------------------------------------------- declarations
 def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -65,51 +86,321 @@ def _triton_import_error() -> str | None:
     return None
 
 
+def _probe_reference() -> str | None:
+    return None
+
+
+def _probe_cpu() -> str | None:
+    ok, why = cpu_extension()
+    return None if ok else why
+
+
+def _probe_cuda() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    ok, why = cuda_extension()
+    return None if ok else why
+
+
+def _probe_triton() -> str | None:
+    why = _triton_import_error()
+    if why is not None:
+        return why
+    if not torch.cuda.is_available() and not _triton_interpret():
+        return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run on CPU)"
+    return None
+
+
+def _triton_on_cpu() -> str | None:
+    return None if _triton_interpret() else "triton runs CPU tensors only under TRITON_INTERPRET=1"
+
+
+def _resolve_compiled(namespace: str, symbol: str) -> tuple[Callable | None, str | None]:
+    """``torch.ops.<namespace>.<symbol>``, or why it is missing ("not built")."""
+    why = missing_kernel(namespace, symbol)
+    if why:
+        return None, why[0]
+    return getattr(getattr(torch.ops, namespace), symbol), None
+
+
+def _resolve_triton(symbol: str) -> tuple[Callable | None, str | None]:
+    """The launcher ``symbol`` of :mod:`mipnet_kernels.triton` (the one way launchers are
+    reached: the package's lazy table names the module that holds it)."""
+    from .triton import launcher_module  # imports no triton: the package loads modules lazily
+
+    module = launcher_module(symbol)
+    if module is None:
+        return None, f"mipnet_kernels.triton has no launcher {symbol}"
+    if importlib.util.find_spec(module) is None:
+        return None, f"{module} is missing from this installation (no {symbol})"
+    fn = getattr(importlib.import_module(module), symbol, None)
+    if fn is None:
+        return None, f"{module} has no {symbol}"
+    return fn, None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend: what it runs and how its kernels are reached.
+
+    ``devices`` maps each device type it runs to ``None`` or a probe giving why it cannot
+    right now (Triton runs CPU tensors only under the interpreter); ``auto`` are the device
+    types where the automatic choice considers it.  ``dtypes``: the floating dtypes its
+    kernels take (``None``: any; a kernel may declare its own).  ``limits``: sizes its
+    kernels cannot exceed, named, for the op-specific reasons to quote.  ``resolve(symbol)``
+    returns ``(callable, None)`` or ``(None, reason)`` for a kernel named by symbol.
+    """
+
+    name: str
+    summary: str
+    probe: Callable[[], str | None]
+    devices: Mapping[str, Callable[[], str | None] | None] | None  # None: every device type
+    auto: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...] | None = None
+    limits: Mapping[str, int] = field(default_factory=dict)
+    resolve: Callable[[str], tuple[Callable | None, str | None]] | None = None
+
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run anything in this process (None: it can)."""
+        return self.probe()
+
+    def device_reason(self, device: torch.device) -> str | None:
+        """Why this backend cannot run tensors on ``device`` (None: it can)."""
+        if self.devices is None:
+            return None
+        if device.type not in self.devices:
+            return f"the {self.name} backend runs {_device_names(self.devices)} tensors, got {device.type} tensors"
+        rule = self.devices[device.type]
+        return None if rule is None else rule()
+
+
+def _device_names(devices) -> str:
+    names = [("CUDA" if d == "cuda" else d.upper()) for d in devices]
+    return " or ".join(names)
+
+
+#: Every backend, in the automatic order (fastest first).  One entry per backend.
+DECLARATIONS: tuple[Backend, ...] = (
+    Backend(
+        "cuda", "CUDA kernels of the compiled extension (torch.ops.mipnet_cuda)",
+        probe=_probe_cuda, devices={"cuda": None}, auto=("cuda",), dtypes=_F32_F16_BF16,
+        limits={"sample_elems": 2**30},  # int32 offsets inside one sample
+        resolve=functools.partial(_resolve_compiled, "mipnet_cuda"),
+    ),
+    Backend(
+        "triton", "Triton kernels (mipnet_kernels/triton)",
+        probe=_probe_triton, devices={"cuda": None, "cpu": _triton_on_cpu}, auto=("cuda",),
+        dtypes=_F32_F16_BF16 + (torch.float64,), resolve=_resolve_triton,
+    ),
+    Backend(
+        "cpu", "C++ kernels of the compiled extension (torch.ops.mipnet_cpu)",
+        probe=_probe_cpu, devices={"cpu": None}, auto=("cpu",), dtypes=_F32_F16_BF16,
+        resolve=functools.partial(_resolve_compiled, "mipnet_cpu"),
+    ),
+    Backend(
+        "reference", "pure PyTorch, the specification of every kernel",
+        probe=_probe_reference, devices=None, auto=("cuda", "cpu"),
+    ),
+)
+
+BACKEND = {b.name: b for b in DECLARATIONS}
+BACKENDS = tuple(BACKEND)
+
+
+def _backend(name: str) -> Backend:
+    try:
+        return BACKEND[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def auto_order(device_type: str) -> tuple[str, ...]:
+    """The backends the automatic choice tries for tensors of ``device_type``, in order."""
+    order = tuple(b.name for b in DECLARATIONS if device_type in b.auto)
+    return order or ("reference",)
+
+
 def backend_unavailable_reason(name: str) -> str | None:
     """Why backend ``name`` cannot run anything in this process (None: it can)."""
-    if name == "reference":
-        return None
-    if name == "cpu":
-        ok, why = _extension.cpu_extension()
-        return None if ok else why
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            return "no CUDA device (torch.cuda.is_available() is False)"
-        ok, why = _extension.cuda_extension()
-        return None if ok else why
-    if name == "triton":
-        why = _triton_import_error()
-        if why is not None:
-            return why
-        if not torch.cuda.is_available() and not _triton_interpret():
-            return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run on CPU)"
-        return None
-    raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    return _backend(name).unavailable_reason()
 
 
 def device_unsupported_reason(name: str, device: torch.device) -> str | None:
     """Why backend ``name`` cannot run tensors on ``device`` (None: it can)."""
-    if name == "reference":
-        return None
-    if name == "cpu" and device.type != "cpu":
-        return f"the cpu backend runs CPU tensors, got {device.type} tensors"
-    if name == "cuda" and device.type != "cuda":
-        return f"the cuda backend runs CUDA tensors, got {device.type} tensors"
-    if name == "triton":
-        if device.type == "cpu" and not _triton_interpret():
-            return "triton runs CPU tensors only under TRITON_INTERPRET=1"
-        if device.type not in ("cpu", "cuda"):
-            return f"triton does not run {device.type} tensors"
-    return None
+    return _backend(name).device_reason(device)
 
 
 def available_backends() -> dict[str, dict[str, Any]]:
     """Per backend: ``{"available": bool, "reason": str | None}`` in this process."""
     out = {}
-    for name in BACKENDS:
-        why = backend_unavailable_reason(name)
-        out[name] = {"available": why is None, "reason": why}
+    for b in DECLARATIONS:
+        why = b.unavailable_reason()
+        out[b.name] = {"available": why is None, "reason": why}
     return out
+
+
+# --------------------------------------------------------------------------- kernel tables
+@dataclass(frozen=True)
+class Kernel:
+    """One cell of a kernel table: how ``backend`` runs the op.
+
+    Either ``fn`` (a Python kernel taking the op's kernel arguments) or ``symbol`` (a
+    compiled op / Triton launcher, reached through the backend's ``resolve``; ``adapt``
+    turns the op's kernel arguments into the symbol's, ``finish`` its result into the op's).
+    ``dtypes`` overrides the backend's; ``reasons(*args)`` adds op-specific reasons.
+    """
+
+    fn: Callable[..., Any] | None = None
+    symbol: str | None = None
+    adapt: Callable[..., tuple] | None = None
+    finish: Callable[[Any], Any] | None = None
+    dtypes: tuple[torch.dtype, ...] | None = None
+    reasons: Callable[..., list[str]] | None = None
+
+
+@dataclass
+class KernelTable:
+    """The kernels of one op, one per backend, and what is needed to derive reasons.
+
+    ``tensor_args``: the names of the positional kernel arguments whose dtypes the kernels
+    take as they are (checked against the kernel's / backend's dtypes; the others, e.g. an
+    affine matrix converted to float32 first, are not).  ``example_inputs(device)`` feeds
+    ``python -m mipnet_kernels.info``.
+    """
+
+    name: str
+    args: tuple[str, ...]
+    tensor_args: tuple[str, ...] = ()
+    kernels: dict[str, Kernel] = field(default_factory=dict)
+    example_inputs: Callable[[torch.device], tuple] | None = None
+    _resolved: dict[str, Callable] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.tensor_args) - set(self.args)
+        if unknown:
+            raise ValueError(f"{self.name}: tensor_args {sorted(unknown)} are not among args {self.args}")
+        self._tensor_pos = tuple((self.args.index(n), n) for n in self.tensor_args)
+
+    # the column of each backend -------------------------------------------------------
+    def kernel(self, backend: str, kernel: Kernel | Callable | None = None, **kw):
+        """Put ``kernel`` (a :class:`Kernel`, or a Python function, or ``Kernel(**kw)``)
+        into ``backend``'s column; as a decorator when neither is given."""
+        _backend(backend)
+
+        def put(k):
+            self.kernels[backend] = k if isinstance(k, Kernel) else Kernel(fn=k, **kw)
+            self._resolved.pop(backend, None)
+            return k
+
+        if kernel is None and not kw:
+            return put
+        return put(kernel if kernel is not None else Kernel(**kw))
+
+    def callable(self, backend: str) -> tuple[Callable | None, str | None]:
+        """``backend``'s kernel as one callable taking the op's kernel arguments, or the
+        reason there is none (cached once resolved: ops are never unregistered)."""
+        fn = self._resolved.get(backend)
+        if fn is not None:
+            return fn, None
+        k = self.kernels.get(backend)
+        if k is None:
+            return None, f"{self.name} has no {backend} implementation"
+        if k.fn is not None:
+            fn = k.fn
+        else:
+            fn, why = BACKEND[backend].resolve(k.symbol)
+            if fn is None:
+                return None, why
+        if k.adapt is not None or k.finish is not None:
+            fn = _adapted(fn, k.adapt, k.finish)
+        self._resolved[backend] = fn
+        return fn, None
+
+    # reasons ----------------------------------------------------------------------------
+    def reasons(self, backend: str, device: torch.device, *args) -> list[str]:
+        """Every reason ``backend`` cannot run this op on these kernel arguments (empty: it
+        can), derived from the declarations as listed in the module docstring."""
+        b = _backend(backend)
+        why = b.unavailable_reason()
+        if why is not None:
+            return [why]
+        why = b.device_reason(device)
+        if why is not None:
+            return [why]
+        fn, why = self.callable(backend)
+        if fn is None:
+            return [why]
+        if not args:  # only "can it run at all" (info, selftest)
+            return []
+        k = self.kernels[backend]
+        dtypes = k.dtypes if k.dtypes is not None else b.dtypes
+        out = _dtype_reasons(backend, dtypes, self._tensor_pos, args) if dtypes is not None else []
+        if not out and k.reasons is not None:
+            out = list(k.reasons(*args))
+        return out
+
+
+def _adapted(fn, adapt, finish):
+    if finish is None:
+        return lambda *args: fn(*adapt(*args))
+    if adapt is None:
+        return lambda *args: finish(fn(*args))
+    return lambda *args: finish(fn(*adapt(*args)))
+
+
+def _dtype_reasons(backend: str, dtypes: tuple, positions: tuple, args: tuple) -> list[str]:
+    """"``x`` is float64; the cpu kernels take ..." for each tensor argument (each branch of
+    a list) whose dtype ``dtypes`` lacks; the backends that do take it are named."""
+    bad = []
+    for i, name in positions:
+        a = args[i]
+        if isinstance(a, Tensor):
+            if a.dtype not in dtypes:
+                bad.append((name, a.dtype))
+        elif isinstance(a, (list, tuple)):
+            bad += [(f"branch {j}: {name}", t.dtype) for j, t in enumerate(a)
+                    if isinstance(t, Tensor) and t.dtype not in dtypes]
+    if not bad:
+        return []
+    takes = ", ".join(_DTYPE_NAMES.get(d, str(d)) for d in dtypes)
+    out = []
+    for name, dt in bad:
+        others = [b.name for b in DECLARATIONS if b.name != backend and (b.dtypes is None or dt in b.dtypes)]
+        out.append(f"{name} is {dt}; the {backend} kernels take {takes} "
+                   f"({_DTYPE_NAMES.get(dt, str(dt))} runs on the {' and '.join(others)} backends)")
+    return out
+
+
+_TABLES: dict[str, KernelTable] = {}
+
+
+def define_kernels(name: str, args: Sequence[str], *, tensor_args: Sequence[str] = (),
+                   example_inputs: Callable[[torch.device], tuple] | None = None,
+                   **columns: Kernel | Callable) -> KernelTable:
+    """Declare the kernel table of op ``name``: ``args`` are the kernel arguments' names
+    (what :func:`dispatch` passes), ``columns`` one kernel per backend (more may be added
+    with :meth:`KernelTable.kernel`)."""
+    if name in _TABLES:
+        raise ValueError(f"op {name!r} already has a kernel table")
+    table = KernelTable(name, tuple(args), tuple(tensor_args), example_inputs=example_inputs)
+    for backend, k in columns.items():
+        table.kernel(backend, k)
+    _TABLES[name] = table
+    return table
+
+
+def table(op: str) -> KernelTable:
+    """The kernel table of ``op`` (a ``ValueError`` naming the known ops otherwise)."""
+    try:
+        return _TABLES[op]
+    except KeyError:
+        raise ValueError(f"unknown op {op!r}; known: {sorted(_TABLES)}") from None
+
+
+def tables() -> dict[str, KernelTable]:
+    """Every kernel table, by op name."""
+    return dict(_TABLES)
 
 
 # --------------------------------------------------------------------------- selection
@@ -123,7 +414,7 @@ _global_backend: str | None = None
 def _normalise(name: str | None, what: str) -> str | None:
     if name is None or name == "auto":
         return None
-    if not isinstance(name, str) or name not in BACKENDS:
+    if not isinstance(name, str) or name not in BACKEND:
         raise ValueError(f"{what} must be one of {BACKENDS} or 'auto', got {name!r}")
     return name
 
@@ -166,74 +457,54 @@ def use_backend(name: str | None) -> Iterator[None]:
         _context_backend.reset(token)
 
 
-# --------------------------------------------------------------------------- registry
-@dataclass
-class _Impl:
-    fn: Callable[..., Any]
-    reasons: Callable[..., list[str]] | None
-
-
-@dataclass
-class _Op:
-    name: str
-    impls: dict[str, _Impl] = field(default_factory=dict)
-    auto_order: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_AUTO_ORDER))
-    example_inputs: Callable[[torch.device], tuple] | None = None
-
-
-_OPS: dict[str, _Op] = {}
-
-
-def define_op(
-    name: str,
-    *,
-    example_inputs: Callable[[torch.device], tuple] | None = None,
-    auto_order: dict[str, tuple[str, ...]] | None = None,
-) -> None:
-    """Declare a dispatchable op.  ``example_inputs(device)`` feeds ``mipnet_kernels.info``."""
-    op = _OPS.setdefault(name, _Op(name))
-    if example_inputs is not None:
-        op.example_inputs = example_inputs
-    if auto_order is not None:
-        op.auto_order.update(auto_order)
-
-
-def register(op: str, backend: str, *, reasons: Callable[..., list[str]] | None = None):
-    """Decorator: ``fn`` implements ``op`` on ``backend``.
-
-    ``reasons(*args)`` returns why this implementation cannot run these inputs
-    (device support and backend availability are checked separately).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}")
-
-    def deco(fn):
-        _OPS.setdefault(op, _Op(op)).impls[backend] = _Impl(fn, reasons)
-        return fn
-
-    return deco
-
-
 def not_supported_reasons(op: str, backend: str, device: torch.device, *args) -> list[str]:
-    """Every reason ``backend`` cannot run ``op`` on these inputs (empty: it can)."""
-    entry = _OPS[op]
-    impl = entry.impls.get(backend)
-    if impl is None:
-        return [f"{op} has no {backend} implementation"]
-    why = backend_unavailable_reason(backend)
-    if why is not None:
-        return [why]
-    why = device_unsupported_reason(backend, device)
-    if why is not None:
-        return [why]
-    return list(impl.reasons(*args)) if impl.reasons is not None else []
+    """Every reason ``backend`` cannot run ``op`` on these kernel arguments (empty: it can;
+    no arguments: whether it can run ``op`` at all on ``device``)."""
+    return table(op).reasons(backend, device, *args)
+
+
+def backends_for(op: str, device: torch.device, *args) -> dict[str, list[str]]:
+    """Every backend, in the automatic order, mapped to the reasons it cannot run ``op`` on
+    these kernel arguments on ``device`` (an empty list: it can).  With no arguments: which
+    backends can run ``op`` at all on ``device``.
+
+    >>> mipnet_kernels.backends_for("decode_heatmaps", hm.device, hm, "dark", None, 11)
+    {'cuda': ['the cuda backend runs CUDA tensors, got cpu tensors'], 'triton': [...],
+     'cpu': [], 'reference': []}
+    """
+    t = table(op)
+    return {name: t.reasons(name, torch.device(device), *args) for name in BACKENDS}
+
+
+def preferred_backend(device: torch.device) -> str | None:
+    """The backend an op on ``device`` tries first now: the forced one, else the first of
+    the automatic order that is available and runs ``device`` (None: none is)."""
+    forced = get_backend()
+    if forced is not None:
+        return forced
+    for name in auto_order(device.type):
+        b = BACKEND[name]
+        if b.unavailable_reason() is None and b.device_reason(device) is None:
+            return name
+    return None
+
+
+def kernel(op: str, backend: str) -> Callable:
+    """``backend``'s kernel of ``op`` as a callable taking the kernel arguments (no checks:
+    ask :func:`backends_for` / :func:`not_supported_reasons` first)."""
+    fn, why = table(op).callable(backend)
+    if fn is None:
+        raise RuntimeError(f"mipnet_kernels: backend '{backend}' cannot run {op}: {why}")
+    return fn
 
 
 def select(op: str, device: torch.device, *args) -> tuple[str, dict[str, list[str]]]:
-    """The backend that would run ``op`` on these inputs, and the reasons against the others."""
+    """The backend that would run ``op`` on these kernel arguments, and the reasons against
+    the faster ones it skipped."""
+    t = table(op)
     forced = get_backend()
     if forced is not None:
-        reasons = not_supported_reasons(op, forced, device, *args)
+        reasons = t.reasons(forced, device, *args)
         if reasons:
             raise RuntimeError(
                 f"mipnet_kernels: backend '{forced}' was requested but cannot run {op}: "
@@ -241,9 +512,8 @@ def select(op: str, device: torch.device, *args) -> tuple[str, dict[str, list[st
             )
         return forced, {}
     skipped: dict[str, list[str]] = {}
-    order = _OPS[op].auto_order.get(device.type, ("reference",))
-    for name in order:
-        reasons = not_supported_reasons(op, name, device, *args)
+    for name in auto_order(device.type):
+        reasons = t.reasons(name, device, *args)
         if not reasons:
             return name, skipped
         skipped[name] = reasons
@@ -253,10 +523,13 @@ def select(op: str, device: torch.device, *args) -> tuple[str, dict[str, list[st
     )
 
 
-# --------------------------------------------------------------------------- profiling
-#: True while any autograd/kineto profiler records (covers torch.profiler and emit_nvtx).
-_profiler_enabled = torch._C._autograd._profiler_enabled
+# --------------------------------------------------------------------------- running
 _NVTX = os.environ.get(NVTX_ENV_VAR, "") not in ("", "0")
+
+
+def _profiling() -> bool:
+    """True while a torch.profiler / autograd profiler records (see the module docstring)."""
+    return getattr(_autograd_profiler, "_is_profiler_enabled", False)
 
 
 @contextlib.contextmanager
@@ -264,44 +537,101 @@ def _profiled(label: str, device: torch.device) -> Iterator[None]:
     """``label`` as a profiler event (when one records) and an NVTX range (when requested)."""
     nvtx = _NVTX and device.type == "cuda"
     with contextlib.ExitStack() as stack:
-        if _profiler_enabled():
+        if _profiling():
             stack.enter_context(torch.profiler.record_function(label))
         if nvtx:
             stack.enter_context(torch.cuda.nvtx.range(label))
         yield
 
 
-def _run(op: str, name: str, device: torch.device, args: tuple):
-    fn = _OPS[op].impls[name].fn
-    if not (_NVTX or _profiler_enabled()):
+def _run(t: KernelTable, name: str, device: torch.device, args: tuple):
+    fn, _ = t.callable(name)
+    if not (_NVTX or _profiling()):
         return fn(*args)
-    with _profiled(f"mipnet::{op}[{name}]", device):
+    with _profiled(f"mipnet::{t.name}[{name}]", device):
         return fn(*args)
 
 
 def dispatch(op: str, device: torch.device, *args):
     """Run ``op`` on the selected backend (a named range when profiling, see the module doc)."""
     name, _ = select(op, device, *args)
-    return _run(op, name, device, args)
+    return _run(_TABLES[op], name, device, args)
 
 
 def dispatch_named(op: str, device: torch.device, *args) -> tuple[str, Any]:
     """:func:`dispatch`, also returning the name of the backend that ran."""
     name, _ = select(op, device, *args)
-    return name, _run(op, name, device, args)
+    return name, _run(_TABLES[op], name, device, args)
 
 
 def dispatch_on(name: str, op: str, device: torch.device, *args):
     """Run ``op`` on backend ``name`` (e.g. a backward on its forward's backend, whatever
     the thread's choice is now); a ``RuntimeError`` with the reasons when it cannot."""
-    reasons = not_supported_reasons(op, name, device, *args)
+    t = table(op)
+    reasons = t.reasons(name, device, *args)
     if reasons:
         raise RuntimeError(
             f"mipnet_kernels: backend '{name}' ran the forward but cannot run {op}: "
             + "; ".join(reasons)
         )
-    return _run(op, name, device, args)
+    return _run(t, name, device, args)
 
 
-def ops() -> dict[str, _Op]:
-    return dict(_OPS)
+__all__ = [
+    "BACKEND", "BACKENDS", "BUILD_COMMAND", "Backend", "DECLARATIONS", "ENV_VAR", "Kernel",
+    "KernelTable", "auto_order", "available_backends", "backend_unavailable_reason",
+    "backends_for", "define_kernels", "device_unsupported_reason", "dispatch", "dispatch_named",
+    "dispatch_on", "get_backend", "kernel", "not_supported_reasons", "preferred_backend",
+    "select", "set_backend", "table", "tables", "use_backend",
+]
+
+
+# --------------------------------------------------------------------------- transition
+# The registration idiom the MIMB modules used before they adopted define_kernels (issue
+# 15): a decorator per (op, backend) with a hand-written reasons function, and _OPS read
+# directly.  Kept only until ops/mimb.py and ops/mimb_train.py move to define_kernels /
+# kernel() / preferred_backend(); nothing else may use it.
+def _legacy_table(op: str) -> KernelTable:
+    t = _TABLES.get(op)
+    if t is None:
+        t = _TABLES[op] = KernelTable(op, ())
+    return t
+
+
+def register(op: str, backend: str, *, reasons: Callable[..., list[str]] | None = None):
+    """Deprecated (see above): ``fn`` implements ``op`` on ``backend``."""
+    _backend(backend)
+
+    def deco(fn):
+        _legacy_table(op).kernel(backend, Kernel(fn=fn, reasons=reasons))
+        return fn
+
+    return deco
+
+
+def define_op(name: str, *, example_inputs=None, auto_order=None) -> None:
+    """Deprecated (see above): declare op ``name`` for :func:`register`."""
+    if auto_order is not None:
+        raise ValueError("per-op automatic orders are gone: the order is the declarations'")
+    t = _legacy_table(name)
+    if example_inputs is not None:
+        t.example_inputs = example_inputs
+
+
+class _LegacyView:
+    def __init__(self, t: KernelTable):
+        self.impls = t.kernels
+        self.auto_order = {d: globals()["auto_order"](d) for d in ("cpu", "cuda")}
+
+
+class _LegacyOps:
+    def __getitem__(self, op: str) -> _LegacyView:
+        return _LegacyView(_TABLES[op])
+
+
+_OPS = _LegacyOps()
+
+
+def ops() -> dict[str, KernelTable]:
+    """Every kernel table, by op name (as :func:`tables`)."""
+    return tables()

@@ -59,9 +59,17 @@ def collect() -> dict:
     info["cpu_isa"] = _extension.get_cpu_isa()
     info["cpu_isas"] = _extension.cpu_isas()
     info["backends"] = _backends.available_backends()
+    for b in _backends.DECLARATIONS:
+        info["backends"][b.name]["declaration"] = {
+            "summary": b.summary,
+            "devices": None if b.devices is None else sorted(b.devices),
+            "auto": list(b.auto),
+            "dtypes": None if b.dtypes is None else [str(d).removeprefix("torch.") for d in b.dtypes],
+            "limits": dict(b.limits),
+        }
     info["forced_backend"] = _backends.get_backend()
     info["ops"] = {}
-    for op_name, op in sorted(_backends.ops().items()):
+    for op_name, op in sorted(_backends.tables().items()):
         per_device = {}
         for dev in devices:
             if op.example_inputs is None:
@@ -94,9 +102,15 @@ def _print_human(info: dict) -> None:
     for name, e in info["extensions"].items():
         state = f"loaded from {e['path']}" if e["loaded"] else f"not loaded: {e['reason']}"
         print(f"  {name:16s} {state}")
-    print("\nbackends:")
+    print("\nbackends (declared in mipnet_kernels/_backends.py):")
     for name, b in info["backends"].items():
         print(f"  {name:10s} {'yes' if b['available'] else 'no':4s} {b['reason'] or ''}")
+        d = b.get("declaration")
+        if d:
+            devices = ", ".join(d["devices"]) if d["devices"] else "any"
+            dtypes = ", ".join(d["dtypes"]) if d["dtypes"] else "any"
+            limits = "".join(f"; {k} <= {v}" for k, v in d["limits"].items())
+            print(f"  {'':10s}      {d['summary']}; devices {devices}; dtypes {dtypes}{limits}")
     if info["forced_backend"]:
         print(f"\nforced backend: {info['forced_backend']}")
     print("\nops (backend chosen for example inputs; why the others were skipped):")

@@ -349,3 +349,118 @@ def test_info_module_runs():
     if proc.returncode == 0 and proc.stdout.lstrip().startswith("{"):
         info = json.loads(proc.stdout)
         assert set(info["backends"]) == set(mk.BACKENDS)
+
+
+# --------------------------------------------------------------------------- declarations and kernel tables
+def test_declarations_are_the_backends_in_automatic_order():
+    assert tuple(b.name for b in _backends.DECLARATIONS) == mk.BACKENDS
+    assert _backends.auto_order("cpu") == ("cpu", "reference")
+    assert _backends.auto_order("cuda") == ("cuda", "triton", "reference")
+    assert _backends.auto_order("mps") == ("reference",)
+    for b in _backends.DECLARATIONS:
+        assert b.summary and (b.devices is None or set(b.auto) <= set(b.devices)), b.name
+
+
+def test_backends_for_agrees_with_select():
+    args = _decode_args("cpu")
+    per_backend = mk.backends_for("decode_heatmaps", torch.device("cpu"), *args)
+    assert list(per_backend) == list(mk.BACKENDS)
+    chosen, skipped = mk.select("decode_heatmaps", torch.device("cpu"), *args)
+    assert per_backend[chosen] == [] and per_backend["reference"] == []
+    for name, reasons in skipped.items():
+        assert per_backend[name] == reasons and reasons
+    assert per_backend["cuda"]  # CPU tensors: never the cuda backend
+    with pytest.raises(ValueError, match="unknown op 'no_such_op'"):
+        mk.backends_for("no_such_op", torch.device("cpu"))
+
+
+def _toy_table(**columns):
+    """A kernel table that is not registered (nothing else sees it)."""
+    t = _backends.KernelTable("toy", ("x", "xs", "k"), ("x", "xs"))
+    for name, k in columns.items():
+        t.kernel(name, k)
+    return t
+
+
+def test_reasons_are_derived_from_the_declarations_in_order():
+    cpu = torch.device("cpu")
+    if mk.available_backends()["cpu"]["available"] is False:
+        pytest.skip("needs the cpu backend available")
+    x32, x64 = torch.zeros(2), torch.zeros(2, dtype=torch.float64)
+    calls = []
+    t = _toy_table(
+        reference=lambda x, xs, k: "ref",
+        cpu=_backends.Kernel(fn=lambda x, xs, k: calls.append(k) or "cpu",
+                             reasons=lambda x, xs, k: [] if k < 3 else [f"k = {k} is too large for the toy"]),
+    )
+    # 1-2: availability, then the device type (both from the declarations)
+    cuda = mk.available_backends()["cuda"]
+    assert t.reasons("cuda", cpu, x32, [x32], 1) == (
+        ["the cuda backend runs CUDA tensors, got cpu tensors"] if cuda["available"] else [cuda["reason"]])
+    # 3: no kernel in the column (once the backend runs CPU tensors)
+    if not _backends.backends_for("decode_heatmaps", cpu)["triton"]:
+        assert t.reasons("triton", cpu, x32, [x32], 1) == ["toy has no triton implementation"]
+    # 4: dtypes, per named tensor argument and per branch of a list, naming who takes it
+    want = ("is torch.float64; the cpu kernels take float32, float16, bfloat16 "
+            "(float64 runs on the triton and reference backends)")
+    assert t.reasons("cpu", cpu, x64, [x32, x64], 1) == [f"x {want}", f"branch 1: xs {want}"]
+    assert t.reasons("reference", cpu, x64, [x64], 9) == []  # the reference takes any dtype
+    # 5: op-specific reasons, only once nothing derived applies
+    assert t.reasons("cpu", cpu, x32, [x32], 9) == ["k = 9 is too large for the toy"]
+    assert t.reasons("cpu", cpu, x32, [x32], 1) == []
+    assert t.callable("cpu")[0](x32, [x32], 2) == "cpu" and calls == [2]
+
+
+def test_symbol_kernels_resolve_through_the_backend():
+    cpu = torch.device("cpu")
+    if not mk.available_backends()["cpu"]["available"]:
+        pytest.skip("needs the cpu backend available")
+    t = _toy_table(cpu=_backends.Kernel(symbol="no_such_kernel"))
+    (why,) = t.reasons("cpu", cpu)
+    assert why.startswith("torch.ops.mipnet_cpu.no_such_kernel is not built") and _extension.BUILD_COMMAND in why
+    # adapt turns the op's arguments into the symbol's, finish its result into the op's
+    t = _toy_table(cpu=_backends.Kernel(symbol="flip_merge", adapt=lambda x, xs, k: (x, x, xs, k),
+                                         finish=lambda out: ("merged", out.shape)))
+    hm = torch.rand(1, 2, 3, 4)
+    fn, why = t.callable("cpu")
+    assert why is None
+    assert fn(hm, torch.tensor([1, 0]), False) == ("merged", hm.shape)
+
+
+def test_kernel_tables_refuse_unknown_names():
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        _toy_table(gpu=lambda *a: None)
+    with pytest.raises(ValueError, match=r"tensor_args \['y'\] are not among args"):
+        _backends.KernelTable("toy", ("x",), ("y",))
+    with pytest.raises(ValueError, match="already has a kernel table"):
+        _backends.define_kernels("decode_heatmaps", ("heatmaps",))
+
+
+def test_inference_ops_are_library_ops_that_do_not_differentiate():
+    """decode / flip_merge are torch.library ops (pt2-compliant) whose outputs never require
+    grad, whatever backend runs them (the op falls through autograd; no silent gradient)."""
+    op = torch.ops.mipnet.decode_heatmaps.default
+    assert torch.Tag.pt2_compliant_tag in op.tags
+    hm = torch.rand(1, 2, 6, 5, requires_grad=True)
+    for name in ("reference", "cpu"):
+        if not mk.available_backends()[name]["available"]:
+            continue
+        with mk.use_backend(name):
+            coords, scores = mk.decode_heatmaps(hm, "dark")
+            merged = mk.flip_merge(hm, hm, [(0, 1)])
+        assert not coords.requires_grad and not scores.requires_grad and not merged.requires_grad, name
+
+
+def test_profiler_names_the_backend_that_ran():
+    hm = torch.rand(1, 2, 6, 5)
+    name, _ = mk.select("decode_heatmaps", hm.device, hm, "quarter", None, 11)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        mk.decode_heatmaps(hm)
+    assert f"mipnet::decode_heatmaps[{name}]" in {e.name for e in prof.events()}
+
+
+def test_backend_layer_uses_no_private_torch_c():
+    for rel in ("_backends.py", "ops/_registry.py", "ops/decode.py", "ops/nms.py"):
+        path = PKG_DIR / rel
+        if path.exists():
+            assert "torch._C" not in path.read_text(), rel

@@ -499,14 +499,17 @@ def test_bad_input_other_forms():
 def test_missing_triton_kernels_give_a_reason(monkeypatch):
     """When the Triton module is missing the triton backend declines with a reason (the
     automatic choice skips it; forcing it raises that reason) instead of crashing."""
+    import mipnet_kernels.triton as triton_pkg
     from mipnet_kernels.ops import nms
 
-    monkeypatch.setattr(nms, "_TRITON_MODULE", "mipnet_kernels.triton.no_such_module")
+    monkeypatch.setitem(triton_pkg._LAZY, "oks_nms_sorted_triton", "no_such_module")
+    monkeypatch.setattr(nms.OKS_NMS_SORTED_KERNELS, "_resolved", {})  # forget the resolved launcher
     if _backends.backend_unavailable_reason("triton") is not None:
         pytest.skip(f"triton unavailable here: {_backends.backend_unavailable_reason('triton')}")
     reasons = _backends.not_supported_reasons("oks_nms_sorted", "triton", torch.device("cpu"))
     assert reasons == ["mipnet_kernels.triton.no_such_module is missing from this installation "
-                       "(no Triton OKS-NMS kernels)"]
+                       "(no oks_nms_sorted_triton)"]
+    assert mk.backends_for("oks_nms_sorted", torch.device("cpu"))["triton"] == reasons
     kp, s, a, b, _ = _small_inputs()
     with mk.use_backend("triton"), pytest.raises(RuntimeError, match="no_such_module is missing"):
         mk.oks_nms(kp, s, a, b)

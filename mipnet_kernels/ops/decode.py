@@ -59,8 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backends
-from .._backends import register
+from .._backends import Kernel, define_kernels, dispatch
+from ._registry import define_op, detached
 
 MODES = ("argmax", "quarter", "dark", "udp")
 #: Mode ids shared with the C++/CUDA/Triton kernels (csrc/decode.h).
@@ -349,7 +349,7 @@ def flip_merge_reference(heatmaps: Tensor, flipped: Tensor, flip_index: Sequence
     return ((heatmaps.float() + f) * 0.5).to(heatmaps.dtype).contiguous()
 
 
-# --------------------------------------------------------------------------- backends
+# --------------------------------------------------------------------------- kernel tables
 def _affine_f32(affine: Optional[Tensor]) -> Optional[Tensor]:
     return None if affine is None else affine.to(torch.float32).contiguous()
 
@@ -360,52 +360,14 @@ def _flip_index_tensor(flip_index: Sequence[int], device: torch.device) -> Tenso
     return _device_constant(tuple(int(i) for i in flip_index), torch.int64, device)
 
 
-register("decode_heatmaps", "reference")(decode_heatmaps_reference)
-register("flip_merge", "reference")(flip_merge_reference)
+def _decode_kernel_args(heatmaps, mode, affine, blur_kernel):
+    """The op's arguments as the kernels take them (csrc/schemas.h ``decode_heatmaps``)."""
+    return heatmaps, MODE_ID[mode], _affine_f32(affine), _blur_weights(mode, blur_kernel, heatmaps.device)
 
 
-@register("decode_heatmaps", "cpu")
-def _decode_cpu(heatmaps, mode, affine, blur_kernel):
-    return torch.ops.mipnet_cpu.decode_heatmaps(
-        heatmaps, MODE_ID[mode], _affine_f32(affine), _blur_weights(mode, blur_kernel, heatmaps.device)
-    )
-
-
-@register("decode_heatmaps", "cuda")
-def _decode_cuda(heatmaps, mode, affine, blur_kernel):
-    return torch.ops.mipnet_cuda.decode_heatmaps(
-        heatmaps, MODE_ID[mode], _affine_f32(affine), _blur_weights(mode, blur_kernel, heatmaps.device)
-    )
-
-
-@register("decode_heatmaps", "triton")
-def _decode_triton(heatmaps, mode, affine, blur_kernel):
-    from ..triton.decode import decode_heatmaps_triton
-
-    return decode_heatmaps_triton(
-        heatmaps, MODE_ID[mode], _affine_f32(affine), _blur_weights(mode, blur_kernel, heatmaps.device)
-    )
-
-
-@register("flip_merge", "cpu")
-def _flip_cpu(heatmaps, flipped, flip_index, shift):
-    return torch.ops.mipnet_cpu.flip_merge(
-        heatmaps, flipped, _flip_index_tensor(flip_index, heatmaps.device), shift
-    )
-
-
-@register("flip_merge", "cuda")
-def _flip_cuda(heatmaps, flipped, flip_index, shift):
-    return torch.ops.mipnet_cuda.flip_merge(
-        heatmaps, flipped, _flip_index_tensor(flip_index, heatmaps.device), shift
-    )
-
-
-@register("flip_merge", "triton")
-def _flip_triton(heatmaps, flipped, flip_index, shift):
-    from ..triton.decode import flip_merge_triton
-
-    return flip_merge_triton(heatmaps, flipped, _flip_index_tensor(flip_index, heatmaps.device), shift)
+def _flip_kernel_args(heatmaps, flipped, flip_index, shift):
+    """The op's arguments as the kernels take them (csrc/schemas.h ``flip_merge``)."""
+    return heatmaps, flipped, _flip_index_tensor(flip_index, heatmaps.device), shift
 
 
 def _example_decode(device):
@@ -418,27 +380,41 @@ def _example_flip(device):
     return (hm, hm.clone(), list(range(17)), True)
 
 
-_backends.define_op("decode_heatmaps", example_inputs=_example_decode)
-_backends.define_op("flip_merge", example_inputs=_example_flip)
+# One kernel per backend.  The compiled ops (csrc/cpu/decode_kernel.cpp,
+# csrc/cuda/decode_kernel.cu) and the Triton launchers (triton/decode.py) share one calling
+# convention, the C++ schema; the reference takes the op's own arguments.
+_DECODE = Kernel(symbol="decode_heatmaps", adapt=_decode_kernel_args)
+DECODE_KERNELS = define_kernels(
+    "decode_heatmaps", ("heatmaps", "mode", "affine", "blur_kernel"), tensor_args=("heatmaps",),
+    example_inputs=_example_decode,
+    reference=decode_heatmaps_reference,
+    cpu=_DECODE,
+    cuda=_DECODE,
+    triton=Kernel(symbol="decode_heatmaps_triton", adapt=_decode_kernel_args),
+)
+_FLIP = Kernel(symbol="flip_merge", adapt=_flip_kernel_args)
+FLIP_MERGE_KERNELS = define_kernels(
+    "flip_merge", ("heatmaps", "flipped", "flip_index", "shift"), tensor_args=("heatmaps", "flipped"),
+    example_inputs=_example_flip,
+    reference=flip_merge_reference,
+    cpu=_FLIP,
+    cuda=_FLIP,
+    triton=Kernel(symbol="flip_merge_triton", adapt=_flip_kernel_args),
+)
 
 
-# --------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("mipnet::decode_heatmaps", mutates_args=())
-def _decode_heatmaps_op(
+# --------------------------------------------------------------------------- torch.library ops
+def _decode_heatmaps_forward(
     heatmaps: Tensor, mode: str, affine: Optional[Tensor], blur_kernel: int
 ) -> tuple[Tensor, Tensor]:
     _check_decode_args(heatmaps, mode, affine, blur_kernel)
     B, K = heatmaps.shape[:2]
     if B * K == 0:
-        return (
-            heatmaps.new_empty((B, K, 2), dtype=torch.float32),
-            heatmaps.new_empty((B, K), dtype=torch.float32),
-        )
-    return _backends.dispatch("decode_heatmaps", heatmaps.device, heatmaps, mode, affine, blur_kernel)
+        return _decode_heatmaps_fake(heatmaps, mode, affine, blur_kernel)
+    return dispatch("decode_heatmaps", heatmaps.device, detached(heatmaps), mode, detached(affine), blur_kernel)
 
 
-@_decode_heatmaps_op.register_fake
-def _(heatmaps, mode, affine, blur_kernel):
+def _decode_heatmaps_fake(heatmaps, mode, affine, blur_kernel):
     _check_decode_args(heatmaps, mode, affine, blur_kernel)
     B, K = heatmaps.shape[:2]
     return (
@@ -447,18 +423,20 @@ def _(heatmaps, mode, affine, blur_kernel):
     )
 
 
-@torch.library.custom_op("mipnet::flip_merge", mutates_args=())
-def _flip_merge_op(heatmaps: Tensor, flipped: Tensor, flip_index: list[int], shift: bool) -> Tensor:
+def _flip_merge_forward(heatmaps: Tensor, flipped: Tensor, flip_index: list[int], shift: bool) -> Tensor:
     _check_flip_args(heatmaps, flipped, flip_index)
     if heatmaps.numel() == 0:
         return torch.empty_like(heatmaps, memory_format=torch.contiguous_format)
-    return _backends.dispatch("flip_merge", heatmaps.device, heatmaps, flipped, flip_index, shift)
+    return dispatch("flip_merge", heatmaps.device, detached(heatmaps), detached(flipped), flip_index, shift)
 
 
-@_flip_merge_op.register_fake
-def _(heatmaps, flipped, flip_index, shift):
+def _flip_merge_fake(heatmaps, flipped, flip_index, shift):
     _check_flip_args(heatmaps, flipped, flip_index)
     return torch.empty_like(heatmaps, memory_format=torch.contiguous_format)
+
+
+_decode_heatmaps_op = define_op("decode_heatmaps", _decode_heatmaps_forward, fake=_decode_heatmaps_fake)
+_flip_merge_op = define_op("flip_merge", _flip_merge_forward, fake=_flip_merge_fake)
 
 
 def decode_heatmaps(
@@ -481,7 +459,7 @@ def decode_heatmaps(
     """
     # Checked here too: torch's argument parser would turn blur_kernel=True into 1.
     _check_decode_args(heatmaps, mode, affine, blur_kernel)
-    return torch.ops.mipnet.decode_heatmaps(heatmaps, mode, affine, blur_kernel)
+    return _decode_heatmaps_op(heatmaps, mode, affine, blur_kernel)
 
 
 def flip_merge(heatmaps: Tensor, flipped: Tensor, flip_pairs, shift: bool = True) -> Tensor:
@@ -502,4 +480,4 @@ def flip_merge(heatmaps: Tensor, flipped: Tensor, flip_pairs, shift: bool = True
     if not isinstance(shift, bool):  # bool('no') is True: refuse rather than guess
         raise TypeError(f"shift must be a bool, got {type(shift).__name__} {shift!r}")
     index = flip_index_from_pairs(flip_pairs, heatmaps.shape[1])
-    return torch.ops.mipnet.flip_merge(heatmaps, flipped, index, shift)
+    return _flip_merge_op(heatmaps, flipped, index, shift)

@@ -5,7 +5,9 @@ OKS-NMS).
 Importing this package does not import ``triton``: the kernels' modules are loaded on first
 use, so ``TRITON_INTERPRET=1`` (which must be set before ``triton`` is imported) can still be
 set after ``import mipnet_kernels``.  The public ops in :mod:`mipnet_kernels.ops` route here
-when the ``triton`` backend is selected; these launchers are not part of the public API.
+when the ``triton`` backend is selected, always through :func:`launcher_module` (the
+backend's ``resolve`` in :mod:`mipnet_kernels._backends`); these launchers are not part of
+the public API.  A new launcher is one line in ``_LAZY``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ _LAZY = {
     "soft_oks_nms_sorted_triton": "nms",
 }
 __all__ = sorted(_LAZY)
+
+
+def launcher_module(name: str) -> str | None:
+    """The full name of the module holding launcher ``name`` (None: no such launcher)."""
+    module = _LAZY.get(name)
+    return None if module is None else f"{__name__}.{module}"
 
 
 def __getattr__(name: str):
