@@ -42,7 +42,9 @@ import mipnet_kernels
 from mipnet.models import build_model
 
 from . import _timing
-from .test_decode_bench import DTYPE_IDS, _device_name, _extra_info
+from .common import DTYPE_IDS
+from .common import device_name as _device_name
+from .common import record as _extra_info
 
 NUM_INSTANCES = 2
 VARIANTS = ("baseline", "official", "ours", "ours_eager_mimb")  # baseline first, ours before ours_eager_mimb
