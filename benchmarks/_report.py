@@ -32,7 +32,7 @@ GPU_LAUNCH_FLOOR_S = 10e-6  # ... or under 10 us, where launch latency dominates
 GPU_MIN_SPEEDUP_VS_EAGER = 10.0  # decode: >= 10x faster than the eager reference
 CPU_QUARTER_MIN_SPEEDUP_VS_NUMPY = 20.0  # cpu backend, quarter mode, vs the NumPy anchor
 # MIMB issue: rows whose "eager" peer is the official-style SELambdaLayer ("compile": torch.compile of it).
-MIMB_OPS = ("mimb", "mimb_scale", "mimb_instances")
+MIMB_OPS = ("mimb", "mimb_train_step", "mimb_instances")
 MIMB_CPU_MIN_SPEEDUP_VS_EAGER = 2.0  # cpu backend at batch 4
 MIMB_CPU_TARGET_BATCH = 4
 MIMB_GPU_FWD_MIN_SPEEDUP_VS_EAGER = 3.0
@@ -49,7 +49,7 @@ NMS_GPU_SMALL_MAX_S = 100e-6  # cuda/triton on small_batch
 
 FUSED_GPU_BACKENDS = ("cuda", "triton")
 BACKEND_ORDER = {"cuda": 0, "triton": 1, "cpu": 2, "reference": 3, "numpy": 4, "compile": 5, "eager": 6}
-OP_ORDER = {"decode_heatmaps": 0, "flip_merge": 1, "mimb": 2, "mimb_scale": 3, "mimb_instances": 4,
+OP_ORDER = {"decode_heatmaps": 0, "flip_merge": 1, "mimb": 2, "mimb_train_step": 3, "mimb_instances": 4,
             "oks_nms": 5, "soft_oks_nms": 6}
 MODE_ORDER = {"argmax": 0, "quarter": 1, "dark": 2, "udp": 3}
 DEVICE_ORDER = {"cuda": 0, "cpu": 1}
@@ -230,16 +230,95 @@ def current_device_slug() -> str:
 
 
 # --------------------------------------------------------------------------- saved runs
-def load_run(path: str | os.PathLike) -> dict:
-    """A pytest-benchmark JSON file; ``ValueError`` naming the file when it is not one."""
+#: Rows renamed after runs were recorded, so that every older file compares like with like:
+#: ``(suite, mode, old op, new op)``; :func:`load_run` renames such rows (``op`` in
+#: ``extra_info`` and ``params``, the op's id in ``name`` / ``fullname`` / ``param``, the
+#: first word of ``group``).
+RENAMED_OPS = (
+    # issue 15: the MIMB training step (forward + backward of the module in train mode) kept
+    # the name of the op it timed before the step was fused.
+    ("benchmarks/test_mimb_bench.py", "fwd+bwd", "mimb_scale", "mimb_train_step"),
+)
+
+
+def _rename_id(text: str, old: str, new: str) -> str:
+    """``"test[cpu-cpu-fp32-4x32x64x48-old]"`` -> ``"...-new]"`` (whole ``-``-separated ids only)."""
+    head, sep, ids = text.partition("[") if "[" in text else ("", "", text)
+    closing = "]" if ids.endswith("]") else ""
+    parts = (ids[:-1] if closing else ids).split("-")
+    return head + sep + "-".join(new if p == old else p for p in parts) + closing
+
+
+def migrate_benchmark(bench: dict) -> dict:
+    """``bench`` with the row names of :data:`RENAMED_OPS` brought up to date (in place)."""
+    ei = bench.get("extra_info") or {}
+    for suite, mode, old, new in RENAMED_OPS:
+        if suite_of(bench) != suite or ei.get("op") != old or ei.get("mode") != mode:
+            continue
+        ei["op"] = new
+        if isinstance(bench.get("params"), dict) and bench["params"].get("op") == old:
+            bench["params"]["op"] = new
+        for key in ("name", "fullname", "param"):
+            if isinstance(bench.get(key), str):
+                bench[key] = _rename_id(bench[key], old, new)
+        group = str(bench.get("group") or "")
+        if group.split(" ", 1)[0] == old:
+            bench["group"] = new + group[len(old):]
+    return bench
+
+
+def load_run(path: str | os.PathLike, text: str | None = None) -> dict:
+    """A pytest-benchmark JSON file (or a trimmed baseline, :mod:`benchmarks.baseline`), rows
+    renamed as :data:`RENAMED_OPS` says; ``ValueError`` naming the file when it is neither.
+    ``text``: the file's content when it does not come from the file itself (a git version)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text() if text is None else text)
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read benchmark JSON {path}: {exc}") from exc
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
         raise ValueError(f"{path} is not pytest-benchmark JSON (no 'benchmarks' list)")
+    for bench in data["benchmarks"]:
+        migrate_benchmark(bench)
     return data
+
+
+#: ``format`` of a trimmed baseline file (:mod:`benchmarks.baseline`).
+BASELINE_FORMAT = "mipnet-bench-baseline/1"
+
+
+def is_baseline(data: dict) -> bool:
+    return data.get("format") == BASELINE_FORMAT
+
+
+def split_runs(path: str | os.PathLike, data: dict) -> list[tuple[Path, dict]]:
+    """The runs in one loaded file: a pytest-benchmark JSON is one run; a trimmed baseline
+    holds the rows of several, each row naming its run (``"run"``: the index in ``runs``),
+    given back as one run per source, labelled ``<file>#<run id>``, with that run's
+    ``machine_info``, ``commit_info`` and ``datetime``."""
+    path = Path(path)
+    if not is_baseline(data):
+        return [(path, data)]
+    runs = data.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise ValueError(f"{path} is a trimmed baseline without its 'runs'")
+    rows: dict[int, list] = {}
+    for bench in data["benchmarks"]:
+        n = bench.get("run")
+        if not isinstance(n, int) or not 0 <= n < len(runs):
+            raise ValueError(f"{path}: benchmark {bench.get('fullname')!r} names no run of the file (run={n!r})")
+        rows.setdefault(n, []).append({k: v for k, v in bench.items() if k != "run"})
+    out = []
+    for n, run in enumerate(runs):
+        if n in rows:
+            meta = {k: v for k, v in run.items() if k != "id"}
+            out.append((path.with_name(f"{path.name}#{run.get('id', n)}"), dict(meta, benchmarks=rows[n])))
+    return out
+
+
+def load_runs(path: str | os.PathLike, text: str | None = None) -> list[tuple[Path, dict]]:
+    """:func:`load_run` + :func:`split_runs`: the ``(label, run)`` pairs of one file."""
+    return split_runs(path, load_run(path, text))
 
 
 def run_slug(data: dict) -> str | None:
@@ -389,7 +468,7 @@ def _mimb_target(row: dict) -> str:
         return ""
     fails = []
     sx, sc = row.get("speedup_eager"), row.get("speedup_compile")
-    if row["op"] == "mimb_scale":  # forward + backward
+    if row["op"] == "mimb_train_step":  # forward + backward
         if sx is None:
             fails.append("no eager row")
         elif sx < MIMB_GPU_BWD_MIN_SPEEDUP_VS_EAGER:
@@ -552,7 +631,7 @@ def build_table(benchmarks: Iterable[dict], machine_info: dict | None = None) ->
     )
     if any(r["op"] in MIMB_OPS for r in rows):
         lines.append(
-            "MIMB rows (op mimb fwd / mimb_scale fwd+bwd / mimb_instances N=2): x eager is over the"
+            "MIMB rows (op mimb fwd / mimb_train_step fwd+bwd / mimb_instances N=2): x eager is over the"
             " official-style SELambdaLayer (backend eager; compile = torch.compile of it); GB/s counts"
             " read x + write y (N writes for mimb_instances; fwd+bwd adds read x, dy + write dx)."
             f"  Targets: cpu >= {MIMB_CPU_MIN_SPEEDUP_VS_EAGER:g}x eager at batch {MIMB_CPU_TARGET_BATCH};"
@@ -562,7 +641,7 @@ def build_table(benchmarks: Iterable[dict], machine_info: dict | None = None) ->
     if any(r["op"] in NMS_OPS for r in rows):
         lines.append(
             "OKS-NMS rows: shape = images-candidates of the workload (K=17, float32); x numpy is over"
-            " HRNet's per-image NumPy loop (tests/numpy_anchors.py), run once; '/mask' rows time the"
+            " HRNet's per-image NumPy loop (tests/anchors.py), run once; '/mask' rows time the"
             " sync-free mask form.  Targets: cpu >= 50x numpy on coco_val_n2; cuda/triton < 5 ms and"
             " >= 1000x numpy on coco_val_n2, < 100 us on small_batch.  GB/s is not meaningful for NMS."
         )

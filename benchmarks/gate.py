@@ -1,15 +1,17 @@
 """Benchmark regression gate: a fresh run against the committed baseline of the same device kind.
 
     python -m benchmarks.gate benchmarks/out/results.json            # what `make bench-check` runs
-    python -m benchmarks.gate NEW.json --baseline benchmarks/results/nvidia-h100-80gb-hbm3/X.json
+    python -m benchmarks.gate NEW.json --baseline benchmarks/results/nvidia-h100-80gb-hbm3/baseline.json
 
 The baseline of a run is ``benchmarks/results/<device-slug>/`` for the run's own device kind
-(``machine_info.mipnet.device_slug``, the folder ``--mipnet-results-dir`` writes to): an
-H100 run is never compared with an H200 one.  By default only files git tracks there count
-(the *committed* baseline: ``make gpu-check`` and ``make bench-baseline`` drop fresh,
-uncommitted files into the same folder); ``--include-uncommitted`` uses every file.  Of
-several files, each suite (test module) comes from the newest file containing it
-(:func:`benchmarks._report.merge_newest`).
+(``machine_info.mipnet.device_slug``): an H100 run is never compared with an H200 one.  That
+folder holds one trimmed ``baseline.json`` (:mod:`benchmarks.baseline`: summary statistics of
+each row, and the runs they come from); raw runs dropped there (``--mipnet-results-dir``,
+``make gpu-check``) are git-ignored.  By default only files git tracks count, in the version
+git has (the *committed* baseline: ``make bench-baseline`` rewrites ``baseline.json``, and
+the change counts once it is committed or staged); ``--include-uncommitted`` uses every file
+as it is on disk.  The runs of all files (a baseline holds several) are merged: each suite
+(test module) comes from the newest run containing it (:func:`benchmarks._report.merge_newest`).
 
 Checks, each (benchmark, metric), keyed on the pytest node id, never on a fixed list:
 
@@ -281,6 +283,16 @@ def committed_files(folder: Path) -> set[Path] | None:
     return {(folder / p).resolve() for p in out.split("\0") if p}
 
 
+def tracked_text(path: Path) -> str | None:
+    """The content git has for a tracked file (its staged, else committed, version; local
+    edits not included); None when git cannot say."""
+    try:
+        return subprocess.run(["git", "show", f":./{path.name}"], cwd=path.parent, capture_output=True,
+                              text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def baseline_runs(results_dir: Path, slug: str, include_uncommitted: bool = False) -> list[tuple[Path, dict]]:
     """The baseline runs of device kind ``slug``: the JSON files of ``results_dir/slug``
     (committed ones only unless ``include_uncommitted``) whose own kind is ``slug``."""
@@ -297,11 +309,11 @@ def baseline_runs(results_dir: Path, slug: str, include_uncommitted: bool = Fals
         files = [f for f in files if f.resolve() in tracked]
     runs = []
     for path in files:
-        data = _report.load_run(path)
-        if _report.run_slug(data) == slug:
-            runs.append((path, data))
-        else:
-            print(f"gate: ignoring {path}: recorded on '{_report.run_slug(data)}', not '{slug}'", file=sys.stderr)
+        for label, data in _report.load_runs(path, None if tracked is None else tracked_text(path)):
+            if _report.run_slug(data) == slug:
+                runs.append((label, data))
+            else:
+                print(f"gate: ignoring {label}: recorded on '{_report.run_slug(data)}', not '{slug}'", file=sys.stderr)
     if not runs:
         what = "committed JSON" if tracked is not None else "JSON"
         raise GateError(
@@ -326,8 +338,9 @@ def gate(new_json: str | os.PathLike, *, results_dir: str | os.PathLike = DEFAUL
     if not new["benchmarks"]:
         raise GateError(f"{new_json} has no benchmarks (a --benchmark-disable run records none)")
     if baseline is not None and Path(baseline).is_file():
-        runs = [(Path(baseline), _report.load_run(baseline))]
-        kind = _report.run_slug(runs[0][1])
+        runs = _report.load_runs(baseline)
+        kinds = {_report.run_slug(data) for _, data in runs}
+        kind = kinds.pop() if len(kinds) == 1 else ", ".join(sorted(map(str, kinds)))
         if kind != slug:
             raise GateError(f"device kind mismatch: {new_json} ran on '{slug}', the baseline {baseline} "
                             f"on '{kind}'; runs of different kinds are never compared")

@@ -1,15 +1,17 @@
 """Results of saved benchmark runs: the terminal table, or a markdown report with PNG plots.
 
     .venv/bin/python -m benchmarks.report benchmarks/out/results.json          # the table
-    .venv/bin/python -m benchmarks.report benchmarks/results/nvidia-h100-80gb-hbm3/*.json
+    .venv/bin/python -m benchmarks.report benchmarks/results/nvidia-h100-80gb-hbm3/baseline.json
     .venv/bin/python -m benchmarks.report --markdown benchmarks/report.md \\
         --plots benchmarks/report benchmarks/results/cpu-amd-epyc              # `make bench-report`
 
-Inputs are pytest-benchmark JSON files written with ``--benchmark-json`` (or committed under
-``benchmarks/results/<device>/``) or such folders.  The table is the one the suite prints at
-the end of a run.  With ``--markdown`` the inputs, all of one device kind, are merged (each
-suite from the newest run containing it) into one report: a machine summary, per-op tables,
-and PNG plots (matplotlib, Agg backend) that read without the JSON:
+Inputs are pytest-benchmark JSON files written with ``--benchmark-json``, the trimmed
+baselines committed as ``benchmarks/results/<device>/baseline.json`` (their summary
+statistics are all the report reads), or such folders.  The table is the one the suite
+prints at the end of a run.  With ``--markdown`` the inputs, all of one device kind, are
+merged (each row from the newest run containing it; a baseline counts as the runs it
+holds) into one report: a machine summary, per-op tables, and PNG plots (matplotlib, Agg
+backend) that read without the JSON:
 
 * per op and device: median time per configuration and backend, and achieved GB/s against
   the roofline (the measured device copy bandwidth when recorded, else the datasheet peak
@@ -67,7 +69,8 @@ def load_inputs(paths: list[Path]) -> tuple[list[dict], dict, list[Path]]:
     runs = []
     for path in paths:
         files = sorted(path.glob("*.json")) if path.is_dir() else [path]
-        runs.extend((f, _report.load_run(f)) for f in files)
+        for f in files:
+            runs.extend(_report.load_runs(f))
     if not runs:
         raise ValueError(f"no benchmark JSON in {', '.join(map(str, paths))}")
     kinds = {_report.run_slug(d) for _, d in runs}
@@ -434,10 +437,13 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     for n, path in enumerate(args.json):
         data = _report.load_run(path)
-        table = _report.build_table(data.get("benchmarks", []), data.get("machine_info"))
+        runs = _report.split_runs(path, data)  # a trimmed baseline: the machine of its newest run
+        machine = max(runs, key=lambda r: _report.run_time(r[1]))[1].get("machine_info")
+        table = _report.build_table(data.get("benchmarks", []), machine)
         if n:
             print()
-        print(f"== {path}  ({data.get('datetime', '?')}, commit {(data.get('commit_info') or {}).get('id', '?')})")
+        what = f"baseline of {len(runs)} runs, newest " if _report.is_baseline(data) else ""
+        print(f"== {path}  ({what}{data.get('datetime', '?')}, commit {(data.get('commit_info') or {}).get('id', '?')})")
         if table:
             print(table)
         else:

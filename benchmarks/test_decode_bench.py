@@ -11,8 +11,8 @@ Rows per shape/mode/dtype and device:
   ``reference``.  ``reference`` is the eager-PyTorch baseline.  A backend that cannot run
   here is skipped with ``not_supported_reasons``; Triton is never benchmarked under the
   interpreter.
-* ``numpy``: the pipeline we beat, imported from ``tests/numpy_anchors.py`` (the same
-  anchors the tests check the op against): HRNet ``get_final_preds`` (argmax; quarter =
+* ``numpy``: the pipeline we beat, from ``tests/anchors.py`` (the same anchors the tests
+  check the op against, through ``benchmarks/common.py``): HRNet ``get_final_preds`` (argmax; quarter =
   its per-joint quarter-offset loop), DarkPose ``get_final_preds`` (dark), MMPose
   ``_get_max_preds`` + ``post_dark_udp`` (udp), each with the per-joint ``transform_preds``
   affine; HRNet's flip test (``flip_back`` + shift + average).  On CUDA input it starts
@@ -32,19 +32,16 @@ is recorded in ``extra_info``.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 
 import mipnet_kernels
-from mipnet_kernels import COCO_FLIP_PAIRS, _backends, use_backend
+from mipnet_kernels import COCO_FLIP_PAIRS, use_backend
 from mipnet_kernels.ops.decode import flip_index_from_pairs
 
-from . import _report, _timing
-from ._anchors import ANCHOR_IMPORT_ERROR as _ANCHOR_IMPORT_ERROR
-from ._anchors import numpy_anchors
+from . import _timing
+from .common import DTYPE_IDS, anchors, anchors_skip_reason, device_name, dtype_name, record, run, shape_id, skip_reason
 
 NUM_BOXES, NUM_INSTANCES, NUM_JOINTS = 24, 2, 17
 BATCH = NUM_BOXES * NUM_INSTANCES  # 48
@@ -58,7 +55,6 @@ DEVICE_CASES = {
     "cpu": ((torch.float32,), ("cpu", "reference", "numpy")),
     "cuda": ((torch.float32, torch.float16), ("cuda", "triton", "reference", "numpy")),
 }
-DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 # Gross-error bounds for backends vs the eager reference (in heatmap pixels / relative).
 COORD_TOL_HM_PX = 0.1
@@ -75,10 +71,6 @@ def _cases():
                     if backend != "numpy":  # device time for everything that runs on the GPU
                         marks.append(pytest.mark.benchmark(timer=_timing.CUDA_EVENT_TIMER))
                 yield pytest.param(device, dtype, backend, id=f"{device}-{backend}-{DTYPE_IDS[dtype]}", marks=marks)
-
-
-def _shape_id(shape) -> str:
-    return "x".join(str(s) for s in shape)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -109,8 +101,8 @@ def _box_affines(H: int, W: int, seed: int) -> np.ndarray:
     for _ in range(NUM_BOXES):
         w, h = rng.uniform(40, 300), rng.uniform(80, 400)
         x, y = rng.uniform(0, IMAGE_SIZE[0] - w), rng.uniform(0, IMAGE_SIZE[1] - h)
-        center, scale = numpy_anchors.box_to_center_scale(x, y, w, h, aspect_ratio=W / H)
-        mats.append(numpy_anchors.get_affine_transform(center, scale, 0, (W, H), inv=1))
+        center, scale = anchors.box_to_center_scale(x, y, w, h, aspect_ratio=W / H)
+        mats.append(anchors.get_affine_transform(center, scale, 0, (W, H), inv=1))
     return np.repeat(np.stack(mats).astype(np.float64), NUM_INSTANCES, axis=0)
 
 
@@ -143,11 +135,11 @@ def _to_host_f32(t: torch.Tensor) -> np.ndarray:
 def _numpy_decode_fn(mode: str, heatmaps: torch.Tensor, affine_np: np.ndarray):
     if mode in ("argmax", "quarter"):
         post = mode == "quarter"
-        return lambda: numpy_anchors.hrnet_get_final_preds(_to_host_f32(heatmaps), affine_np, post_process=post)
+        return lambda: anchors.hrnet_get_final_preds(_to_host_f32(heatmaps), affine_np, post_process=post)
     if mode == "dark":
-        return lambda: numpy_anchors.darkpose_get_final_preds(_to_host_f32(heatmaps), affine_np, kernel=BLUR_KERNEL)
+        return lambda: anchors.darkpose_get_final_preds(_to_host_f32(heatmaps), affine_np, kernel=BLUR_KERNEL)
     if mode == "udp":
-        return lambda: numpy_anchors.mmpose_udp_decode(_to_host_f32(heatmaps), affine_np, kernel=BLUR_KERNEL)
+        return lambda: anchors.mmpose_udp_decode(_to_host_f32(heatmaps), affine_np, kernel=BLUR_KERNEL)
     raise ValueError(mode)
 
 
@@ -155,11 +147,11 @@ def _numpy_flip_fn(heatmaps: torch.Tensor, flipped: torch.Tensor):
     pairs = [list(p) for p in COCO_FLIP_PAIRS]
     if heatmaps.device.type == "cpu":
         return lambda: torch.from_numpy(
-            numpy_anchors.hrnet_flip_merge(heatmaps.numpy(), flipped.numpy(), pairs, shift=True)
+            anchors.hrnet_flip_merge(heatmaps.numpy(), flipped.numpy(), pairs, shift=True)
         )
 
     def official_gpu():  # HRNet function.validate with FLIP_TEST and SHIFT_HEATMAP
-        back = numpy_anchors.hrnet_flip_back(flipped.cpu().numpy(), pairs)
+        back = anchors.hrnet_flip_back(flipped.cpu().numpy(), pairs)
         f = torch.from_numpy(back.copy()).to(heatmaps.device)
         f[:, :, :, 1:] = f.clone()[:, :, :, 0:-1]
         out = (heatmaps + f) * 0.5
@@ -179,89 +171,25 @@ def _reference(op: str, key, fn):
     return _reference_cache[key]
 
 
-# --------------------------------------------------------------------------- running
-def _anchor_skip_reason() -> str | None:
-    if numpy_anchors is None:
-        return _ANCHOR_IMPORT_ERROR
-    if getattr(numpy_anchors, "cv2", True) is None:
-        return "opencv-python(-headless) is not installed: the affines and the dark/udp anchors need it"
-    return None
-
-
-def _skip_reason(op: str, backend: str, device: str, args) -> str | None:
-    if device == "cuda" and not torch.cuda.is_available():
-        return "no CUDA device (torch.cuda.is_available() is False)"
-    if backend == "numpy":
-        return _anchor_skip_reason()
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return "TRITON_INTERPRET is set: interpreter timings are meaningless, triton is benchmarked on CUDA only"
-    reasons = _backends.not_supported_reasons(op, backend, torch.device(device), *args)
-    return "; ".join(reasons) if reasons else None
-
-
-def _extra_info(benchmark, **fields) -> None:
-    benchmark.extra_info.update(fields)
-
-
-def _run(benchmark, request, device: str, backend: str, fn, bytes_moved: int, roof=None):
-    """Time ``fn`` (pytest-benchmark; CUDA events for GPU backends) and return its result.
-
-    ``roof``: ``(name, callable)``, the torch kernel that moves the same bytes once (e.g.
-    ``torch.amax`` over the maps for a decode); on the CPU it is timed right after the row
-    and recorded as ``roof_kernel``, ``roof_time_s`` and ``t_over_roof`` (the row's median
-    over it) -- the targets of issue 12 are stated in that ratio."""
-    gpu_timed = device == "cuda" and backend != "numpy"
-    if gpu_timed:
-        env = request.getfixturevalue("gpu_bench_env")
-        timer = getattr(benchmark, "_timer", _timing.CUDA_EVENT_TIMER)
-        assert timer is _timing.CUDA_EVENT_TIMER, "GPU rows must be timed with CUDA events"
-        if benchmark.disabled:  # smoke: run once
-            out = benchmark.pedantic(fn, rounds=1)
-            torch.cuda.synchronize()
-            return out
-        out, cal = _timing.gpu_pedantic(benchmark, fn, env.setup)
-        _extra_info(
-            benchmark,
-            timer="cuda_event_timer",
-            host_call_s=cal["host_call_s"],
-            l2_flush=env.flush_l2,
-            copy_bandwidth_GBps=env.copy_bandwidth_GBps,
-            roofline_time_s=bytes_moved / (env.copy_bandwidth_GBps * 1e9),
-        )
-    else:
-        if benchmark.enabled:  # first calls (thread team, allocator pages) out of calibration
-            for _ in range(3):
-                fn()
-        out = benchmark(fn)
-        _extra_info(benchmark, timer="perf_counter" if device == "cpu" else "perf_counter (host, incl. .cpu() copy)")
-    if benchmark.enabled and benchmark.stats is not None:
-        median = float(benchmark.stats["median"])
-        _extra_info(benchmark, time_median_s=median, gbps=bytes_moved / median / 1e9, rounds=benchmark.stats["rounds"])
-        if roof is not None and device == "cpu":
-            name, roof_fn = roof
-            t_roof = _timing.cpu_roof_time(roof_fn)
-            _extra_info(benchmark, roof_kernel=name, roof_time_s=t_roof, t_over_roof=median / t_roof,
-                        cpu_isa=mipnet_kernels.get_cpu_isa(), threads=torch.get_num_threads())
-    return out
-
-
-def _device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device == "cuda" else _report.cpu_name()
+def _backend_skip_reason(op: str, backend: str, device: str, args) -> str | None:
+    if backend == "numpy":  # the anchors run wherever the test runs (the GPU rows copy to the host)
+        return None
+    return skip_reason(backend, device, {op: args})
 
 
 # --------------------------------------------------------------------------- benchmarks
-@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("device, dtype, backend", list(_cases()))
 def test_decode_heatmaps(benchmark, request, device, dtype, backend, mode, shape):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device (torch.cuda.is_available() is False)")
-    why = _anchor_skip_reason()  # the anchors also build the HRNet-style affines
+    why = anchors_skip_reason(need_cv2=True)  # the anchors also build the HRNet-style affines
     if why:
         pytest.skip(why)
     data = _inputs(shape, dtype, device)
     hm, affine = data["heatmaps"], data["affine"]
-    why = _skip_reason("decode_heatmaps", backend, device, (hm, mode, affine, BLUR_KERNEL))
+    why = _backend_skip_reason("decode_heatmaps", backend, device, (hm, mode, affine, BLUR_KERNEL))
     if why:
         pytest.skip(why)
 
@@ -269,17 +197,17 @@ def test_decode_heatmaps(benchmark, request, device, dtype, backend, mode, shape
     elem = hm.element_size()
     bytes_read = B * K * H * W * elem + affine.numel() * 4
     bytes_written = B * K * 2 * 4 + B * K * 4  # coords [B, K, 2] + scores [B, K], float32
-    benchmark.group = f"decode_heatmaps {mode} {_shape_id(shape)} {DTYPE_IDS[dtype]} {device}"
-    _extra_info(
+    benchmark.group = f"decode_heatmaps {mode} {shape_id(shape)} {DTYPE_IDS[dtype]} {device}"
+    record(
         benchmark, op="decode_heatmaps", backend=backend, mode=mode, device=device,
-        device_name=_device_name(device), shape=_shape_id(shape), dtype=str(dtype).replace("torch.", ""),
+        device_name=device_name(device), shape=shape_id(shape), dtype=dtype_name(dtype),
         bytes_read=bytes_read, bytes_written=bytes_written, bytes_moved=bytes_read + bytes_written,
         blur_kernel=BLUR_KERNEL if mode in ("dark", "udp") else None,
     )
 
     if backend == "numpy":
         fn = _numpy_decode_fn(mode, hm, data["affine_np"])
-        preds, maxvals = _run(benchmark, request, device, backend, fn, bytes_read + bytes_written)
+        preds, maxvals = run(benchmark, request, device, backend, fn, bytes_read + bytes_written)
         coords = torch.from_numpy(np.asarray(preds, dtype=np.float64))
         scores = torch.from_numpy(np.asarray(maxvals, dtype=np.float64)).reshape(B, K)
     else:
@@ -288,7 +216,7 @@ def test_decode_heatmaps(benchmark, request, device, dtype, backend, mode, shape
 
         roof = ("torch.amax(heatmaps, dim=(2, 3))", lambda: torch.amax(hm, dim=(2, 3)))
         with use_backend(backend):
-            coords, scores = _run(benchmark, request, device, backend, fn, bytes_read + bytes_written,
+            coords, scores = run(benchmark, request, device, backend, fn, bytes_read + bytes_written,
                                   roof=roof)
 
     ref_coords, ref_scores = _reference(
@@ -297,40 +225,40 @@ def test_decode_heatmaps(benchmark, request, device, dtype, backend, mode, shape
     )
     d_coord = (coords.double().cpu() - ref_coords.double().cpu()).abs().max().item()
     d_score = (scores.double().cpu() - ref_scores.double().cpu()).abs().max().item()
-    _extra_info(benchmark, max_abs_coord_diff_vs_reference=d_coord, max_abs_score_diff_vs_reference=d_score)
+    record(benchmark, max_abs_coord_diff_vs_reference=d_coord, max_abs_score_diff_vs_reference=d_score)
     if backend != "numpy":
         tol = COORD_TOL_HM_PX * data["image_px_per_heatmap_px"]
         assert d_coord <= tol, f"{backend} coords differ from the reference by {d_coord:.3g} px (> {tol:.3g})"
         assert d_score <= SCORE_RTOL * ref_scores.abs().max().item() + 1e-6, f"{backend} scores differ by {d_score:.3g}"
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("device, dtype, backend", list(_cases()))
 def test_flip_merge(benchmark, request, device, dtype, backend, shape):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device (torch.cuda.is_available() is False)")
-    why = _anchor_skip_reason()
+    why = anchors_skip_reason(need_cv2=True)
     if why:
         pytest.skip(why)
     data = _inputs(shape, dtype, device)
     hm, flipped = data["heatmaps"], data["flipped"]
     index = flip_index_from_pairs(COCO_FLIP_PAIRS, shape[1])
-    why = _skip_reason("flip_merge", backend, device, (hm, flipped, index, True))
+    why = _backend_skip_reason("flip_merge", backend, device, (hm, flipped, index, True))
     if why:
         pytest.skip(why)
 
     B, K, H, W = shape
     nbytes = B * K * H * W * hm.element_size()
-    benchmark.group = f"flip_merge shift {_shape_id(shape)} {DTYPE_IDS[dtype]} {device}"
-    _extra_info(
+    benchmark.group = f"flip_merge shift {shape_id(shape)} {DTYPE_IDS[dtype]} {device}"
+    record(
         benchmark, op="flip_merge", backend=backend, mode="shift", device=device,
-        device_name=_device_name(device), shape=_shape_id(shape), dtype=str(dtype).replace("torch.", ""),
+        device_name=device_name(device), shape=shape_id(shape), dtype=dtype_name(dtype),
         bytes_read=2 * nbytes, bytes_written=nbytes, bytes_moved=3 * nbytes,
     )
 
     if backend == "numpy":
         fn = _numpy_flip_fn(hm, flipped)
-        out = _run(benchmark, request, device, backend, fn, 3 * nbytes)
+        out = run(benchmark, request, device, backend, fn, 3 * nbytes)
     else:
         def fn():
             return mipnet_kernels.flip_merge(hm, flipped, COCO_FLIP_PAIRS, shift=True)
@@ -340,14 +268,14 @@ def test_flip_merge(benchmark, request, device, dtype, backend, shape):
         # thread, Zen 5 VM: torch.add out= 355 us, allocating 410 us).
         roof = ("torch.add(heatmaps, flipped)", lambda: torch.add(hm, flipped))
         with use_backend(backend):
-            out = _run(benchmark, request, device, backend, fn, 3 * nbytes, roof=roof)
+            out = run(benchmark, request, device, backend, fn, 3 * nbytes, roof=roof)
 
     ref = _reference(
         "flip_merge", ("flip", shape, dtype, device),
         lambda: mipnet_kernels.flip_merge(hm, flipped, COCO_FLIP_PAIRS, shift=True),
     )
     diff = (out.float().cpu() - ref.float().cpu()).abs().max().item()
-    _extra_info(benchmark, max_abs_diff_vs_reference=diff)
+    record(benchmark, max_abs_diff_vs_reference=diff)
     if backend != "numpy":
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         assert diff <= tol * max(1.0, ref.float().abs().max().item()), f"{backend} flip_merge differs by {diff:.3g}"

@@ -1,5 +1,5 @@
-"""Benchmarks of the Multi-Instance Modulation Block: ``mimb``, ``mimb_scale`` (forward +
-backward) and ``mimb_instances``.
+"""Benchmarks of the Multi-Instance Modulation Block: the ``mimb`` forward, one training step
+of the ``MIMB`` module (forward + backward) and ``mimb_instances``.
 
 Workload: the MIMB inputs of MIPNet HRNet (one block per branch before stage 4),
 * W32 at 256x192: C = 32/64/128/256 at 64x48, 32x24, 16x12, 8x6;
@@ -10,71 +10,43 @@ Rows (``op`` / ``mode``):
 
 * ``mimb`` / ``fwd`` -- eval-style forward with fixed weights (BatchNorm folded,
   :meth:`MIMB.folded_embedding`) and a one-hot ``lam [B, 2]``, under ``no_grad``.
-* ``mimb_scale`` / ``fwd+bwd`` -- one training step of the block: ``MIMB`` in train mode
-  (eagerly, the fused ``mimb_train`` op: the embedding with its BatchNorm on batch
-  statistics and the squeeze-excite scale, one call forward and one backward), then
-  ``backward(dy)`` into ``x`` and every parameter.  The eager row is the same step through
-  the official layer (its modules).  The row keeps its historical name (the op it timed
-  before the training step was fused) so the regression gate's history stays comparable.
+* ``mimb_train_step`` / ``fwd+bwd`` -- one training step of the block: ``MIMB`` in train
+  mode (the fused training op: the embedding with its BatchNorm on batch statistics and the
+  squeeze-excite scale, one call forward and one backward), then ``backward(dy)`` into
+  ``x`` and every parameter.  The eager row is the same step through the official layer
+  (its modules).  Until issue 15 this row was named ``mimb_scale`` (the op it timed before
+  the training step was fused); ``benchmarks/_report.py`` (``RENAMED_ROWS``) renames it in
+  older result files, so the regression gate compares like with like.
 * ``mimb_instances`` / ``N=2`` -- both instances from one read of ``x``; the eager row
   runs the official layer twice (once per one-hot selector), as MIPNet inference does.
 
 Backends: ``cpu`` / ``reference`` on CPU tensors, ``cuda`` / ``triton`` / ``reference`` on CUDA
 tensors, through ``mipnet_kernels.use_backend`` (skipped with the dispatcher's
 ``not_supported_reasons`` where they have no implementation), plus the baselines ``eager``
-(the official-style ``SELambdaLayer``, imported from ``tests/test_nn.py`` so benchmarks and
-tests share one definition) and, on CUDA only, ``compile`` (``torch.compile`` of it).
+(the official ``SELambdaLayer`` of ``tests/anchors.py``, the one the tests check
+``MIMB`` against) and, on CUDA only, ``compile`` (``torch.compile`` of it).
 
 Bytes that must move (the GB/s column): forward read x + write y; ``mimb_instances``
 read x + N writes; ``fwd+bwd`` the forward's plus the backward's (read x and dy, write dx),
 i.e. 5 tensors of x's size.  Weights and per-channel vectors are ignored (< 0.1 %).
 
-Timing and ``extra_info`` as in ``test_decode_bench.py`` (shared helpers).  Each row's
+Timing and ``extra_info`` as in ``test_decode_bench.py`` (``benchmarks/common.py``).  Each row's
 result is checked once against the eager official layer (a gross check; accuracy is the
 tests' job).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import mipnet_kernels
-from mipnet_kernels import _backends, use_backend
+from mipnet_kernels import use_backend
 from mipnet_kernels.nn import MIMB
 
 from . import _timing
-from .test_decode_bench import DTYPE_IDS, _device_name, _extra_info, _run
-
-TESTS_DIR = Path(__file__).resolve().parents[1] / "tests"
-TEST_NN_PATH = TESTS_DIR / "test_nn.py"
-
-
-def _load_official_layer():
-    """``OfficialSELambdaLayer`` from ``tests/test_nn.py`` (which imports ``utils`` from tests/)."""
-    mod = sys.modules.get("test_nn")
-    if mod is not None and Path(getattr(mod, "__file__", "")).resolve() == TEST_NN_PATH:
-        return mod.OfficialSELambdaLayer
-    if str(TESTS_DIR) not in sys.path:
-        sys.path.append(str(TESTS_DIR))
-    spec = importlib.util.spec_from_file_location("mipnet_tests_test_nn", TEST_NN_PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.OfficialSELambdaLayer
-
-
-_OFFICIAL_IMPORT_ERROR = ""
-try:
-    OfficialSELambdaLayer = _load_official_layer()
-except Exception as exc:  # pragma: no cover - only when tests/ is not shipped
-    OfficialSELambdaLayer = None
-    _OFFICIAL_IMPORT_ERROR = f"tests/test_nn.py (OfficialSELambdaLayer) could not be imported: {exc!r}"
+from .common import DTYPE_IDS, anchors, anchors_skip_reason, device_name, dtype_name, record, run, shape_id, skip_reason
 
 NUM_INSTANCES, REDUCTION = 2, 4
 W32_256 = [(32, 64, 48), (64, 32, 24), (128, 16, 12), (256, 8, 6)]
@@ -91,13 +63,9 @@ DEVICE_CASES = {
 }
 BASELINES = ("eager", "compile")
 #: the dispatcher op each benchmark's backends implement (for ``not_supported_reasons``)
-DISPATCH_OP = {"mimb": "mimb_scale_fwd", "mimb_scale": "mimb_scale_bwd", "mimb_instances": "mimb_instances"}
+DISPATCH_OP = {"mimb": "mimb_scale_fwd", "mimb_train_step": "mimb_scale_bwd", "mimb_instances": "mimb_instances"}
 # gross-error bound vs the eager official layer (relative to max |eager|)
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
-
-
-def _shape_id(shape) -> str:
-    return "x".join(str(s) for s in shape)
 
 
 def _cases():
@@ -110,7 +78,7 @@ def _cases():
                 for shape in shapes:
                     yield pytest.param(
                         device, dtype, backend, shape,
-                        id=f"{device}-{backend}-{DTYPE_IDS[dtype]}-{_shape_id(shape)}", marks=marks,
+                        id=f"{device}-{backend}-{DTYPE_IDS[dtype]}-{shape_id(shape)}", marks=marks,
                     )
 
 
@@ -128,15 +96,8 @@ def _setup(shape, dtype, device: str) -> dict:
         return _cache[key]
     _cache.clear()  # one shape at a time: GPU shapes reach 170 MB per tensor
     B, C, H, W = shape
-    torch.manual_seed(0)
-    off = OfficialSELambdaLayer(C, REDUCTION, NUM_INSTANCES)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in off.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g))
-        bn = off.fc_lambda[1]
-        bn.running_mean.copy_(0.5 * torch.randn(bn.running_mean.shape, generator=g))
-        bn.running_var.copy_(0.5 + torch.rand(bn.running_var.shape, generator=g))
+    g = torch.Generator().manual_seed(1)  # the weights' perturbation, then the inputs
+    off = anchors.official_se_lambda(C, NUM_INSTANCES, REDUCTION, seed=0, generator=g)
     ours = MIMB(C, NUM_INSTANCES, REDUCTION)
     ours.load_state_dict(off.state_dict())
     off, ours = off.to(device=device, dtype=dtype), ours.to(device=device, dtype=dtype)
@@ -225,7 +186,7 @@ def _instances_fn(d, backend: str):
 OPS = {
     # op: (mode, fn factory, bytes read / written in units of x's size)
     "mimb": ("fwd", _forward_fn, 1, 1),
-    "mimb_scale": ("fwd+bwd", _train_step_fn, 3, 2),
+    "mimb_train_step": ("fwd+bwd", _train_step_fn, 3, 2),
     "mimb_instances": (f"N={NUM_INSTANCES}", _instances_fn, 1, NUM_INSTANCES),
 }
 
@@ -237,22 +198,20 @@ def _as_tensor(out) -> torch.Tensor:
 def _skip_reason(op: str, backend: str, device: str, d) -> str | None:
     if backend in BASELINES:
         return None
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return "TRITON_INTERPRET is set: interpreter timings are meaningless, triton is benchmarked on CUDA only"
     x, w1, w2 = d["x"], d["w1"], d["w2"]
     B, C = x.shape[:2]
     v = torch.ones(B, C, device=x.device, dtype=x.dtype)
     if op == "mimb_instances":
         args = (x, w1, w2, d["table"])
-    elif op == "mimb_scale":
+    elif op == "mimb_train_step":
         s = torch.zeros(B, C, device=x.device, dtype=torch.float32)
         args = (d["dy"], x, w1, w2, v, s)
     else:
         args = (x, w1, w2, v)
-    reasons = _backends.not_supported_reasons(DISPATCH_OP[op], backend, torch.device(device), *args)
-    if op == "mimb_scale" and not reasons:  # the step also runs the forward kernel
-        reasons = _backends.not_supported_reasons("mimb_scale_fwd", backend, torch.device(device), x, w1, w2, v)
-    return "; ".join(reasons) if reasons else None
+    ops = {DISPATCH_OP[op]: args}
+    if op == "mimb_train_step":  # the step also runs the forward kernel
+        ops["mimb_scale_fwd"] = (x, w1, w2, v)
+    return skip_reason(backend, device, ops)
 
 
 # --------------------------------------------------------------------------- benchmarks
@@ -261,8 +220,9 @@ def _skip_reason(op: str, backend: str, device: str, d) -> str | None:
 def test_mimb_ops(benchmark, request, device, dtype, backend, shape, op):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device (torch.cuda.is_available() is False)")
-    if OfficialSELambdaLayer is None:
-        pytest.skip(_OFFICIAL_IMPORT_ERROR)
+    why = anchors_skip_reason()
+    if why:
+        pytest.skip(why)
     d = _setup(shape, dtype, device)
     why = _skip_reason(op, backend, device, d)
     if why:
@@ -271,10 +231,10 @@ def test_mimb_ops(benchmark, request, device, dtype, backend, shape, op):
     mode, factory, n_read, n_written = OPS[op]
     nbytes = d["x"].numel() * d["x"].element_size()
     bytes_read, bytes_written = n_read * nbytes, n_written * nbytes
-    benchmark.group = f"{op} {mode} {_shape_id(shape)} {DTYPE_IDS[dtype]} {device}"
-    _extra_info(
+    benchmark.group = f"{op} {mode} {shape_id(shape)} {DTYPE_IDS[dtype]} {device}"
+    record(
         benchmark, op=op, backend=backend, mode=mode, device=device,
-        device_name=_device_name(device), shape=_shape_id(shape), dtype=str(dtype).replace("torch.", ""),
+        device_name=device_name(device), shape=shape_id(shape), dtype=dtype_name(dtype),
         bytes_read=bytes_read, bytes_written=bytes_written, bytes_moved=bytes_read + bytes_written,
         reduction=REDUCTION, num_instances=NUM_INSTANCES,
     )
@@ -285,10 +245,10 @@ def test_mimb_ops(benchmark, request, device, dtype, backend, shape, op):
         x, reps = d["x"], n_written // n_read
         roof = (f"x.repeat({reps}, 1, 1, 1) (read x, write y)", lambda: x.repeat(reps, 1, 1, 1))
     if backend in BASELINES:
-        out = _run(benchmark, request, device, backend, fn, bytes_read + bytes_written)
+        out = run(benchmark, request, device, backend, fn, bytes_read + bytes_written)
     else:
         with use_backend(backend):
-            out = _run(benchmark, request, device, backend, fn, bytes_read + bytes_written, roof=roof)
+            out = run(benchmark, request, device, backend, fn, bytes_read + bytes_written, roof=roof)
     out = _as_tensor(out).detach()
 
     ref_key = ("ref", op)
@@ -296,6 +256,6 @@ def test_mimb_ops(benchmark, request, device, dtype, backend, shape, op):
         d[ref_key] = _as_tensor(factory(d, "eager")()).detach().clone()
     ref = d[ref_key]
     diff = (out.float() - ref.float()).abs().max().item()
-    _extra_info(benchmark, max_abs_diff_vs_eager=diff)
+    record(benchmark, max_abs_diff_vs_eager=diff)
     tol = TOL[dtype] * max(1.0, ref.float().abs().max().item())
     assert diff <= tol, f"{op} {backend}: differs from the eager official layer by {diff:.3g} (> {tol:.3g})"

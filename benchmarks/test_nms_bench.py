@@ -19,7 +19,7 @@ Rows (``extra_info``: op, mode = threshold / method, backend, workload, candidat
   public op with ``use_backend``; ``cuda`` / ``triton`` also time the sync-free mask form
   (mode ``mask``).  A backend that cannot run here is skipped with its reason.
 * ``numpy``: the pipeline we beat, HRNet's per-image ``oks_nms`` / ``soft_oks_nms`` from
-  ``tests/numpy_anchors.py`` (on CUDA input: after a ``.cpu()`` copy).  It and the
+  ``tests/anchors.py`` (on CUDA input: after a ``.cpu()`` copy).  It and the
   ``reference`` are slow on 1,000-candidate images (minutes for ``crowded``), so they run
   ``crowded_subset`` instead (``NUMPY_CROWDED_IMAGES`` images x 1,000 candidates from the
   same generator), which the CPU backends run too, so each ``x numpy`` compares equal work.
@@ -34,18 +34,15 @@ the images of the large workloads, and skips the slow baselines on the crowded o
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 
 import mipnet_kernels
-from mipnet_kernels import COCO_SIGMAS, _backends, use_backend
+from mipnet_kernels import COCO_SIGMAS, use_backend
 
-from . import _report, _timing
-from ._anchors import ANCHOR_IMPORT_ERROR as _ANCHOR_IMPORT_ERROR
-from ._anchors import numpy_anchors
+from . import _timing
+from .common import NO_CUDA, anchors, anchors_skip_reason, device_name, run, skip_reason
 
 K = 17
 THRESHOLD = 0.9  # HRNet / MIPNet OKS-NMS threshold
@@ -126,45 +123,22 @@ def _inputs(name: str, device: str, smoke: bool) -> dict:
 
 # --------------------------------------------------------------------------- running
 def _skip_reason(backend: str, device: str) -> str | None:
-    if device == "cuda" and not torch.cuda.is_available():
-        return "no CUDA device (torch.cuda.is_available() is False)"
     if backend == "numpy":
-        return _ANCHOR_IMPORT_ERROR or None
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return "TRITON_INTERPRET is set: interpreter timings are meaningless, triton is benchmarked on CUDA only"
-    dev = torch.device(device)
-    reasons = (_backends.not_supported_reasons("oks_nms_sorted", backend, dev)
-               + _backends.not_supported_reasons("soft_oks_nms_sorted", backend, dev))
-    return "; ".join(reasons) if reasons else None
+        return NO_CUDA if device == "cuda" and not torch.cuda.is_available() else anchors_skip_reason()
+    return skip_reason(backend, device, {"oks_nms_sorted": (), "soft_oks_nms_sorted": ()})
 
 
 def _run(benchmark, request, device: str, backend: str, fn, slow: bool):
-    """Time ``fn``: CUDA events for GPU backends, else pytest-benchmark's timer; ``slow`` rows
-    run exactly once."""
-    if benchmark.disabled:
-        return benchmark.pedantic(fn, rounds=1)
-    if device == "cuda" and backend != "numpy":
-        env = request.getfixturevalue("gpu_bench_env")
-        if slow:
-            out = benchmark.pedantic(fn, setup=env.setup, rounds=1, iterations=1)
-        else:
-            out, cal = _timing.gpu_pedantic(benchmark, fn, env.setup)
-            benchmark.extra_info["host_call_s"] = cal["host_call_s"]
-        benchmark.extra_info.update(timer="cuda_event_timer", copy_bandwidth_GBps=env.copy_bandwidth_GBps)
-    else:
-        out = benchmark.pedantic(fn, rounds=1, iterations=1) if slow else benchmark(fn)
-        benchmark.extra_info["timer"] = "perf_counter" if device == "cpu" else "perf_counter (host, incl. .cpu() copy)"
-    if benchmark.stats is not None:
-        benchmark.extra_info.update(time_median_s=float(benchmark.stats["median"]), rounds=benchmark.stats["rounds"])
-    return out
+    """Time ``fn`` (:func:`benchmarks.common.run`, no warm-up calls); ``slow`` rows run exactly once."""
+    return run(benchmark, request, device, backend, fn, single_run=slow, warmup_calls=0)
 
 
 def _numpy_fn(data: dict, op: str):
     def run():
         kp, sc, ar, b = (data[k].cpu().numpy() for k in ("keypoints", "scores", "areas", "batch_idx"))
         if op == "oks_nms":
-            return numpy_anchors.hrnet_oks_nms_batched(kp, sc, ar, b, THRESHOLD, COCO_SIGMAS)
-        return numpy_anchors.hrnet_soft_oks_nms_batched(kp, sc, ar, b, THRESHOLD, COCO_SIGMAS)[0]
+            return anchors.hrnet_oks_nms_batched(kp, sc, ar, b, THRESHOLD, COCO_SIGMAS)
+        return anchors.hrnet_soft_oks_nms_batched(kp, sc, ar, b, THRESHOLD, COCO_SIGMAS)[0]
 
     return run
 
@@ -242,7 +216,7 @@ def test_oks_nms(benchmark, request, device, backend, mode, name, op):
         op=op, mode=f"{peer_mode}/mask" if mode == "mask" else peer_mode, peer_mode=peer_mode,
         backend=backend, device=device, workload=name, shape=f"{data['images']}img-{M}",
         dtype="float32", candidates=M, images=data["images"], threshold=THRESHOLD,
-        device_name=torch.cuda.get_device_name() if device == "cuda" else _report.cpu_name(),
+        device_name=device_name(device),
         bytes_read=M * (K * 3 + 3) * 4, bytes_written=M * 8, bytes_moved=M * (K * 3 + 5) * 4,
         single_run=slow,
     )

@@ -41,7 +41,7 @@ from mipnet.models import build_model
 from mipnet.official import OfficialPipeline
 from mipnet.predictor import TopDownPredictor
 
-from . import _report
+from .common import device_name
 
 _CANDIDATES = (Path(__file__).resolve().parents[1] / "../shared/data/real", Path("/work/shared/data/real"))
 COCO_DIR = next((p.resolve() / "mmpose_subsets/coco" for p in _CANDIDATES if (p / "mmpose_subsets/coco").is_dir()),
@@ -122,7 +122,7 @@ def test_predictor_throughput(benchmark, request, device, backend, dtype, batch)
     assert results and all(len(r["keypoints"]) == 51 and np.isfinite(r["score"]) for r in results)
     info = dict(
         op="predictor", backend=backend, mode=f"N={NUM_INSTANCES} flip", device=device,
-        device_name=torch.cuda.get_device_name() if device == "cuda" else _report.cpu_name(),
+        device_name=device_name(device),
         shape=f"{n_boxes}boxes@{size[0]}x{size[1]}", dtype=DTYPE_IDS[dtype], arch=arch,
         input_size=f"{size[0]}x{size[1]}", batch=batch, boxes=n_boxes, num_instances=NUM_INSTANCES,
         results=len(results), timer="perf_counter (end to end, results on the host)",
