@@ -7,7 +7,7 @@
 #   make gpu-check   build CUDA, run all tests on CUDA, compute-sanitizer, benchmarks,
 #                    raw results into benchmarks/results/<gpu-name>/
 #   make bench-check     run the benchmarks, gate them against the committed baseline of this GPU kind
-#   make bench-baseline  run the benchmarks, record them as this GPU kind's new baseline (commit it)
+#   make bench-baseline  run the benchmarks, fold them into this GPU kind's baseline.json (commit it)
 #   make bench-report    result JSON -> benchmarks/report.md + PNG plots in benchmarks/report/
 #   make profile         Chrome trace of MIPNet-W32 N=2 inference + top kernels by time
 # (on the GPU box add USE_VENV=0 PYTHON=python3 to the bench-* / profile targets)
@@ -109,13 +109,16 @@ bench-check: $(BENCH_SETUP)
 	$(PY) -m benchmarks.gate $(CHECK_JSON) --markdown benchmarks/out/gate.md \
 	  $(if $(BASELINE),--baseline $(BASELINE)) $(GATE_ARGS)
 
+# bench-baseline: the raw run stays in $(BENCH_JSON) (git-ignored); its summary statistics are
+# folded into benchmarks/results/<device-kind>/baseline.json (benchmarks/baseline.py).
 bench-baseline: $(BENCH_SETUP)
 	@mkdir -p benchmarks/out
-	$(PY) -m pytest benchmarks -q --benchmark-json=$(BENCH_JSON) --mipnet-results-dir=benchmarks/results $(PYTEST_ARGS)
-	@echo "new baseline written under benchmarks/results/<device-kind>/: commit it to make it the gate's baseline"
+	$(PY) -m pytest benchmarks -q --benchmark-json=$(BENCH_JSON) $(PYTEST_ARGS)
+	$(PY) -m benchmarks.baseline update $(BENCH_JSON)
 
 # REPORT_INPUT: JSON file(s) or results folder(s) of one device kind (default: the results
-# recorded for this machine's kind; CI passes REPORT_INPUT=$(CHECK_JSON)).
+# folder of this machine's kind, its baseline.json and any raw runs there; CI passes
+# REPORT_INPUT=$(CHECK_JSON)).
 REPORT_INPUT ?=
 bench-report:
 	$(PY) -m benchmarks.report --markdown benchmarks/report.md --plots benchmarks/report \
