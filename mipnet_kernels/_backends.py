@@ -120,7 +120,8 @@ def _resolve_compiled(namespace: str, symbol: str) -> tuple[Callable | None, str
     why = missing_kernel(namespace, symbol)
     if why:
         return None, why[0]
-    return getattr(getattr(torch.ops, namespace), symbol), None
+    # the overload itself: a call skips the overload packet's Python layer
+    return getattr(getattr(torch.ops, namespace), symbol).default, None
 
 
 def _resolve_triton(symbol: str) -> tuple[Callable | None, str | None]:
@@ -168,10 +169,15 @@ class Backend:
         """Why this backend cannot run tensors on ``device`` (None: it can)."""
         if self.devices is None:
             return None
-        if device.type not in self.devices:
+        rule = self.devices.get(device.type, _NOT_RUN)
+        if rule is None:
+            return None
+        if rule is _NOT_RUN:
             return f"the {self.name} backend runs {_device_names(self.devices)} tensors, got {device.type} tensors"
-        rule = self.devices[device.type]
-        return None if rule is None else rule()
+        return rule()
+
+
+_NOT_RUN = object()
 
 
 def _device_names(devices) -> str:
@@ -321,24 +327,23 @@ class KernelTable:
     def reasons(self, backend: str, device: torch.device, *args) -> list[str]:
         """Every reason ``backend`` cannot run this op on these kernel arguments (empty: it
         can), derived from the declarations as listed in the module docstring."""
-        b = _backend(backend)
-        why = b.unavailable_reason()
+        b = BACKEND.get(backend) or _backend(backend)
+        why = b.probe() or b.device_reason(device)
         if why is not None:
             return [why]
-        why = b.device_reason(device)
-        if why is not None:
-            return [why]
-        fn, why = self.callable(backend)
-        if fn is None:
-            return [why]
+        if backend not in self._resolved:
+            fn, why = self.callable(backend)
+            if fn is None:
+                return [why]
         if not args:  # only "can it run at all" (info, selftest)
             return []
         k = self.kernels[backend]
         dtypes = k.dtypes if k.dtypes is not None else b.dtypes
-        out = _dtype_reasons(backend, dtypes, self._tensor_pos, args) if dtypes is not None else []
-        if not out and k.reasons is not None:
-            out = list(k.reasons(*args))
-        return out
+        if dtypes is not None:
+            out = _dtype_reasons(backend, dtypes, self._tensor_pos, args)
+            if out:
+                return out
+        return [] if k.reasons is None else list(k.reasons(*args))
 
 
 def _adapted(fn, adapt, finish):
@@ -545,7 +550,7 @@ def _profiled(label: str, device: torch.device) -> Iterator[None]:
 
 
 def _run(t: KernelTable, name: str, device: torch.device, args: tuple):
-    fn, _ = t.callable(name)
+    fn = t._resolved[name]  # resolved by the reasons that chose it
     if not (_NVTX or _profiling()):
         return fn(*args)
     with _profiled(f"mipnet::{t.name}[{name}]", device):
