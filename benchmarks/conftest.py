@@ -1,8 +1,9 @@
 """pytest configuration of the benchmark suite.
 
 * options: ``--mipnet-results-dir DIR`` (env ``MIPNET_BENCH_RESULTS_DIR``) copies the run's
-  JSON to ``DIR/<device-slug>/<UTC time>_<commit>.json`` (e.g. ``benchmarks/results``,
-  giving ``benchmarks/results/nvidia-h100-80gb-hbm3/...``); ``--mipnet-no-l2-flush``
+  raw JSON to ``DIR/<device-slug>/<UTC time>_<commit>.json`` (e.g. ``benchmarks/results``,
+  giving ``benchmarks/results/nvidia-h100-80gb-hbm3/...``, git-ignored there: the committed
+  baseline is the trimmed ``baseline.json``, ``python -m benchmarks.baseline``); ``--mipnet-no-l2-flush``
   (env ``MIPNET_BENCH_NO_L2_FLUSH=1``) times GPU rounds with a warm L2;
 * ``machine_info["mipnet"]`` in the JSON: torch/triton/CUDA/driver versions, GPU name,
   backends and the measured device copy bandwidth;
@@ -22,7 +23,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `tests.numpy_anchors` and `benchmarks._*` import from the repo root
+if str(ROOT) not in sys.path:  # `tests.anchors` and `benchmarks.*` import from the repo root
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import _report, _timing  # noqa: E402

@@ -22,7 +22,7 @@ machine -- compute-sanitizer saying "Device not supported" -- is "not run", not 
    (``SANITIZE_SELECTION``).
 5. ``bench``      -- the headline benchmarks in one pytest-benchmark run (``BENCH_SELECTION``):
    HRNet-W32 256x192 batch 24 bf16 baseline / official / ours, eager and CUDA graph; MIMB
-   forward (``mimb``) and the training step forward + backward (``mimb_scale``) at the W32
+   forward (``mimb``) and the training step forward + backward (``mimb_train_step``) at the W32
    branch shapes, batch 24 bf16, cuda / triton / eager; OKS-NMS workload (a) ``coco_val_n2``
    (200,000 candidates), cuda / triton, index and mask forms; decode quarter and DARK at
    48x17x64x48, cuda / triton / reference.
@@ -30,7 +30,7 @@ machine -- compute-sanitizer saying "Device not supported" -- is "not run", not 
 Results: ``gpu_smoke.json`` (per step: command, seconds, timeout, status, return code, the
 tail of its output; the environment), ``selftest.json``, ``bench.json`` (pytest-benchmark),
 ``tests.xml`` (JUnit) and ``gpu_smoke.log`` (every step's full output) in
-``benchmarks/results/<gpu-slug>/smoke-<UTC time>/`` (slug as ``benchmarks/_report.py``:
+``benchmarks/results/<gpu-slug>/smoke-<UTC time>/`` (git-ignored; slug as ``benchmarks/_report.py``:
 ``nvidia-h100-80gb-hbm3``) and, when ``$OUT`` is set, the same files in ``$OUT`` (the GPU
 machine returns only what is there: at most 8 files).
 
