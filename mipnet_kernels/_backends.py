@@ -637,6 +637,30 @@ class _LegacyOps:
 _OPS = _LegacyOps()
 
 
-def ops() -> dict[str, KernelTable]:
-    """Every kernel table, by op name (as :func:`tables`)."""
-    return tables()
+# --------------------------------------------------------------------------- wrapping kernels
+class KernelHandle:
+    """``ops()[op].impls[backend]``: the kernel ``dispatch`` calls, as ``fn`` -- readable, and
+    settable to wrap it (``monkeypatch.setattr(handle, "fn", wrapped)`` in tests: the
+    self-test's "kernel off by a little" checks; setting it back restores the kernel)."""
+
+    def __init__(self, t: KernelTable, backend: str):
+        self._table, self._backend = t, backend
+
+    @property
+    def fn(self) -> Callable:
+        return kernel(self._table.name, self._backend)
+
+    @fn.setter
+    def fn(self, value: Callable) -> None:
+        self._table._resolved[self._backend] = value
+
+
+class _TableHandle:
+    def __init__(self, t: KernelTable):
+        self.name, self.example_inputs = t.name, t.example_inputs
+        self.impls = {b: KernelHandle(t, b) for b in t.kernels}
+
+
+def ops() -> dict[str, _TableHandle]:
+    """Per op, ``.example_inputs`` and ``.impls[backend].fn`` (see :class:`KernelHandle`)."""
+    return {name: _TableHandle(t) for name, t in _TABLES.items()}
