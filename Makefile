@@ -130,8 +130,9 @@ profile:
 	$(PY) -m benchmarks.profile_model --out benchmarks/out/profile $(PROFILE_ARGS)
 
 # ---------------------------------------------------------------- synthetic crowd demo
-# Baseline vs MIPNet on the embedded synthetic crowd, AP by occlusion (CPU: under 10 minutes).
-# DEMO_ARGS e.g. --full (HRNet-W32 256x192 on a GPU) or --threads 2.
+# Baseline vs MIPNet on the embedded synthetic crowd (CPU: under 10 minutes): AP by occlusion and
+# with fewer boxes (keep_0.75, keep_0.5, occluded_dropped) with 95% bootstrap intervals, demo_boxes.png.
+# DEMO_ARGS e.g. --seed 1, --full (HRNet-W32 256x192 on a GPU) or --threads 2.
 DEMO_OUT ?= demo_out
 DEMO_ARGS ?=
 demo: setup
