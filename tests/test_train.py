@@ -19,6 +19,7 @@ from mipnet.runtime import CHECKPOINT_NAME, load_trained
 from mipnet.train import (
     METRICS_NAME,
     Trainer,
+    instance_targets,
     joints_mse_loss,
     repeat_instances,
     rng_state,
@@ -77,6 +78,7 @@ def test_repeat_instances_is_instance_major():
     # sample n*B + b: image b with instance n's target (b*N + n in the [B, N] numbering)
     assert tg[:, 0, 0, 0].tolist() == [0, 2, 4, 1, 3, 5]
     assert w[:, 0].tolist() == [0, 2, 4, 1, 3, 5]
+    assert all(torch.equal(a, b) for a, b in zip(instance_targets(target, weight), (tg, w)))
 
 
 # ------------------------------------------------------------------------------ training
@@ -105,6 +107,95 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_dir):
     b = torch.load(tmp_path / "part" / "run" / CHECKPOINT_NAME, weights_only=True)
     assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 4
     torch.testing.assert_close(a["optimizer"]["state"], b["optimizer"]["state"], rtol=0, atol=0)
+
+
+def _run_steps(tmp: Path, data_dir: Path, steps: int, **train_kwargs) -> tuple[dict, list]:
+    cfg = tiny_config(tmp, data_dir, epochs=1, max_steps_per_epoch=steps, **train_kwargs)
+    result = train(cfg)
+    return result.model.state_dict(), result.history[0]["step_losses"]
+
+
+def _initial_state(data_dir: Path, tmp: Path, **train_kwargs) -> dict:
+    from mipnet.runtime import make_model
+
+    cfg = tiny_config(tmp, data_dir, **train_kwargs)
+    torch.manual_seed(cfg.train.seed)  # what Trainer does before make_model
+    return make_model(cfg, 17).state_dict()
+
+
+def _update(state: dict, init: dict, key: str) -> torch.Tensor:
+    return (state[key] - init[key]).double()
+
+
+def test_shared_trunk_and_repeat_paths_train_the_same_weights(tmp_path, data_dir):
+    """Three steps of ``mipnet train`` with the shared trunk (default) and with the official
+    repeated batch, from the same seed (same initial weights) and data: the same losses, the
+    same weight updates, the same BatchNorm statistics and counters.
+
+    Tolerance: the two paths' gradients differ only by float32 summation order (~1e-5
+    norm-wise, tests/test_models.py), but Adam divides each element's gradient by its own
+    running RMS, so an element whose gradient is near zero carries its rounding difference
+    into its update at full size.  Hence the updates (weights minus the initial weights) are
+    compared per tensor, norm-wise: within 2e-3 (measured <= 2.4e-4 over three steps).  A real
+    difference -- another instance order, a missing instance, other data -- changes the
+    updates by O(1) (checked below against a run with another seed: other initial weights
+    and data order)."""
+    steps = 3
+    init = _initial_state(data_dir, tmp_path / "init")
+    shared, shared_losses = _run_steps(tmp_path / "shared", data_dir, steps)
+    repeat, repeat_losses = _run_steps(tmp_path / "repeat", data_dir, steps, shared_trunk=False)
+    torch.testing.assert_close(shared_losses, repeat_losses, rtol=1e-5, atol=0)
+    assert shared.keys() == repeat.keys()
+    for k in shared:
+        if not shared[k].is_floating_point():  # num_batches_tracked
+            assert torch.equal(shared[k], repeat[k]), k
+            continue
+        du, dr = _update(shared, init, k), _update(repeat, init, k)
+        if dr.norm() == 0:  # a Linear bias followed by a BatchNorm: its gradient is exactly 0
+            assert du.norm() == 0, k
+            continue
+        err = float((du - dr).norm() / dr.norm())
+        assert err <= 2e-3, (k, err)
+    # the same check tells different training apart
+    other, _ = _run_steps(tmp_path / "other", data_dir, steps, shared_trunk=False, seed=1)
+    other_init = _initial_state(data_dir, tmp_path / "init1", seed=1)
+    k = "final_layer.weight"
+    du, dr = _update(other, other_init, k), _update(repeat, init, k)
+    assert float((du - dr).norm() / dr.norm()) > 0.1
+
+
+def test_shared_trunk_under_bf16_autocast(tmp_path, data_dir):
+    """bf16 autocast: the paths round bf16 convolutions over different batch groupings, and
+    Adam's first updates are nearly sign(gradient), so either bf16 run differs from the fp32
+    one by tens of percent (measured 54 %, both).  The rule of flash-attention's tests: the
+    shared trunk's update error against fp32 at most 1.25x that of the official bf16 path,
+    and the same losses to bf16 precision."""
+    steps = 3
+    init = _initial_state(data_dir, tmp_path / "init")
+    ref, _ = _run_steps(tmp_path / "fp32", data_dir, steps)
+    shared, shared_losses = _run_steps(tmp_path / "shared", data_dir, steps, amp="bf16")
+    repeat, repeat_losses = _run_steps(tmp_path / "repeat", data_dir, steps, amp="bf16", shared_trunk=False)
+    torch.testing.assert_close(shared_losses, repeat_losses, rtol=1e-2, atol=0)
+    keys = [k for k in ref if ref[k].is_floating_point() and "running" not in k]
+
+    def update(state):
+        return torch.cat([_update(state, init, k).flatten() for k in keys])
+
+    exact = update(ref)
+    err_shared = float((update(shared) - exact).norm() / exact.norm())
+    err_repeat = float((update(repeat) - exact).norm() / exact.norm())
+    assert err_shared <= 1.25 * err_repeat, (err_shared, err_repeat)
+
+
+def test_shared_trunk_needs_a_posenet(tmp_path, data_dir):
+    class Plain(torch.nn.Module):
+        num_instances = 2
+
+        def forward(self, images, lam=None):
+            return images
+
+    with pytest.raises(ValueError, match="train.shared_trunk"):
+        Trainer(tiny_config(tmp_path, data_dir), model=Plain())
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path, data_dir):
@@ -181,6 +272,7 @@ def test_baseline_trains_with_the_same_command(tmp_path, data_dir):
     ("data.input_size=[256]", "data.input_size"),
     ("train.epochs=1.5", "train.epochs"),
     ("train.lrr=0.1", "train.lrr"),
+    ("train.shared_trunk=maybe", "train.shared_trunk"),
     ("eval.oks_threshold=2", "eval.oks_threshold"),
 ])
 def test_bad_config_values_name_the_key(override, match):

@@ -96,6 +96,10 @@ class TrainConfig:
     ``amp``: ``"bf16"`` autocast (CPU or GPU), ``"fp16"`` autocast + GradScaler (GPU only).
     ``resume``: continue from ``output_dir/checkpoint.pth``.  ``threads``: intra-op CPU
     threads (None: torch's default).  ``max_steps_per_epoch``: cut epochs short (smoke runs).
+    ``shared_trunk``: run each step as ``model.forward_instances`` -- the λ-independent trunk
+    once on the B crops, the N instances from the first MIMBs on -- instead of the official
+    N-fold repeated batch (false); the same weights up to float rounding, at a fraction of
+    the cost (:mod:`mipnet.train`).
     """
 
     epochs: int = 210
@@ -113,6 +117,7 @@ class TrainConfig:
     log_every: int = 50
     max_steps_per_epoch: Optional[int] = None
     progress: bool = True
+    shared_trunk: bool = True
 
 
 @dataclass

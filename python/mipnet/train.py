@@ -8,6 +8,21 @@ batch with itself under complementary λ).  The per-instance loss is HRNet's
 ``JointsMSELoss`` with target weights, so the mean over the ``N·B`` copies is
 ``1/N Σ_i L_i``.
 
+Two ways to run that step, the same function of the weights (``train.shared_trunk``):
+
+* ``true`` (default): ``model(images, instances=True)`` = ``model.forward_instances`` in
+  training mode -- the λ-independent trunk runs once on the ``B`` crops, forward and
+  backward, and the batch becomes the ``N·B`` instance-major one at the first MIMBs (see
+  :mod:`mipnet.models.common`).  For MIPNet-W32 N=2 that is ~1.38× the FLOPs of an HRNet
+  step instead of 2× (``make bench`` measures it).
+* ``false``: the official way, :func:`repeat_instances` -- the whole network on the
+  repeated batch.
+
+Both give the loss over the same ``N·B`` instance-heatmaps in the same order (sample
+``n·B + b`` is image ``b``, instance ``n``), the same gradients up to float32 summation order,
+and the same BatchNorm running statistics (the trunk's running-variance update is rescaled
+to the repeated batch's, :class:`~mipnet.models.common.RepeatedBatchNormStats`).
+
 Runs the same on CPU, one GPU, or many under ``torchrun`` (``DistributedDataParallel`` and
 a ``DistributedSampler``; the process group is initialised from the environment, gloo on CPU,
 nccl on GPU).  Every epoch ends with an atomic checkpoint (``output_dir/checkpoint.pth``:
@@ -38,6 +53,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .config import Config, dump_config, load_config
+from .models import PoseNet
 from .runtime import (CHECKPOINT_NAME, autocast, init_distributed, make_model, resolve_data, resolve_device,
                       set_threads, train_dataset)
 
@@ -60,18 +76,21 @@ def joints_mse_loss(pred: Tensor, target: Tensor, target_weight: Tensor) -> Tens
     return 0.5 * ((pred.float() - target.float()) * w).pow(2).mean()
 
 
+def instance_targets(target: Tensor, target_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``target [B, N, K, h, w]``, ``target_weight [B, N, K]`` -> the instance-major
+    ``target [N·B, K, h, w]``, ``weight [N·B, K]`` (sample ``n·B + b``: image ``b``, instance ``n``),
+    the order of both :func:`repeat_instances` and ``forward_instances(...).flatten(0, 1)``."""
+    return target.transpose(0, 1).flatten(0, 1), target_weight.transpose(0, 1).flatten(0, 1)
+
+
 def repeat_instances(images: Tensor, target: Tensor, target_weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The batch of one multi-instance step: ``images [B, 3, H, W]``, ``target [B, N, K, h, w]``,
-    ``target_weight [B, N, K]`` -> ``images [N·B, ...]``, ``lam [N·B]`` (instance-major:
-    sample ``n·B + b`` is image ``b`` with ``λ = n``), ``target [N·B, K, h, w]``, ``weight [N·B, K]``."""
+    """The batch of one multi-instance step the official way: ``images [B, 3, H, W]``,
+    ``target [B, N, K, h, w]``, ``target_weight [B, N, K]`` -> ``images [N·B, ...]``, ``lam [N·B]``
+    (instance-major: sample ``n·B + b`` is image ``b`` with ``λ = n``), ``target [N·B, K, h, w]``,
+    ``weight [N·B, K]``."""
     B, N = target.shape[:2]
     lam = torch.arange(N, device=images.device).repeat_interleave(B)
-    return (
-        images.repeat(N, 1, 1, 1),
-        lam,
-        target.transpose(0, 1).flatten(0, 1),
-        target_weight.transpose(0, 1).flatten(0, 1),
-    )
+    return (images.repeat(N, 1, 1, 1), lam, *instance_targets(target, target_weight))
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -156,6 +175,9 @@ class Trainer:
         self.model = (model if model is not None else make_model(cfg, self.num_keypoints)).to(self.device)
         if getattr(self.model, "num_instances", cfg.model.num_instances) != cfg.model.num_instances:
             raise ValueError("the model's num_instances differs from model.num_instances")
+        if t.shared_trunk and not isinstance(self.model, PoseNet):
+            raise ValueError(f"train.shared_trunk needs a mipnet.models.PoseNet (forward(images, instances=True)), "
+                             f"got {type(self.model).__name__}; set train.shared_trunk=false for other models")
         self.net = (nn.parallel.DistributedDataParallel(
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.dist.enabled else self.model)
@@ -235,9 +257,13 @@ class Trainer:
             images = batch["image"].to(self.device, non_blocking=True)
             target = batch["target"].to(self.device, non_blocking=True)
             weight = batch["target_weight"].to(self.device, non_blocking=True)
-            images, lam, target, weight = repeat_instances(images, target, weight)
             with autocast(self.device, t.amp):
-                pred = self.net(images, lam if N > 1 else None)
+                if t.shared_trunk:  # [N, B, ...] -> instance-major [N·B, ...]
+                    pred = self.net(images, instances=True).flatten(0, 1)
+                    target, weight = instance_targets(target, weight)
+                else:
+                    images, lam, target, weight = repeat_instances(images, target, weight)
+                    pred = self.net(images, lam if N > 1 else None)
             loss = joints_mse_loss(pred, target, weight)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()

@@ -18,10 +18,27 @@ network runs once on that batch, and each later MIMB scales sample ``n*B + b`` b
 of its cached ``[N, C]`` eval-mode embedding table (:func:`~mipnet_kernels.mimb_scale`).
 That is the same arithmetic as N calls ``forward(images, lam=n)`` in eval mode, where each
 MIMB gathers row ``n`` of the same table.
+
+N-instance training (``forward_instances`` in training mode, what ``mipnet train`` runs): the
+trunk runs on the ``B`` crops once, forward and backward; at the first MIMB group each branch
+is copied to the ``N*B``-sample instance-major batch (:func:`expand_instances`) and every MIMB
+runs its training step with the per-sample one-hot selector of instance ``n`` on copy ``n``;
+the rest runs once on ``N*B`` samples.  The official code (and ``mipnet train`` with
+``train.shared_trunk=false``) repeats each crop N times through the whole network instead.
+The two are the same function of the parameters: the trunk's convolutions act per sample,
+and its BatchNorms, on N identical copies of a batch, see the same mean and the same biased
+variance, so outputs agree up to float32 summation order; the gradients too, since the
+repeat's backward sums the N copies' gradients at the expansion point, which is where the
+official backward's per-copy trunk gradients would have been summed (linearity).  The one
+difference is the trunk BatchNorms' *running* variance: PyTorch updates it with the unbiased
+variance, ``var * n / (n - 1)``, and ``n`` (values per channel) is ``B*h*w`` here against
+``N*B*h*w`` there.  :class:`RepeatedBatchNormStats` rescales each update to the official one
+(``PoseNet.official_trunk_bn_stats``, on by default), so the running statistics match too.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional, Sequence, Union
 
 import torch
@@ -114,16 +131,113 @@ def make_res_layer(block: type, inplanes: int, planes: int, blocks: int, stride:
 
 
 class AllInstances:
-    """The selector of N-instance inference: the batch is (or becomes, at the first MIMB
-    group) instance-major over all N instances of ``batch`` images."""
+    """The selector of ``forward_instances``: the batch is (or becomes, at the first MIMB
+    group) instance-major over all N instances of ``batch`` images.
 
-    __slots__ = ("batch",)
+    ``selector`` is None in eval mode (the MIMBs use their per-instance tables) and, in
+    training mode, the per-sample one-hot selector ``[N*B, N]`` (row ``n*B + b`` selects
+    instance ``n``) that the MIMBs' training step takes."""
 
-    def __init__(self, batch: int) -> None:
+    __slots__ = ("batch", "selector")
+
+    def __init__(self, batch: int, selector: Optional[Tensor] = None) -> None:
         self.batch = batch
+        self.selector = selector
 
 
 Selector = Union[Tensor, AllInstances]
+
+
+def instance_selector(num_instances: int, batch: int, device=None) -> Tensor:
+    """The one-hot float32 selector ``[N*B, N]`` of the instance-major batch: row ``n*B + b``
+    selects instance ``n`` (the rows ``repeat_instances`` of :mod:`mipnet.train` gives as
+    indices)."""
+    eye = torch.eye(num_instances, dtype=torch.float32, device=device)
+    return eye.repeat_interleave(batch, dim=0)
+
+
+def expand_instances(xs: list[Tensor], num_instances: int) -> list[Tensor]:
+    """Each ``[B, ...]`` branch tensor as the ``[N*B, ...]`` instance-major batch (N copies,
+    copy ``n`` for instance ``n``), differentiable (the backward sums the copies) and in the
+    input's memory format (``torch.cat`` keeps channels_last; ``Tensor.repeat`` would not).
+
+    This copy is the one place where a fused differentiable multi-instance MIMB would plug
+    in (``mimb_instances`` with a backward: read each branch once, write the N instances
+    ``y[n*B + b] = x[b] * e[b] * v[n*B + b]`` with ``v`` from the batch-statistics embedding):
+    it would replace this function and the first group's per-sample MIMBs in
+    :meth:`MIMBGroup.forward`."""
+    return [torch.cat([x] * num_instances, dim=0) for x in xs]
+
+
+_PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class RepeatedBatchNormStats:
+    """Context manager: every plain BatchNorm of ``model`` that runs inside it updates its
+    running variance as it would on ``copies`` identical copies of its input batch.
+
+    On ``c`` copies of a batch a BatchNorm in training mode normalises with the same mean and
+    biased variance ``var``, and updates ``running_mean`` identically, but it updates
+    ``running_var`` with the unbiased ``var * c*n / (c*n - 1)`` where a single copy uses
+    ``var * n / (n - 1)`` (``n`` values per channel).  A forward pre-hook hands the
+    BatchNorm a copy of ``running_var`` to update; a forward hook recovers the update
+    ``d = new - (1 - m) * old`` (``m`` the momentum, ``1 / num_batches_tracked`` when it is
+    None) and writes ``new + d * (r - 1)``, ``r = c*(n - 1) / (c*n - 1)``, into the module's
+    own ``running_var``: ``(1 - m) * old + m * var * c*n / (c*n - 1)``, the update of the
+    repeated batch up to float32 rounding (the correction is ``~1/n`` of the update, so its
+    rounding is far below an ulp of ``running_var``).  The copy is needed because autograd
+    saves the tensor BatchNorm was given and refuses an in-place change of it.  Four small
+    ops per BatchNorm call.
+
+    Only ``nn.BatchNorm1d/2d/3d`` are corrected (not ``SyncBatchNorm``, whose ``n`` spans the
+    processes, nor subclasses, whose update may differ).  The hooks are removed on exit, so
+    no module outside the ``with`` block (the MIMBs' embedding BatchNorms included) sees them.
+    """
+
+    def __init__(self, model: nn.Module, copies: int) -> None:
+        self.copies = copies
+        self.norms = [m for m in model.modules() if type(m) in _PLAIN_BATCHNORMS]
+        self._handles: list = []
+        self._saved: dict[int, list] = {}
+
+    def _pre(self, bn, args) -> None:
+        own = bn._buffers.get("running_var")
+        if not (bn.training and bn.track_running_stats and own is not None):
+            return
+        x = args[0]
+        n = x.numel() // x.shape[1] if x.dim() >= 2 and x.shape[1] else 0
+        self._saved.setdefault(id(bn), []).append((own, n))
+        bn._buffers["running_var"] = own.detach().clone()
+
+    def _post(self, bn, args, out) -> None:
+        stack = self._saved.get(id(bn))
+        if not stack:
+            return
+        own, n = stack.pop()
+        new = bn._buffers["running_var"]
+        bn._buffers["running_var"] = own
+        c = self.copies
+        m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        ratio = c * (n - 1) / (c * n - 1) if n > 1 else 1.0
+        with torch.no_grad():
+            d = torch.sub(new, own, alpha=1.0 - m)
+            own.copy_(new).add_(d, alpha=ratio - 1.0)
+
+    def __enter__(self) -> "RepeatedBatchNormStats":
+        for bn in self.norms:
+            self._handles.append(bn.register_forward_pre_hook(self._pre))
+            self._handles.append(bn.register_forward_hook(self._post))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for bn in self.norms:  # an exception between the hooks: give back the module's own tensor
+            stack = self._saved.get(id(bn))
+            if stack:
+                bn._buffers["running_var"] = stack[0][0]
+        self._saved.clear()
 
 
 class MIMBGroup(nn.Module):
@@ -133,10 +247,14 @@ class MIMBGroup(nn.Module):
 
     * ``lam`` a tensor (integer indices ``[B]`` or float selector ``[B, N]``): each branch
       through its :class:`~mipnet_kernels.MIMB` (training or eval).
-    * ``lam`` an :class:`AllInstances` (eval mode only): with ``first=True`` the ``B``-sample
-      branches become ``N*B``-sample instance-major branches (:func:`mimb_instances`, grouped
-      over the branches); otherwise the branches already hold ``N*B`` samples and sample
-      ``n*B + b`` is scaled by row ``n`` of each block's embedding table.
+    * ``lam`` an :class:`AllInstances` without a selector (eval mode): with ``first=True``
+      the ``B``-sample branches become ``N*B``-sample instance-major branches
+      (:func:`mimb_instances`, grouped over the branches); otherwise the branches already
+      hold ``N*B`` samples and sample ``n*B + b`` is scaled by row ``n`` of each block's
+      embedding table.
+    * ``lam`` an :class:`AllInstances` with a selector (training): with ``first=True`` the
+      branches are copied to ``N*B`` samples (:func:`expand_instances`); then each branch
+      through its MIMB's training step with the per-sample selector.
     """
 
     def __init__(self, channels: Sequence[int], num_instances: int) -> None:
@@ -150,6 +268,10 @@ class MIMBGroup(nn.Module):
             raise ValueError(f"expected {len(self.se_layers)} branch tensors, got {len(xs)}")
         if not isinstance(lam, AllInstances):
             return [layer(x, lam) for layer, x in zip(self.se_layers, xs)]
+        if lam.selector is not None:  # training: per-sample MIMBs on the N*B batch
+            if first:
+                xs = expand_instances(xs, lam.selector.shape[1])
+            return [layer(x, lam.selector) for layer, x in zip(self.se_layers, xs)]
         w1s = [layer.w1.detach() for layer in self.se_layers]
         w2s = [layer.w2.detach() for layer in self.se_layers]
         tables = [layer.embedding_table() for layer in self.se_layers]
@@ -180,6 +302,11 @@ class PoseNet(nn.Module):
     num_instances: int
     num_keypoints: int
     stride_multiple: int = 32
+    #: ``forward_instances`` in training mode: rescale the trunk BatchNorms' running-variance
+    #: updates to those of the official N-fold repeated batch (:class:`RepeatedBatchNormStats`).
+    #: False keeps PyTorch's update on the ``B`` crops (unbiased factor ``n/(n-1)`` of ``B``
+    #: samples instead of ``N*B``: a relative difference below ``1/n`` of each update).
+    official_trunk_bn_stats: bool = True
 
     # ------------------------------------------------------------------ validation
     def _check_images(self, images) -> None:
@@ -238,7 +365,8 @@ class PoseNet(nn.Module):
         return lam
 
     # ------------------------------------------------------------------ forward
-    def forward(self, images: Tensor, lam: Union[Tensor, int, None] = None) -> Tensor:
+    def forward(self, images: Tensor, lam: Union[Tensor, int, None] = None, *,
+                instances: bool = False) -> Tensor:
         """Heatmaps ``[B, K, H/4, W/4]`` of the instance(s) selected by ``lam``.
 
         Args:
@@ -246,24 +374,45 @@ class PoseNet(nn.Module):
             lam: integer instance indices ``[B]`` (0 is the primary instance, official
                 ``lambda_vec = [1, 0]``), a float selector ``[B, N]`` (one-hot or soft), an
                 ``int`` for the whole batch, or None (baseline models only: ignored there).
+            instances: True returns :meth:`forward_instances` ``(images)`` instead,
+                ``[N, B, K, H/4, W/4]`` (``lam`` must then be None).  Through ``forward`` so
+                that wrappers which must see the forward call (``DistributedDataParallel``)
+                run it.
         """
+        if instances is not False:
+            if not isinstance(instances, bool):
+                raise TypeError(f"instances must be a bool, got {_describe(instances)}")
+            if lam is not None:
+                raise ValueError("lam must be None with instances=True: every instance is computed")
+            return self.forward_instances(images)
         self._check_images(images)
         sel = self._check_lam(lam, images)
         return self._tail(self._trunk(images), sel)
 
     def forward_instances(self, images: Tensor) -> Tensor:
-        """All N instances: ``[N, B, K, H/4, W/4]``, ``out[n]`` equal to ``forward(images, lam=n)``.
+        """All N instances: ``[N, B, K, H/4, W/4]``, the trunk run once on the ``B`` crops.
 
-        Inference only (eval mode; runs under ``torch.no_grad``): the trunk runs once, the
-        N instances run as one ``N*B`` batch after the first MIMB (see the module docstring).
+        * Eval mode (inference; runs under ``torch.no_grad``): ``out[n]`` equals
+          ``forward(images, lam=n)``; the N instances run as one ``N*B`` batch after the
+          first MIMB (see the module docstring).
+        * Training mode (differentiable): ``out`` equals, up to float32 summation order,
+          ``forward(images.repeat(N, 1, 1, 1), lam)`` with ``lam[n*B + b] = n`` (the official
+          multi-instance step) reshaped to ``[N, B, ...]``, and so do the parameter
+          gradients and, with :attr:`official_trunk_bn_stats`, the BatchNorm running
+          statistics; at a fraction of the cost (the trunk runs on ``B`` samples, not ``N*B``).
+
         A baseline model (N = 1) returns ``forward(images)[None]``.
         """
-        if self.training:
-            raise RuntimeError(
-                "forward_instances is inference-only: call .eval() first (in training mode the "
-                "MIMB embeddings' BatchNorm uses batch statistics; use forward(images, lam))"
-            )
         self._check_images(images)
+        N, B = self.num_instances, images.shape[0]
+        if self.training:
+            if N == 1:
+                return self._tail(self._trunk(images), None).unsqueeze(0)
+            stats = RepeatedBatchNormStats(self, N) if self.official_trunk_bn_stats else nullcontext()
+            with stats:
+                feats = self._trunk(images)
+            sel = AllInstances(B, instance_selector(N, B, images.device))
+            return self._tail(feats, sel).unflatten(0, (N, B))
         with torch.no_grad():
             feats = self._trunk(images)
             if self.num_instances == 1:
