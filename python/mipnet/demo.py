@@ -78,6 +78,7 @@ from .train import train
 RESULTS_NAME = "demo_results.json"
 FIGURE_NAME = "demo_occlusion.png"
 BOXES_FIGURE_NAME = "demo_boxes.png"
+PREDICT_FIGURE_NAME = "demo_predict.png"
 #: The reduced-box evaluations of ``AP_by_boxes`` (issue 17) and the random-keep fractions.
 BOX_SETTINGS = ("all", "keep_0.75", "keep_0.5", "occluded_dropped")
 KEEP_FRACTIONS = {"keep_0.75": 0.75, "keep_0.5": 0.5}
@@ -452,7 +453,8 @@ def _predict_example(out: Path, files, val_gt: dict, s: DemoSettings) -> dict | 
     The image is the first val image (by id) where a dropped person overlaps a kept one with
     box IoU > 0.5 -- chosen by the data alone, not by any model's output.  Writes
     ``example/image.<ext>``, ``example/boxes.json`` (its kept boxes as COCO detections) and
-    ``example/<model>.png`` / ``.json`` (what ``mipnet predict`` gives).
+    ``example/<model>.png`` / ``.json`` (what ``mipnet predict`` gives) and ``demo_predict.png``
+    (the two side by side).
     """
     from .predict import run_predict
 
@@ -479,7 +481,29 @@ def _predict_example(out: Path, files, val_gt: dict, s: DemoSettings) -> dict | 
                           image_id=im["id"], output_png=str(folder / f"{name}.png"),
                           output_json=str(folder / f"{name}.json"), device=s.device)
         example[name] = {"png": str(folder / f"{name}.png"), "poses": len(res)}
+    example["figure"] = str(out / PREDICT_FIGURE_NAME) if side_by_side(
+        [folder / "baseline.png", folder / "mipnet.png"],
+        [f"baseline (N=1): {example['baseline']['poses']} poses", f"MIPNet (N=2): {example['mipnet']['poses']} poses"],
+        out / PREDICT_FIGURE_NAME) else None
     return example
+
+
+def side_by_side(images: Sequence[Path], titles: Sequence[str], path: Path, scale: float = 2.0) -> bool:
+    """The PNGs ``images`` next to each other (scaled by ``scale``), each titled, white gaps."""
+    import cv2
+
+    tiles = [cv2.imread(str(p)) for p in images]
+    if not tiles or any(t is None for t in tiles):
+        return False
+    tiles = [cv2.resize(t, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST) for t in tiles]
+    height = max(t.shape[0] for t in tiles)
+    row = []
+    for tile, title in zip(tiles, titles):
+        canvas = np.full((height + 22, tile.shape[1], 3), 255, np.uint8)
+        canvas[22:22 + tile.shape[0]] = tile
+        cv2.putText(canvas, title, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        row += [canvas, np.full((height + 22, 8, 3), 255, np.uint8)]
+    return bool(cv2.imwrite(str(path), np.concatenate(row[:-1], axis=1)))
 
 
 # ------------------------------------------------------------------------------ CLI
