@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mipnet import cli
-from mipnet.demo import BOXES_FIGURE_NAME, FIGURE_NAME, QUICK, RESULTS_NAME, run_demo
+from mipnet.demo import BOXES_FIGURE_NAME, FIGURE_NAME, PREDICT_FIGURE_NAME, QUICK, RESULTS_NAME, run_demo
 from mipnet.models import build_model
 
 
@@ -47,6 +47,10 @@ def test_micro_demo_writes_results_with_the_promised_keys(tmp_path):
     assert results["boxes_kept"]["all"] == 1.0 and results["boxes_kept"]["occluded_dropped"] < 1.0
     assert isinstance(results["targets"]["occluded_dropped_ci_above_zero"], bool)
     assert (tmp_path / BOXES_FIGURE_NAME).stat().st_size > 0
+    example = results["predict_example"]  # None when no val image has an occluded pair
+    if example is not None:
+        assert example["mipnet"]["poses"] >= 1 and example["boxes_given"] >= 1
+        assert (tmp_path / PREDICT_FIGURE_NAME).stat().st_size > 0
 
 
 def test_small_model_is_a_posenet_with_mimbs_only_for_mipnet():
@@ -64,3 +68,7 @@ def test_small_model_is_a_posenet_with_mimbs_only_for_mipnet():
 def test_demo_cli_rejects_bad_arguments(capsys):
     assert cli.main(["demo", "--threads", "0"]) == 2
     assert "--threads" in capsys.readouterr().err
+    assert cli.main(["demo", "--bootstrap", "0"]) == 2
+    assert "--bootstrap" in capsys.readouterr().err
+    assert cli.main(["demo", "--seed", "-1"]) == 2
+    assert "--seed" in capsys.readouterr().err
