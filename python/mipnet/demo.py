@@ -276,8 +276,9 @@ def box_evaluations(evals: dict, val_gt: dict, groups: dict, s: DemoSettings, si
     Uncertainty: pycocotools' per-image matching is computed once per (model, evaluation)
     (:func:`mipnet.evaluate.image_matches`); each of ``s.bootstrap`` resamples draws the val
     images with replacement and recomputes ``COCOeval.accumulate``'s AP for both models on
-    that multiset (:func:`mipnet.evaluate.bootstrap_difference`, exactly pycocotools on the
-    resampled image set), giving the percentile 95% interval of MIPNet − baseline.
+    that multiset (:func:`mipnet.evaluate.bootstrap_difference`: pycocotools on the resampled
+    image set, up to the order of exactly equal scores in different images), giving the
+    percentile 95% interval of MIPNet − baseline.
 
     Returns ``({model: {"AP_by_boxes", "AP_by_fraction_kept"}}, {"comparison", ...})``.
     """
