@@ -163,6 +163,19 @@ def nvidia_driver_version() -> str | None:
     return None
 
 
+def cuda_driver_api_version() -> int | None:
+    """The CUDA driver API version (``cuDriverGetVersion`` of libcuda, e.g. 13000 for 13.0);
+    None without a loadable driver."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        version = ctypes.c_int(0)
+        return int(version.value) if lib.cuDriverGetVersion(ctypes.byref(version)) == 0 else None
+    except (OSError, AttributeError):
+        return None
+
+
 def collect_machine_info() -> dict:
     """Versions and devices for the JSON's ``machine_info["mipnet"]``."""
     import torch
@@ -185,10 +198,9 @@ def collect_machine_info() -> dict:
     }
     try:
         import mipnet_kernels
-        from mipnet_kernels import _backends
 
         info["mipnet_kernels"] = mipnet_kernels.__version__
-        info["backends"] = _backends.available_backends()
+        info["backends"] = mipnet_kernels.available_backends()
     except Exception as exc:  # noqa: BLE001 - only reporting
         info["backends_error"] = repr(exc)
     if torch.cuda.is_available():
@@ -207,9 +219,9 @@ def collect_machine_info() -> dict:
         )
         try:
             info["cudnn"] = torch.backends.cudnn.version()
-            info["cuda_driver_api"] = torch._C._cuda_getDriverVersion()  # e.g. 13000
-        except Exception:  # noqa: BLE001 - private API, only reporting
+        except Exception:  # noqa: BLE001 - only reporting
             pass
+        info["cuda_driver_api"] = cuda_driver_api_version()
         if COPY_BANDWIDTH:
             info["copy_bandwidth"] = dict(COPY_BANDWIDTH)
     else:

@@ -23,7 +23,6 @@ from typing import Callable
 import torch
 
 import mipnet_kernels
-from mipnet_kernels import _backends
 
 from . import _report, _timing
 
@@ -99,15 +98,15 @@ def triton_interpreted() -> bool:
 
 def skip_reason(backend: str, device: str, ops: dict[str, tuple] | None = None) -> str | None:
     """Why ``backend`` cannot run on ``device`` tensors here: no GPU, Triton under its
-    interpreter, or the library's reasons for each ``op: args`` of ``ops`` (joined by "; ");
-    None when it can."""
+    interpreter, or the library's reasons for each ``op: args`` of ``ops``
+    (:func:`mipnet_kernels.backends_for`, joined by "; "); None when it can."""
     if device == "cuda" and not torch.cuda.is_available():
         return NO_CUDA
     if backend == "triton" and triton_interpreted():
         return TRITON_INTERPRETED
     reasons: list[str] = []
     for op, args in (ops or {}).items():
-        reasons += _backends.not_supported_reasons(op, backend, torch.device(device), *args)
+        reasons += mipnet_kernels.backends_for(op, torch.device(device), *args)[backend]
     return "; ".join(reasons) if reasons else None
 
 

@@ -66,9 +66,9 @@ def _benchmarks_disabled(config) -> bool:
 
 def pytest_report_header(config):
     try:
-        from mipnet_kernels import _backends
+        import mipnet_kernels
 
-        avail = _backends.available_backends()
+        avail = mipnet_kernels.available_backends()
         parts = [f"{k}={'yes' if v['available'] else 'no'}" for k, v in avail.items()]
     except Exception as exc:  # noqa: BLE001 - header only
         parts = [f"mipnet_kernels failed to import: {exc!r}"]

@@ -7,7 +7,7 @@ Backends are tested on the devices they serve: ``reference`` and ``cpu`` on CPU 
 ``cuda`` on CUDA tensors, ``triton`` on CUDA tensors and -- under ``TRITON_INTERPRET=1``
 (set by ``conftest.py`` when there is no GPU) -- on CPU tensors with a reduced case list,
 because the interpreter is slow.  A backend that cannot run in this process is skipped
-with the reason the library gives (``available_backends()`` / ``not_supported_reasons``).
+with the reason the library gives (``available_backends()`` / ``backends_for()``).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def decode_on(backend: str, heatmaps, mode="quarter", affine=None, blur_kernel=1
     inputs unsupported (with its reasons)."""
     args = (heatmaps, mode, affine, blur_kernel)
     if heatmaps.shape[0] * heatmaps.shape[1] > 0:
-        reasons = _backends.not_supported_reasons("decode_heatmaps", backend, heatmaps.device, *args)
+        reasons = mk.backends_for("decode_heatmaps", heatmaps.device, *args)[backend]
         if reasons:
             pytest.skip(f"backend {backend!r} does not support these inputs: {'; '.join(reasons)}")
     with mk.use_backend(backend):
@@ -138,9 +138,7 @@ def flip_merge_on(backend: str, heatmaps, flipped, flip_pairs, shift=True):
 
     if heatmaps.numel() > 0:
         index = flip_index_from_pairs(flip_pairs, heatmaps.shape[1])
-        reasons = _backends.not_supported_reasons(
-            "flip_merge", backend, heatmaps.device, heatmaps, flipped, index, bool(shift)
-        )
+        reasons = mk.backends_for("flip_merge", heatmaps.device, heatmaps, flipped, index, bool(shift))[backend]
         if reasons:
             pytest.skip(f"backend {backend!r} does not support these inputs: {'; '.join(reasons)}")
     with mk.use_backend(backend):
@@ -309,9 +307,9 @@ def require_backend(backend, device):
     """Skip unless ``backend`` runs the MIMB forward on ``device`` tensors (with its reasons)."""
     dev = skip_unless_runs(backend, device)
     x = torch.zeros(1, 4, 1, 1, device=dev)
-    reasons = _backends.not_supported_reasons(
-        "mimb_scale_fwd", backend, dev, x, torch.zeros(1, 4, device=dev), torch.zeros(4, 1, device=dev), torch.zeros(1, 4, device=dev)
-    )
+    reasons = mk.backends_for(
+        "mimb_scale_fwd", dev, x, torch.zeros(1, 4, device=dev), torch.zeros(4, 1, device=dev), torch.zeros(1, 4, device=dev)
+    )[backend]
     if reasons:
         pytest.skip(f"backend {backend!r} cannot run mimb_scale_fwd: {'; '.join(reasons)}")
     return dev
