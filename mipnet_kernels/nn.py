@@ -13,17 +13,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from .ops.mimb import (
-    _check_x,
-    mimb,
-    mimb_embedding_reference,
-    mimb_instances,
-    mimb_scale,
-)
-from .ops.mimb import _dense, _eager_plain, _is_compiling
-from .ops.mimb_train import _MimbTrain, mimb_train
+from .ops.mimb import mimb, mimb_embedding_reference, mimb_instances, mimb_scale
+from .ops.mimb.autograd import TrainStep
+from .ops.mimb.contract import _check_x, dense
 
 __all__ = ["MIMB"]
+
+_PLAIN = (Tensor, nn.Parameter)
 
 
 class MIMB(nn.Module):
@@ -53,10 +49,10 @@ class MIMB(nn.Module):
     * Training mode: the whole block -- the embedding with its BatchNorm on batch
       statistics (updating the running statistics and ``num_batches_tracked`` as the
       official layer's ``nn.BatchNorm1d`` does) and the squeeze-excite scaling -- is one
-      fused step, :func:`~mipnet_kernels.ops.mimb_train.mimb_train`: one call forward, one
+      fused step, :func:`~mipnet_kernels.ops.mimb.mimb_train`: one call forward, one
       backward (on the cpu backend one C++ kernel each way).  Where that cannot reproduce
-      the modules exactly or must not bypass them (``torch.compile`` / export tracing,
-      functorch transforms, tensor subclasses or dispatch modes, hooks on the
+      the modules exactly or must not bypass them (``torch.compile`` / export and
+      TorchScript tracing, tensor subclasses such as FakeTensor, hooks on the
       ``fc_lambda`` modules, a BatchNorm without affine parameters or running statistics,
       a batch of one) it runs ``v = fc_lambda(lam)`` with the plain modules and the fused
       :func:`~mipnet_kernels.mimb_scale` for the rest; the results agree to float rounding.
@@ -169,7 +165,7 @@ class MIMB(nn.Module):
 
     def _eval_embedding(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``(e1f, b1f, e2, b2, table)``, detached, cached while the parameters are unchanged."""
-        key = None if _is_compiling() else self._cache_key()
+        key = None if torch.compiler.is_compiling() else self._cache_key()
         if key is not None and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         with torch.no_grad():
@@ -230,7 +226,7 @@ class MIMB(nn.Module):
             return None, lam
         if tuple(lam.shape) != (B,):
             raise ValueError(f"lam (instance indices) must have shape [B] = [{B}], got {list(lam.shape)}")
-        if B and not _is_compiling():  # one host sync: out-of-range indices must not pass silently
+        if B and not torch.compiler.is_compiling():  # one host sync: out-of-range indices must not pass silently
             lo, hi = (int(t) for t in torch.aminmax(lam))
             if lo < 0 or hi >= N:
                 bad = lo if lo < 0 else hi
@@ -251,7 +247,7 @@ class MIMB(nn.Module):
             if self._cache is not None:  # the BatchNorm's running statistics change
                 self._cache = None
             layers = self._fused_train_layers(x)
-            e1 = self.fc_lambda[0].weight if layers is None else layers[0]._parameters["weight"]
+            e1 = self.fc_lambda[0].weight
             sel = self._one_hot(idx, e1.dtype) if sel is None else sel.to(e1.dtype)
             if layers is not None:
                 y = self._fused_train(x, sel, *layers)
@@ -274,29 +270,30 @@ class MIMB(nn.Module):
         return mimb(x, sel, w1, w2, e1f, b1f, e2, b2)
 
     def _fused_train_layers(self, x: Tensor):
-        """``(lin1, bn or None, lin2)`` when this training step may run as one fused
-        :func:`mimb_train` (else None: modules + ``mimb_scale``).
+        """``(lin1, bn or None, lin2)`` when this training step may run as one fused step
+        (:class:`~mipnet_kernels.ops.mimb.autograd.TrainStep`, what
+        :func:`~mipnet_kernels.ops.mimb.mimb_train` runs), else None: modules + ``mimb_scale``.
 
-        It needs what :func:`mimb_train` reproduces exactly: eager autograd (see
-        :func:`_eager_plain`), the official embedding (exactly ``Linear,
-        BatchNorm1d | Identity, ReLU, Linear, Sigmoid`` -- a SyncBatchNorm or any other
-        replacement takes the module path), no hooks on those modules, and a BatchNorm in
-        training mode with affine parameters and running statistics over more than one
-        sample.  Plain dict lookups: this runs on every training step."""
+        The fused step reproduces exactly the official embedding (``Linear, BatchNorm1d |
+        Identity, ReLU, Linear, Sigmoid`` -- a SyncBatchNorm or any other replacement takes
+        the module path) with a BatchNorm in training mode with affine parameters and
+        running statistics over more than one sample.  It does not call those modules, so
+        it is not taken when they have forward hooks (a hook must run): PyTorch has no
+        public query for registered hooks, so this reads the dicts ``nn.Module.__call__``
+        itself reads (``_forward_hooks`` / ``_forward_pre_hooks``, and the global ones)."""
         if x.numel() == 0:
             return None
         if _module._global_forward_hooks or _module._global_forward_pre_hooks:
             return None
-        layers = self._modules["fc_lambda"]._modules
+        layers = tuple(self.fc_lambda)
         if len(layers) != 5:
             return None
-        lin1, norm, relu, lin2, sig = layers.values()
+        lin1, norm, relu, lin2, sig = layers
         if not (type(lin1) is nn.Linear and type(relu) is nn.ReLU and type(lin2) is nn.Linear
                 and type(sig) is nn.Sigmoid):
             return None
-        for m in (lin1, norm, relu, lin2, sig):
-            if m._forward_hooks or m._forward_pre_hooks:
-                return None
+        if any(m._forward_hooks or m._forward_pre_hooks for m in layers):
+            return None
         if type(norm) is nn.BatchNorm1d:
             if not (norm.training and norm.affine and norm.track_running_stats and x.shape[0] > 1
                     and norm.running_mean is not None and norm.num_batches_tracked is not None):
@@ -308,31 +305,28 @@ class MIMB(nn.Module):
         return lin1, norm, lin2
 
     def _fused_train(self, x: Tensor, sel: Tensor, lin1: nn.Linear, bn, lin2: nn.Linear):
-        """The training step as one :func:`mimb_train` (its autograd function straight away:
-        ``x`` and ``sel`` are validated and the weights are this module's), or None when it
-        may not run."""
-        fc = self._modules["fc"]._modules
-        w1, w2 = fc["0"]._parameters["weight"], fc["2"]._parameters["weight"]
-        p1, p2 = lin1._parameters, lin2._parameters
-        e1, b1, e2, b2 = p1["weight"], p1["bias"], p2["weight"], p2["bias"]
-        x = _dense(x)
-        if bn is None:
-            if not _eager_plain(x, sel, w1, w2, e1, b1, e2, b2):
-                return None
-            empty = x.new_empty(0, dtype=torch.float32)
-            return _MimbTrain.apply(x, sel, w1, w2, e1, b1, empty, empty, e2, b2, empty, empty,
-                                    0.0, 0.0, False)
-        gamma, beta = bn._parameters["weight"], bn._parameters["bias"]
-        if not _eager_plain(x, sel, w1, w2, e1, b1, e2, b2, gamma, beta):
+        """The training step as one fused step (``x`` and ``sel`` are validated, the weights
+        are this module's), or None where the autograd function must not run: under
+        ``torch.compile`` / export and TorchScript tracing (they trace the modules), and for
+        tensor subclasses (FakeTensor, ...) -- there the modules and ``mimb_scale`` run."""
+        w1, w2 = self.w1, self.w2
+        e1, b1, e2, b2 = lin1.weight, lin1.bias, lin2.weight, lin2.bias
+        tensors = (x, sel, w1, w2, e1, b1, e2, b2) + ((bn.weight, bn.bias) if bn is not None else ())
+        if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or not all(type(t) in _PLAIN for t in tensors)):
             return None
-        buffers = bn._buffers
-        # The momentum nn.BatchNorm1d would use for this step (it also counts the step).
-        count = buffers["num_batches_tracked"]
-        count.add_(1)
-        momentum = 1.0 / float(count) if bn.momentum is None else float(bn.momentum)
-        return _MimbTrain.apply(x, sel, w1, w2, e1, b1, gamma, beta, e2, b2,
-                                buffers["running_mean"], buffers["running_var"], momentum,
-                                float(bn.eps), True)
+        x = dense(x)
+        if bn is None:
+            empty = x.new_empty(0, dtype=torch.float32)
+            return TrainStep.apply(x, sel, w1, w2, e1, b1, empty, empty, e2, b2, empty, empty,
+                                   0.0, 0.0, False)
+        # The step updates the running statistics itself, so it also does nn.BatchNorm1d's
+        # bookkeeping for this step (_BatchNorm.forward; no public function returns it):
+        # count the batch, and the momentum is 1 / count (cumulative average) when None.
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else float(bn.momentum)
+        return TrainStep.apply(x, sel, w1, w2, e1, b1, bn.weight, bn.bias, e2, b2,
+                               bn.running_mean, bn.running_var, momentum, float(bn.eps), True)
 
     def instances(self, x: Tensor) -> Tensor:
         """All N instances at once: ``[N*B, C, H, W]``, instance-major (``y[n*B + b]`` is

@@ -21,7 +21,8 @@ import mipnet_kernels as mk
 from anchors import official_instances, official_mimb, official_scale
 from mipnet_kernels import _backends
 from mipnet_kernels.ops import mimb as M
-from mipnet_kernels.ops.mimb.kernels import BACKENDS as MIMB_BACKENDS
+from mipnet_kernels._backends import Kernel, table
+from mipnet_kernels.ops.mimb import kernels as MIMB_KERNELS
 from utils import (
     MIMB_KEYS,
     backend_device_params,
@@ -36,7 +37,6 @@ from utils import (
     skip_unless_runs,
 )
 
-CPU = MIMB_BACKENDS["cpu"]  # its declaration (tests patch its kernel list)
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 DTYPES = (F32, F16, BF16)
 LAYOUTS = ("contiguous", "channels_last")
@@ -495,7 +495,7 @@ def test_torch_compile_fullgraph(backend, device):
 def test_cpu_routing_reasons():
     """The cpu backend declines ops its extension lacks ("not built") and float64 inputs; the
     automatic choice then runs the reference."""
-    assert "not built" in " ".join(CPU.missing("mimb_no_such_kernel"))
+    assert "not built" in _backends.BACKEND["cpu"].resolve("mimb_no_such_kernel")[1]
     c = make_case(2, 8, 3, 3, 4)
     args64 = [c[k].double() for k in ("x", "w1", "w2", "v")]
     name, skipped = _backends.select("mimb_scale_fwd", torch.device("cpu"), *args64)
@@ -508,11 +508,6 @@ def test_cpu_routing_reasons():
         assert name == "cpu"
     else:
         assert name == "reference" and skipped["cpu"]
-    for backend in ("cuda", "triton"):  # until those kernels are registered
-        if backend not in _backends.ops()["mimb_scale_fwd"].impls:
-            assert _backends.not_supported_reasons("mimb_scale_fwd", backend, torch.device("cuda"), *args) == [
-                f"mimb_scale_fwd has no {backend} implementation"
-            ]
     with mk.use_backend("cpu"):
         if mk.available_backends()["cpu"]["available"]:
             with pytest.raises(RuntimeError, match="float64"):
@@ -552,8 +547,8 @@ def test_cpu_fused_mimb_fwd_routing(monkeypatch):
     float64 inputs and an extension without it take the torch embedding path."""
     _cpu_mimb_fwd_or_skip()
     calls = []
-    orig = CPU.fused["mimb_fwd"]
-    monkeypatch.setitem(CPU.fused, "mimb_fwd", lambda *a: calls.append("fused") or orig(*a))
+    orig = _backends.BACKEND["cpu"].resolve("mimb_fwd")[0]
+    monkeypatch.setitem(MIMB_KERNELS.FUSED_MIMB, "cpu", lambda *a: calls.append("fused") or orig(*a))
     c = make_case(2, 8, 3, 3, 4, soft=True)
     args = [c[k] for k in MIMB_KEYS]
     assert _backends.select("mimb_fwd", torch.device("cpu"), *args)[0] == "cpu"
@@ -605,8 +600,10 @@ def test_cpu_extension_without_mimb_kernels_falls_back(monkeypatch):
     dispatch entry and the automatic choice runs the reference, with the same results."""
     if not mk.available_backends()["cpu"]["available"]:
         pytest.skip("the C++ CPU extension is not loaded")
-    orig = CPU.missing
-    monkeypatch.setattr(CPU, "missing", lambda name: orig(name + "_not_in_this_build"))
+    for op in ("mimb_scale_fwd", "mimb_scale_bwd", "mimb_instances"):  # an older build
+        t = table(op)
+        monkeypatch.setitem(t.kernels, "cpu", Kernel(symbol=f"{op}_not_in_this_build"))
+        monkeypatch.delitem(t._resolved, "cpu", raising=False)
     c = make_case(2, 8, 3, 3, 4)
     args = [c[k] for k in ("x", "w1", "w2", "v")]
     for op, op_args in (
@@ -628,14 +625,14 @@ def test_cpu_extension_without_mimb_kernels_falls_back(monkeypatch):
 def test_backward_runs_on_the_forward_backend(monkeypatch):
     """``use_backend`` around the forward also governs the backward, wherever autograd runs it."""
     calls = []
-    impl = _backends._OPS["mimb_scale_bwd"].impls["reference"]
-    orig = impl.fn
+    orig = _backends.kernel("mimb_scale_bwd", "reference")
 
     def spy(*args):
         calls.append("reference")
         return orig(*args)
 
-    monkeypatch.setattr(impl, "fn", spy)
+    monkeypatch.setitem(table("mimb_scale_bwd").kernels, "reference", Kernel(fn=spy))
+    monkeypatch.delitem(table("mimb_scale_bwd")._resolved, "reference", raising=False)
     c = make_case(2, 8, 3, 3, 4)
     x = c["x"].requires_grad_(True)
     with mk.use_backend("reference"):

@@ -285,13 +285,32 @@ def test_backward_runs_on_the_forward_backend():
     with mk.use_backend("cpu"):  # the thread's choice now differs: the forward's backend wins
         labels = _labels(lambda: y.sum().backward())
     assert "mipnet::mimb_train_bwd[reference]" in labels, labels
-    # A state from another backend is refused by name, never misread.
-    ref_state = _backends.dispatch_on(
-        "reference", "mimb_train_fwd", x.device, x.detach(), lam, w["w1"], w["w2"], w["e1"], w["b1"],
-        w["gamma"], w["beta"], w["e2"], w["b2"], torch.zeros(4), torch.ones(4), 0.1, 1e-5, True)[1]
-    with pytest.raises(RuntimeError, match="state is not the cpu kernel's"):
-        _backends.dispatch_on("cpu", "mimb_train_bwd", x.device, torch.ones(4, 16, 3, 3), x.detach(), lam,
-                              w["w1"], w["w2"], w["e1"], w["gamma"], w["beta"], w["e2"], ref_state, True)
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_one_state_layout_on_every_backend(batch_norm):
+    """The saved state has one layout: the cpu kernel's backward reads the reference's state
+    and the reference's backward the cpu kernel's, with the gradients of the same backend."""
+    _cpu_kernel_or_skip()
+    w = _weights(seed=2)
+    x = make_x(4, 16, 3, 3)
+    lam = torch.softmax(torch.randn(4, 2, generator=torch.Generator().manual_seed(3)), 1)
+    gamma, beta = (w["gamma"], w["beta"]) if batch_norm else (torch.empty(0), torch.empty(0))
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    states, grads = {}, {}
+    for b in ("cpu", "reference"):
+        y, states[b] = _backends.dispatch_on(
+            b, "mimb_train_fwd", x.device, x, lam, w["w1"], w["w2"], w["e1"], w["b1"], gamma, beta,
+            w["e2"], w["b2"], torch.zeros(4), torch.ones(4), 0.1, 1e-5, batch_norm)
+        assert states[b].shape == states["cpu"].shape and states[b].dtype == torch.float32
+    for b in ("cpu", "reference"):
+        for sb in ("cpu", "reference"):
+            grads[b, sb] = _backends.dispatch_on(
+                b, "mimb_train_bwd", x.device, dy, x, lam, w["w1"], w["w2"], w["e1"], gamma, beta,
+                w["e2"], states[sb], batch_norm)
+    for b in ("cpu", "reference"):
+        for g_own, g_other in zip(grads[b, b], grads[b, "cpu" if b == "reference" else "reference"]):
+            torch.testing.assert_close(g_other, g_own, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

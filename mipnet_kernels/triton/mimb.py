@@ -1,6 +1,7 @@
-"""Triton kernels for the Multi-Instance Modulation Block (two-phase path).
+"""Triton launchers for the Multi-Instance Modulation Block (two-phase path); the
+``@triton.jit`` kernels are in :mod:`.mimb_kernels`.
 
-The specification is the PyTorch reference in :mod:`mipnet_kernels.ops.mimb`
+The specification is the PyTorch reference in :mod:`mipnet_kernels.ops.mimb.reference`
 (``mimb_scale_fwd_reference``, ``mimb_scale_bwd_reference``, ``mimb_instances_reference``).
 
 Layouts.  The op layer hands these launchers ``x`` NCHW-contiguous or channels_last (NHWC).
@@ -12,7 +13,7 @@ the coalescing pass sees which tile axis is contiguous and vectorises along it (
 C for NHWC).  The launch settings (``_tile_settings``) shape the ``[BLOCK_C, BLOCK_P]`` tile
 so that its contiguous axis is the long one.  When ``HW == 1`` or ``C == 1`` the two layouts
 are the same bytes and the NHWC (resp. NCHW) view is used, whose contiguous axis is the
-non-trivial one.  ``y`` / ``dx`` get ``x``'s layout (``ops.mimb.out_memory_format``); ``dy``
+non-trivial one.  ``y`` / ``dx`` get ``x``'s layout (``ops.mimb.contract.out_memory_format``); ``dy``
 is brought to ``x``'s layout (a copy only when autograd hands a different one).
 
 Two launches per op (the two-phase path of the issue's design; a single-pass cooperative
@@ -59,19 +60,25 @@ from typing import Sequence
 
 import torch
 import triton
-import triton.language as tl
 from torch import Tensor
 
-from ..ops.mimb import (
-    _dense,
+from ..ops.mimb.contract import (
     _instances_branch,
     _scale_bwd_branch,
     _scale_fwd_branch,
     compute_dtype,
+    dense as _dense,
     out_memory_format,
 )
-from . import _math
 from ._launch import launch, num_warps
+from .mimb_kernels import (
+    _batch_outer_kernel,
+    _meta_row_kernel,
+    _mimb_reduce_mlp_grouped_kernel,
+    _mimb_reduce_mlp_kernel,
+    _mimb_scale_grouped_kernel,
+    _mimb_scale_kernel,
+)
 
 #: Elements per tile of both kernels: 16 float32 per thread at 8 warps (4 x 16-byte vectors).
 _TILE_ELEMS = 4096
@@ -153,403 +160,6 @@ def _split(B: int, C: int, HW: int, block_c: int, block_p: int) -> tuple[int, in
 def _device_guard(t: Tensor):
     # Triton launches on the current CUDA device; make it the tensor's device.
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-# --------------------------------------------------------------------------- kernels
-@triton.jit
-def _mimb_mlp_hidden(part_ptr, s_ptr, w1_ptr, b, C, CR, HW, SPLIT, sw1_r, sw1_c,
-                     FROM_PARTIALS: tl.constexpr, MLP_C: tl.constexpr, CR_PAD: tl.constexpr):
-    """``z1 = W1 @ s`` of sample ``b`` (``[CR_PAD]``, zero past CR).
-
-    FROM_PARTIALS: ``s`` is the sum of the ``SPLIT`` partial rows of ``part`` over ``HW``,
-    and is stored to ``s_ptr``; else ``s`` is read from ``s_ptr``.
-    """
-    ACC = part_ptr.dtype.element_ty
-    rs = tl.arange(0, CR_PAD)
-    rmask = rs < CR
-    cols = tl.arange(0, MLP_C)
-    b64 = b.to(tl.int64)
-    z1 = tl.zeros([CR_PAD], ACC)
-    for c0 in range(0, C, MLP_C):
-        cc = c0 + cols
-        cm = cc < C
-        if FROM_PARTIALS:
-            sc = tl.zeros([MLP_C], ACC)
-            for sp in range(SPLIT):  # fixed order: deterministic
-                # .cg: read from L2, never a stale L1 line (the partials come from other SMs)
-                sc += tl.load(part_ptr + (b64 * SPLIT + sp) * C + cc, mask=cm, other=0.0,
-                              cache_modifier=".cg")
-            sc = _math.div(sc, tl.full([], HW, ACC))
-            tl.store(s_ptr + b64 * C + cc, sc, mask=cm)
-        else:
-            sc = tl.load(s_ptr + b64 * C + cc, mask=cm, other=0.0)
-        wm = rmask[:, None] & cm[None, :]
-        w1t = tl.load(w1_ptr + rs[:, None] * sw1_r + cc[None, :] * sw1_c, mask=wm, other=0.0).to(ACC)
-        # Padded lanes masked out of the sum, not zero-filled: 0 * inf = NaN would make a
-        # sample with one infinite mean NaN everywhere (the reference's NaN is per element).
-        z1 += tl.sum(tl.where(wm, w1t * sc[None, :], 0.0), axis=1)
-    return z1
-
-
-@triton.jit
-def _mimb_excite_chunk(w2_ptr, h, cc, cm, CR, sw2_c, sw2_r, CR_PAD: tl.constexpr):
-    """``e = sigmoid(W2[cc] @ h)`` for the channels ``cc`` (and the ``W2[cc]`` tile)."""
-    ACC = h.dtype
-    rs = tl.arange(0, CR_PAD)
-    wm = cm[:, None] & (rs < CR)[None, :]
-    w2t = tl.load(w2_ptr + cc[:, None] * sw2_c + rs[None, :] * sw2_r, mask=wm, other=0.0).to(ACC)
-    z2 = tl.sum(tl.where(wm, w2t * h[None, :], 0.0), axis=1)  # padded lanes out (0 * inf)
-    # IEEE division and libdevice exp: the CUDA backend's 1.0f / (1.0f + expf(-z)), bit for bit.
-    return _math.div(tl.full([], 1.0, ACC), 1.0 + _math.exp(-z2)), w2t
-
-
-@triton.jit
-def _reduce_mlp_program(
-    pid,  # program id within this launch (within the branch for grouped launches)
-    x_ptr,  # input, shape (B, C, H, W), NCHW or NHWC (strides below), float16/bfloat16/float32/float64
-    dy_ptr,  # upstream gradient, x's shape, layout and dtype (read iff MODE == 2)
-    part_ptr,  # scratch partial sums, shape (B, SPLIT, C), contiguous, accumulation dtype ACC
-    count_ptr,  # per-sample arrival tickets, shape (B,), int32, zero on entry
-    w1_ptr,  # squeeze weight, shape (CR, C), any strides/float dtype
-    w2_ptr,  # excite weight, shape (C, CR), any strides/float dtype
-    mult_ptr,  # MODE 0/2: v (B, C); MODE 1: table (N, C); any strides/float dtype
-    s_ptr,  # (B, C) ACC: MODE 0/1 output mean_hw(x); MODE 2 input (the forward's s)
-    a_ptr,  # output per-channel scales, shape (NA, B, C), ACC: a[n, b] = e[b] * mult[row]
-    dv_ptr,  # MODE 2 outputs, all (B, .) ACC: dv = g_a * e        (B, C)
-    gz2_ptr,  #   g_z2 = g_a * v * e * (1 - e)                      (B, C)
-    h_ptr,  #     h = relu(z1)                                       (B, CR)
-    gz1_ptr,  #   g_z1 = (g_z2 @ W2) * (z1 > 0)                      (B, CR)
-    bias_ptr,  #  g_s / HW = (g_z1 @ W1) / HW                        (B, C)
-    B,  # samples
-    C,  # channels
-    CR,  # hidden width C / r
-    HW,  # pixels per channel, H * W
-    stride_c,  # element stride of a channel (HW for NCHW, 1 for NHWC)
-    stride_p,  # element stride of a pixel (1 for NCHW, C for NHWC)
-    CHUNK,  # pixels per split (a multiple of BLOCK_P)
-    num_cblocks,  # cdiv(C, BLOCK_C)
-    SPLIT,  # HW splits per (b, channel block)
-    NA,  # rows of a: 1 (MODE 0/2) or N (MODE 1)
-    sw1_r, sw1_c, sw2_c, sw2_r, smult_r, smult_c,  # element strides of w1, w2, mult
-    MODE: tl.constexpr,  # 0 forward (mult = v), 1 instances (mult = table), 2 backward
-    BLOCK_C: tl.constexpr,  # channels per reduction tile (power of two)
-    BLOCK_P: tl.constexpr,  # pixels per reduction tile (power of two)
-    MLP_C: tl.constexpr,  # channels per step of the MLP (power of two)
-    CR_PAD: tl.constexpr,  # next power of two >= CR
-):
-    ACC = part_ptr.dtype.element_ty
-    # pid = ((b * num_cblocks) + cblock) * SPLIT + split
-    split = pid % SPLIT
-    bc = pid // SPLIT
-    b = bc // num_cblocks
-    cblk = bc - b * num_cblocks
-    b64 = b.to(tl.int64)
-
-    # ---- phase 1: this program's share of sum_hw(x) (or sum_hw(dy * x)) -> partials
-    cs = cblk * BLOCK_C + tl.arange(0, BLOCK_C)  # channels, shape (BLOCK_C,)
-    cmask = cs < C
-    base = b64 * C * HW  # first element of sample b
-    coff = cs * stride_c  # shape (BLOCK_C,)
-    lanes = tl.arange(0, BLOCK_P)
-    start = split * CHUNK
-    end = tl.minimum(start + CHUNK, HW)
-    acc = tl.zeros([BLOCK_C, BLOCK_P], ACC)
-    for p0 in range(start, end, BLOCK_P):
-        ps = p0 + lanes
-        offs = base + coff[:, None] + (ps * stride_p)[None, :]
-        m = cmask[:, None] & (ps < end)[None, :]
-        v = tl.load(x_ptr + offs, mask=m, other=0.0).to(ACC)
-        if MODE == 2:
-            v = v * tl.load(dy_ptr + offs, mask=m, other=0.0).to(ACC)
-        acc += v
-    tl.store(part_ptr + (b64 * SPLIT + split) * C + cs, tl.sum(acc, axis=1), mask=cmask)
-
-    # ---- phase 2: the last program of sample b to arrive runs the tiny MLP.  The barrier
-    # orders every thread's partial stores before the ticket's release (the atomic is
-    # acq_rel at GPU scope), the "last block" pattern of CUDA's threadFenceReduction sample.
-    tl.debug_barrier()
-    ticket = tl.atomic_add(count_ptr + b, 1)
-    if ticket == num_cblocks * SPLIT - 1:
-        cols = tl.arange(0, MLP_C)
-        rs = tl.arange(0, CR_PAD)
-        rmask = rs < CR
-        z1 = _mimb_mlp_hidden(part_ptr, s_ptr, w1_ptr, b, C, CR, HW, SPLIT, sw1_r, sw1_c,
-                              MODE != 2, MLP_C, CR_PAD)
-        h = tl.where(z1 < 0.0, 0.0, z1)  # relu with NaN propagating, as torch.relu
-        if MODE == 2:
-            gz1 = tl.zeros([CR_PAD], ACC)
-        for c0 in range(0, C, MLP_C):
-            cc = c0 + cols
-            cm = cc < C
-            e, w2t = _mimb_excite_chunk(w2_ptr, h, cc, cm, CR, sw2_c, sw2_r, CR_PAD)
-            if MODE == 1:
-                for n in range(NA):
-                    t = tl.load(mult_ptr + n * smult_r + cc * smult_c, mask=cm, other=0.0).to(ACC)
-                    tl.store(a_ptr + (n * B + b64) * C + cc, e * t, mask=cm)
-            else:
-                vv = tl.load(mult_ptr + b64 * smult_r + cc * smult_c, mask=cm, other=0.0).to(ACC)
-                tl.store(a_ptr + b64 * C + cc, e * vv, mask=cm)
-                if MODE == 2:
-                    g_a = tl.zeros([MLP_C], ACC)
-                    for sp in range(SPLIT):
-                        g_a += tl.load(part_ptr + (b64 * SPLIT + sp) * C + cc, mask=cm, other=0.0,
-                                       cache_modifier=".cg")
-                    tl.store(dv_ptr + b64 * C + cc, g_a * e, mask=cm)
-                    g_z2 = g_a * vv * e * (1.0 - e)
-                    tl.store(gz2_ptr + b64 * C + cc, g_z2, mask=cm)
-                    gz1 += tl.sum(tl.where(cm[:, None] & rmask[None, :], w2t * g_z2[:, None], 0.0), axis=0)
-        if MODE == 2:
-            gz1 = tl.where(z1 > 0.0, gz1, 0.0)
-            tl.store(h_ptr + b64 * CR + rs, h, mask=rmask)
-            tl.store(gz1_ptr + b64 * CR + rs, gz1, mask=rmask)
-            for c0 in range(0, C, MLP_C):
-                cc = c0 + cols
-                cm = cc < C
-                w1t = tl.load(w1_ptr + rs[:, None] * sw1_r + cc[None, :] * sw1_c,
-                              mask=rmask[:, None] & cm[None, :], other=0.0).to(ACC)
-                g_s = tl.sum(tl.where(rmask[:, None] & cm[None, :], w1t * gz1[:, None], 0.0), axis=0)
-                tl.store(bias_ptr + b64 * C + cc, _math.div(g_s, tl.full([], HW, ACC)), mask=cm)
-
-
-@triton.jit
-def _scale_program(
-    pid,  # program id within this launch (within the branch for grouped launches)
-    in_ptr,  # input (x, or dy in backward), shape (B, C, H, W), NCHW or NHWC (strides below)
-    a_ptr,  # per-channel scales, shape (N, B, C), contiguous, accumulation dtype
-    bias_ptr,  # per-channel additive term, shape (B, C), a's dtype (read iff HAS_BIAS)
-    out_ptr,  # output, shape (N*B, C, H, W), in's layout and dtype
-    B,  # samples
-    C,  # channels
-    HW,  # pixels per channel, H * W
-    N,  # outputs per input (instances; 1 for mimb_scale fwd/bwd)
-    stride_c,  # element stride of a channel (HW for NCHW, 1 for NHWC)
-    stride_p,  # element stride of a pixel (1 for NCHW, C for NHWC)
-    num_pblocks,  # cdiv(HW, BLOCK_P)
-    num_cblocks,  # cdiv(C, BLOCK_C)
-    HAS_BIAS: tl.constexpr,
-    BLOCK_C: tl.constexpr,  # channels per tile (power of two)
-    BLOCK_P: tl.constexpr,  # pixels per tile (power of two)
-):
-    ACC = a_ptr.dtype.element_ty
-    # pid = ((b * num_cblocks) + cblock) * num_pblocks + pblock
-    pblk = pid % num_pblocks
-    bc = pid // num_pblocks
-    b = bc // num_cblocks
-    cblk = bc - b * num_cblocks
-    cs = cblk * BLOCK_C + tl.arange(0, BLOCK_C)  # channels, shape (BLOCK_C,)
-    ps = pblk * BLOCK_P + tl.arange(0, BLOCK_P)  # pixels, shape (BLOCK_P,)
-    cmask = cs < C
-    m = cmask[:, None] & (ps < HW)[None, :]
-    offs = cs[:, None] * stride_c + ps[None, :] * stride_p  # within a sample, int32
-    v = tl.load(in_ptr + b.to(tl.int64) * C * HW + offs, mask=m, other=0.0).to(ACC)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + b * C + cs, mask=cmask, other=0.0)
-    for n in range(N):
-        a = tl.load(a_ptr + (n * B + b).to(tl.int64) * C + cs, mask=cmask, other=0.0)
-        y = v * a[:, None]
-        if HAS_BIAS:
-            y = y + bias[:, None]
-        if out_ptr.dtype.element_ty == tl.bfloat16:
-            # Round to nearest even on the float32 bits (as torch does), so the cast below is
-            # exact: the GPU's cvt.rn gives the same bits, and TRITON_INTERPRET=1, whose
-            # float32 -> bfloat16 cast truncates, agrees with the GPU.  NaN stays NaN.
-            bits = y.to(tl.uint32, bitcast=True)
-            hi = bits >> 16
-            lo = bits & 0xFFFF
-            up = (lo > 0x8000) | ((lo == 0x8000) & ((hi & 1) == 1))
-            rounded = ((hi + up.to(tl.uint32)) << 16).to(tl.float32, bitcast=True)
-            y = tl.where(y != y, y, rounded)
-        tl.store(
-            out_ptr + (n * B + b).to(tl.int64) * C * HW + offs,
-            y.to(out_ptr.dtype.element_ty),
-            mask=m,
-        )
-
-
-# Single-op kernels: the programs above with every size a kernel argument (Triton
-# specialises unit strides and 16-divisible sizes, so the loads vectorise).
-@triton.jit
-def _mimb_reduce_mlp_kernel(
-    x_ptr, dy_ptr, part_ptr, count_ptr, w1_ptr, w2_ptr, mult_ptr, s_ptr, a_ptr,
-    dv_ptr, gz2_ptr, h_ptr, gz1_ptr, bias_ptr,
-    B, C, CR, HW, stride_c, stride_p, CHUNK, num_cblocks, SPLIT, NA,
-    sw1_r, sw1_c, sw2_c, sw2_r, smult_r, smult_c,
-    MODE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-    MLP_C: tl.constexpr, CR_PAD: tl.constexpr,
-):
-    _reduce_mlp_program(
-        tl.program_id(0), x_ptr, dy_ptr, part_ptr, count_ptr, w1_ptr, w2_ptr, mult_ptr, s_ptr, a_ptr,
-        dv_ptr, gz2_ptr, h_ptr, gz1_ptr, bias_ptr,
-        B, C, CR, HW, stride_c, stride_p, CHUNK, num_cblocks, SPLIT, NA,
-        sw1_r, sw1_c, sw2_c, sw2_r, smult_r, smult_c,
-        MODE, BLOCK_C, BLOCK_P, MLP_C, CR_PAD,
-    )
-
-
-@triton.jit
-def _mimb_scale_kernel(
-    in_ptr, a_ptr, bias_ptr, out_ptr, B, C, HW, N, stride_c, stride_p, num_pblocks, num_cblocks,
-    HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    _scale_program(tl.program_id(0), in_ptr, a_ptr, bias_ptr, out_ptr, B, C, HW, N, stride_c, stride_p,
-                   num_pblocks, num_cblocks, HAS_BIAS, BLOCK_C, BLOCK_P)
-
-
-@triton.jit
-def _batch_outer_kernel(
-    a_ptr,  # shape (B, M), contiguous, float32/float64
-    b_ptr,  # shape (B, N), contiguous, a's dtype
-    out_ptr,  # output a.T @ b, shape (M, N), contiguous, a's dtype
-    B, M, N,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """``out = a.T @ b`` as ``B`` rank-1 updates in a's dtype (the weight gradients: B is the
-    batch, a few dozen at most, so the tile stays in registers and no tensor core -- no TF32
-    -- is involved)."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mm = rm < M
-    mn = rn < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], out_ptr.dtype.element_ty)
-    for i in range(B):  # fixed order: deterministic
-        av = tl.load(a_ptr + i * M + rm, mask=mm, other=0.0)
-        bv = tl.load(b_ptr + i * N + rn, mask=mn, other=0.0)
-        acc += av[:, None] * bv[None, :]
-    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc, mask=mm[:, None] & mn[None, :])
-
-
-@triton.jit(do_not_specialize=[f"v{i}" for i in range(24)])
-def _meta_row_kernel(
-    out_ptr,  # output: one row of a meta table, shape (NCOL,), int32
-    v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11,  # the row's values (int32 scalars)
-    v12, v13, v14, v15, v16, v17, v18, v19, v20, v21, v22, v23,
-    NCOL: tl.constexpr,  # <= 24 values stored
-):
-    """Writes a meta-table row from kernel arguments: no host-to-device copy, so a CUDA
-    graph can capture it (the values are baked into the launch)."""
-    vals = (v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11,
-            v12, v13, v14, v15, v16, v17, v18, v19, v20, v21, v22, v23)
-    for i in tl.static_range(NCOL):
-        tl.store(out_ptr + i, vals[i])
-
-
-# Grouped kernels: up to four branch tensors (HRNet's branches: different C, H, W; one dtype
-# and layout) in one launch.  Program ids are concatenated branch by branch; each branch's
-# sizes and workspace offsets are a row of an int32 ``meta`` table (written on the device by
-# ``_meta_row_kernel`` from kernel arguments and cached per shape signature, so no launch
-# copies from the host and CUDA graphs can capture even a first call); its tensors are
-# kernel arguments.  The tiles are common to the group (those
-# of its largest branch); the unit stride is a literal (LAYOUT), and ALIGNED promises that
-# every branch's contiguous extent is a multiple of 16 so the loads still vectorise (checked
-# in the sm_90 PTX: 128-bit loads and stores, as the single-op kernel).
-@triton.jit
-def _branch_of(pid, meta_ptr, G: tl.constexpr, NCOL: tl.constexpr):
-    """The branch owning program ``pid``: the last whose first program (column 0) is <= pid."""
-    g = pid * 0
-    for i in tl.static_range(1, G):
-        g = tl.where(pid >= tl.load(meta_ptr + i * NCOL), i, g)
-    return g
-
-
-@triton.jit
-def _pick(g, p0, p1, p2, p3, G: tl.constexpr):
-    """``(p0, p1, p2, p3)[g]`` for the first ``G``."""
-    p = p0
-    if G > 1:
-        if g == 1:
-            p = p1
-    if G > 2:
-        if g == 2:
-            p = p2
-    if G > 3:
-        if g == 3:
-            p = p3
-    return p
-
-
-_RM_COLS = ("start", "B", "C", "CR", "HW", "chunk", "num_cblocks", "split", "na", "sw1_r", "sw1_c",
-            "sw2_c", "sw2_r", "smult_r", "smult_c", "part", "s", "a", "dv", "gz2", "h", "gz1", "bias", "count")
-_SC_COLS = ("start", "B", "C", "HW", "N", "num_pblocks", "num_cblocks", "a", "bias")
-
-
-@triton.jit
-def _mimb_reduce_mlp_grouped_kernel(
-    meta_ptr,  # int32 (G, 24): the _RM_COLS of each branch
-    ws_ptr,  # accumulation-dtype workspace: every branch's part, s, a, dv, gz2, h, gz1, bias
-    count_ptr,  # int32 tickets, zero on entry
-    x0, x1, x2, x3, dy0, dy1, dy2, dy3, w1_0, w1_1, w1_2, w1_3, w2_0, w2_1, w2_2, w2_3, m0, m1, m2, m3,
-    G: tl.constexpr, LAYOUT: tl.constexpr, ALIGNED: tl.constexpr, MODE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, MLP_C: tl.constexpr, CR_PAD: tl.constexpr,
-):
-    NCOL: tl.constexpr = 24
-    pid = tl.program_id(0)
-    g = _branch_of(pid, meta_ptr, G, NCOL)
-    row = meta_ptr + g * NCOL
-    C = tl.load(row + 2)
-    HW = tl.load(row + 4)
-    # The unit stride a literal and, when ALIGNED, the contiguous extent marked a multiple
-    # of 16 (and so the sample offsets b * C * HW): the loads and stores vectorise.  Written
-    # inline: hints applied inside a called @jit function do not reach this kernel's loads.
-    if LAYOUT == 0:
-        if ALIGNED:
-            HW = tl.multiple_of(HW, 16)
-        stride_c = HW
-        stride_p = 1
-    else:
-        if ALIGNED:
-            C = tl.multiple_of(C, 16)
-        stride_c = 1
-        stride_p = C
-    _reduce_mlp_program(
-        pid - tl.load(row + 0),
-        _pick(g, x0, x1, x2, x3, G), _pick(g, dy0, dy1, dy2, dy3, G),
-        ws_ptr + tl.load(row + 15), count_ptr + tl.load(row + 23),
-        _pick(g, w1_0, w1_1, w1_2, w1_3, G), _pick(g, w2_0, w2_1, w2_2, w2_3, G), _pick(g, m0, m1, m2, m3, G),
-        ws_ptr + tl.load(row + 16), ws_ptr + tl.load(row + 17), ws_ptr + tl.load(row + 18),
-        ws_ptr + tl.load(row + 19), ws_ptr + tl.load(row + 20), ws_ptr + tl.load(row + 21),
-        ws_ptr + tl.load(row + 22),
-        tl.load(row + 1), C, tl.load(row + 3), HW, stride_c, stride_p,
-        tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), tl.load(row + 8),
-        tl.load(row + 9), tl.load(row + 10), tl.load(row + 11), tl.load(row + 12),
-        tl.load(row + 13), tl.load(row + 14),
-        MODE, BLOCK_C, BLOCK_P, MLP_C, CR_PAD,
-    )
-
-
-@triton.jit
-def _mimb_scale_grouped_kernel(
-    meta_ptr,  # int32 (G, 9): the _SC_COLS of each branch
-    ws_ptr,  # the reduction's workspace (a and bias of every branch)
-    in0, in1, in2, in3, out0, out1, out2, out3,
-    G: tl.constexpr, LAYOUT: tl.constexpr, ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    NCOL: tl.constexpr = 9
-    pid = tl.program_id(0)
-    g = _branch_of(pid, meta_ptr, G, NCOL)
-    row = meta_ptr + g * NCOL
-    C = tl.load(row + 2)
-    HW = tl.load(row + 3)
-    # The unit stride a literal and, when ALIGNED, the contiguous extent marked a multiple
-    # of 16 (and so the sample offsets b * C * HW): the loads and stores vectorise.  Written
-    # inline: hints applied inside a called @jit function do not reach this kernel's loads.
-    if LAYOUT == 0:
-        if ALIGNED:
-            HW = tl.multiple_of(HW, 16)
-        stride_c = HW
-        stride_p = 1
-    else:
-        if ALIGNED:
-            C = tl.multiple_of(C, 16)
-        stride_c = 1
-        stride_p = C
-    _scale_program(
-        pid - tl.load(row + 0), _pick(g, in0, in1, in2, in3, G),
-        ws_ptr + tl.multiple_of(tl.load(row + 7), 16), ws_ptr + tl.multiple_of(tl.load(row + 8), 16),
-        _pick(g, out0, out1, out2, out3, G),
-        tl.load(row + 1), C, HW, tl.load(row + 4), stride_c, stride_p,
-        tl.load(row + 5), tl.load(row + 6), HAS_BIAS, BLOCK_C, BLOCK_P,
-    )
 
 
 # --------------------------------------------------------------------------- launch helpers
@@ -676,7 +286,7 @@ def mimb_scale_fwd_triton(x: Tensor, w1: Tensor, w2: Tensor, v: Tensor) -> tuple
 def mimb_scale_bwd_triton(
     dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, v: Tensor, s: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Backward: ``(dx, dw1, dw2, dv)`` (formulas in :mod:`mipnet_kernels.ops.mimb`).
+    """Backward: ``(dx, dw1, dw2, dv)`` (formulas in :mod:`mipnet_kernels.ops.mimb.reference`).
 
     The per-sample MLP backward runs in the reduction kernel; the two batch sums of the
     weight gradients (``dw2 = g_z2.T @ h``, ``dw1 = g_z1.T @ s``) in ``_batch_outer_kernel``.
