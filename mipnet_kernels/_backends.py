@@ -591,52 +591,6 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------- transition
-# The registration idiom the MIMB modules used before they adopted define_kernels (issue
-# 15): a decorator per (op, backend) with a hand-written reasons function, and _OPS read
-# directly.  Kept only until ops/mimb.py and ops/mimb_train.py move to define_kernels /
-# kernel() / preferred_backend(); nothing else may use it.
-def _legacy_table(op: str) -> KernelTable:
-    t = _TABLES.get(op)
-    if t is None:
-        t = _TABLES[op] = KernelTable(op, ())
-    return t
-
-
-def register(op: str, backend: str, *, reasons: Callable[..., list[str]] | None = None):
-    """Deprecated (see above): ``fn`` implements ``op`` on ``backend``."""
-    _backend(backend)
-
-    def deco(fn):
-        _legacy_table(op).kernel(backend, Kernel(fn=fn, reasons=reasons))
-        return fn
-
-    return deco
-
-
-def define_op(name: str, *, example_inputs=None, auto_order=None) -> None:
-    """Deprecated (see above): declare op ``name`` for :func:`register`."""
-    if auto_order is not None:
-        raise ValueError("per-op automatic orders are gone: the order is the declarations'")
-    t = _legacy_table(name)
-    if example_inputs is not None:
-        t.example_inputs = example_inputs
-
-
-class _LegacyView:
-    def __init__(self, t: KernelTable):
-        self.impls = t.kernels
-        self.auto_order = {d: globals()["auto_order"](d) for d in ("cpu", "cuda")}
-
-
-class _LegacyOps:
-    def __getitem__(self, op: str) -> _LegacyView:
-        return _LegacyView(_TABLES[op])
-
-
-_OPS = _LegacyOps()
-
-
 # --------------------------------------------------------------------------- wrapping kernels
 class KernelHandle:
     """``ops()[op].impls[backend]``: the kernel ``dispatch`` calls, as ``fn`` -- readable, and
