@@ -28,7 +28,8 @@
   "flip_merge(Tensor heatmaps, Tensor flipped, Tensor flip_index, bool shift) -> Tensor"
 
 // ---------------------------------------------------------------------------------- MIMB
-// Multi-Instance Modulation Block (mipnet_kernels/ops/mimb.py; ARCHITECTURE.md "MIMB").
+// Multi-Instance Modulation Block (mipnet_kernels/ops/mimb/: the public functions' docstrings in
+// api.py, the kernel tables in kernels.py; ARCHITECTURE.md "MIMB", docs/ops.md "MIMB").
 // All arithmetic is float32; small operands may have any float dtype (read as float).
 //
 // mimb_scale_fwd(x, w1, w2, v) -> (y, s)
@@ -71,8 +72,10 @@
 //   v = sigmoid(relu(gamma * zn + beta) @ e2.T + b2); y as mimb_scale_fwd.  Updates
 //   running_mean / running_var in place (float32 [K], unbiased variance) unless they are
 //   empty; batch_norm=false drops the BatchNorm (zn = z; gamma, beta, running unused).
-//   state: float32 [B*(3C + Cr + K) + (K if batch_norm)] = [s | v | e | z1 | zn | invstd],
-//   for the backward only.
+//   state: float32 [B*(3C + Cr + 2K) + (2K if batch_norm)] =
+//   [s | v | e | z1 | zn hi | zn lo | invstd hi | invstd lo] (csrc/cpu/mimb_kernel.cpp
+//   TrainState), for the backward only; the same layout on every backend
+//   (mipnet_kernels/ops/mimb/reference.py pack_state), so any backward reads any forward's.
 // mimb_train_bwd(dy, x, lam, w1, w2, e1, gamma, beta, e2, state, batch_norm)
 //   -> (dx, dlam, dw1, dw2, de1, db1, dgamma, dbeta, de2, db2), each in its operand's dtype
 //   (dgamma / dbeta [0] without the BatchNorm).
