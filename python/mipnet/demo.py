@@ -489,7 +489,7 @@ def _predict_example(out: Path, files, val_gt: dict, s: DemoSettings) -> dict | 
     return example
 
 
-def side_by_side(images: Sequence[Path], titles: Sequence[str], path: Path, scale: float = 2.0) -> bool:
+def side_by_side(images: Sequence[Path], titles: Sequence[str], path: Path, scale: float = 1.5) -> bool:
     """The PNGs ``images`` next to each other (scaled by ``scale``), each titled, white gaps."""
     import cv2
 
