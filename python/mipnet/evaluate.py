@@ -430,7 +430,7 @@ class ImageMatches:
     def _average_precisions(self, counts: np.ndarray) -> np.ndarray:
         """AP for each row of image weights ``counts [B, I]``."""
         npig = counts @ self.num_gt  # [B]
-        B, T, D, R = len(counts), self.tp.shape[0], len(self._order), len(self.rec_thresholds)
+        T, D, R = self.tp.shape[0], len(self._order), len(self.rec_thresholds)
         ap = np.where(npig > 0, 0.0, -1.0)
         if D == 0:
             return ap
