@@ -247,7 +247,7 @@ class MIMB(nn.Module):
             if self._cache is not None:  # the BatchNorm's running statistics change
                 self._cache = None
             layers = self._fused_train_layers(x)
-            e1 = self.fc_lambda[0].weight
+            e1 = (self.fc_lambda[0] if layers is None else layers[0]).weight
             sel = self._one_hot(idx, e1.dtype) if sel is None else sel.to(e1.dtype)
             if layers is not None:
                 y = self._fused_train(x, sel, *layers)
@@ -309,7 +309,8 @@ class MIMB(nn.Module):
         are this module's), or None where the autograd function must not run: under
         ``torch.compile`` / export and TorchScript tracing (they trace the modules), and for
         tensor subclasses (FakeTensor, ...) -- there the modules and ``mimb_scale`` run."""
-        w1, w2 = self.w1, self.w2
+        fc = tuple(self.fc)  # one pass (indexing a Sequential twice costs more)
+        w1, w2 = fc[0].weight, fc[2].weight
         e1, b1, e2, b2 = lin1.weight, lin1.bias, lin2.weight, lin2.bias
         tensors = (x, sel, w1, w2, e1, b1, e2, b2) + ((bn.weight, bn.bias) if bn is not None else ())
         if (torch.compiler.is_compiling() or torch.jit.is_tracing()

@@ -215,10 +215,14 @@ def test_mimb_instances_is_inference_only():
         mk.mimb_instances(x, w1, c["w2"], c["table"])
     with torch.inference_mode():
         mk.mimb_instances(x, w1, c["w2"], c["table"])
-    # The raw op cannot refuse in forward; its backward says why.
-    y = torch.ops.mipnet.mimb_instances(x, c["w1"], c["w2"], c["table"])
+    # The raw op refuses too (it has no autograd formula: its output could not require grad).
     with pytest.raises(RuntimeError, match="inference-only"):
-        y.sum().backward()
+        torch.ops.mipnet.mimb_instances(x, c["w1"], c["w2"], c["table"])
+    with pytest.raises(RuntimeError, match="inference-only"):
+        torch.ops.mipnet.mimb_instances_grouped([x], [c["w1"]], [c["w2"]], [c["table"]])
+    # So do the inference forms of the differentiable ops.
+    with pytest.raises(RuntimeError, match="inference form"):
+        torch.ops.mipnet.mimb_scale_inference(x, c["w1"], c["w2"], c["v"])
     with pytest.raises(RuntimeError, match="inference-only"):
         mk.mimb_instances_grouped([x], [c["w1"]], [c["w2"]], [c["table"]])
 
@@ -414,6 +418,10 @@ def _opcheck_args(op, dev, layout):
 
     if op == "mimb_scale_fwd" or op == "mimb_scale":
         return (x.requires_grad_(True), *g(c["w1"], c["w2"], c["v"]))
+    if op in ("mimb_scale_inference",):
+        return (x, *(c[k].to(dev) for k in ("w1", "w2", "v")))
+    if op in ("mimb_inference",):
+        return (x, *(c[k].to(dev) for k in MIMB_KEYS[1:]))
     if op in ("mimb_fwd", "mimb"):
         return (x.requires_grad_(True), *g(*(c[k] for k in MIMB_KEYS[1:])))
     if op == "mimb_scale_bwd":
@@ -438,6 +446,7 @@ def _opcheck_args(op, dev, layout):
 _DISPATCHED = {
     "mimb_scale_fwd": "mimb_scale_fwd", "mimb_scale": "mimb_scale_fwd", "mimb_fwd": "mimb_scale_fwd",
     "mimb": "mimb_scale_fwd", "mimb_scale_bwd": "mimb_scale_bwd", "mimb_instances": "mimb_instances",
+    "mimb_scale_inference": "mimb_scale_fwd", "mimb_inference": "mimb_scale_fwd",
     "mimb_scale_grouped_fwd": "mimb_scale_grouped_fwd", "mimb_scale_grouped": "mimb_scale_grouped_fwd",
     "mimb_scale_grouped_bwd": "mimb_scale_grouped_bwd", "mimb_instances_grouped": "mimb_instances_grouped",
 }
@@ -786,6 +795,10 @@ def test_dispatch_mode_sees_the_operator():
     x, w1, w2, v = torch.rand(2, 8, 3, 3), torch.rand(2, 8), torch.rand(8, 2), torch.rand(2, 8)
     with Record():
         mk.mimb_scale(x, w1, w2, v)
+    assert any("mipnet.mimb_scale_inference" in s for s in seen), seen  # no grad: the inference form
+    seen.clear()
+    with Record():
+        mk.mimb_scale(x.requires_grad_(True), w1, w2, v)
     assert any("mipnet.mimb_scale_fwd" in s for s in seen), seen
 
 

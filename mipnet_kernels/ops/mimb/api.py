@@ -35,8 +35,10 @@ from .autograd import (
     INSTANCES,
     INSTANCES_GROUPED,
     MIMB_FWD,
+    MIMB_INFERENCE,
     SCALE_FWD,
     SCALE_GROUPED_FWD,
+    SCALE_INFERENCE,
     TrainStep,
 )
 from .contract import (
@@ -47,6 +49,17 @@ from .contract import (
     _check_train_args,
     dense,
 )
+
+
+def _records(*tensors) -> bool:
+    """Whether autograd records this call (else the op's inference form runs); a non-tensor
+    argument goes to the differentiable op, whose checks name it."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if not isinstance(t, Tensor) or t.requires_grad:
+            return True
+    return False
 
 
 def _check_no_grad(*tensors: Tensor) -> None:
@@ -68,7 +81,9 @@ def mimb_scale(x: Tensor, w1: Tensor, w2: Tensor, v: Tensor) -> Tensor:
         ``y = x * (sigmoid(relu(mean_hw(x) @ w1.T) @ w2.T) * v)[:, :, None, None]`` in ``x``'s
         dtype and memory format (float32 arithmetic).  Differentiable w.r.t. all inputs.
     """
-    return SCALE_FWD(x, w1, w2, v)[0]
+    if _records(x, w1, w2, v):
+        return SCALE_FWD(x, w1, w2, v)[0]
+    return SCALE_INFERENCE(x, w1, w2, v)
 
 
 def mimb(x: Tensor, lam: Tensor, w1: Tensor, w2: Tensor, e1: Tensor, b1: Tensor, e2: Tensor,
@@ -87,7 +102,9 @@ def mimb(x: Tensor, lam: Tensor, w1: Tensor, w2: Tensor, e1: Tensor, b1: Tensor,
         ``mimb_scale(x, w1, w2, sigmoid(relu(lam @ e1.T + b1) @ e2.T + b2))``.  Differentiable
         w.r.t. ``x``, ``lam`` and every weight.
     """
-    return MIMB_FWD(x, lam, w1, w2, e1, b1, e2, b2)[0]
+    if _records(x, lam, w1, w2, e1, b1, e2, b2):
+        return MIMB_FWD(x, lam, w1, w2, e1, b1, e2, b2)[0]
+    return MIMB_INFERENCE(x, lam, w1, w2, e1, b1, e2, b2)
 
 
 def mimb_instances(x: Tensor, w1: Tensor, w2: Tensor, table: Tensor) -> Tensor:

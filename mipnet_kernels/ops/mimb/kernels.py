@@ -222,12 +222,20 @@ FUSED_MIMB: dict[str, Callable | None] = {}
 
 
 def _mimb_column(backend: str) -> Kernel:
-    return Kernel(fn=_mimb_fwd(backend), dtypes=SUPPORTED_DTYPES, reasons=_block_reasons(
-        "mimb_scale_fwd", backend, lambda x, lam, w1, w2, *_: (x, w1, w2, _v_like(x))))
+    """The block kernel's reasons: x, w1, w2 in the backend's dtypes (the derived check; ``v``
+    is computed in float32, float64 only for float64 x), the block kernel built, the cuda
+    sample limit."""
+    def reasons(x, *_):
+        why = table("mimb_scale_fwd").callable(backend)[1]
+        if why is not None:
+            return [why]
+        return _cuda_x_reasons(x) if backend == "cuda" else []
+
+    return Kernel(fn=_mimb_fwd(backend), reasons=reasons)
 
 
-MIMB_FWD = define_kernels("mimb_fwd", _MIMB_ARGS, example_inputs=_example_mimb,
-                          **{b: _mimb_column(b) for b in BACKEND})
+MIMB_FWD = define_kernels("mimb_fwd", _MIMB_ARGS, tensor_args=("x", "w1", "w2"),
+                          example_inputs=_example_mimb, **{b: _mimb_column(b) for b in BACKEND})
 
 
 # --------------------------------------------------------------------------- training step
