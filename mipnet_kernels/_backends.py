@@ -314,6 +314,8 @@ class KernelTable:
             return None, f"{self.name} has no {backend} implementation"
         if k.fn is not None:
             fn = k.fn
+        elif BACKEND[backend].resolve is None:
+            return None, f"the {backend} backend runs Python kernels only (fn=), not symbol {k.symbol!r}"
         else:
             fn, why = BACKEND[backend].resolve(k.symbol)
             if fn is None:
