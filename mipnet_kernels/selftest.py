@@ -772,11 +772,14 @@ def plan(backends: list[str] | None, device: str | None) -> tuple[list[tuple[str
     from . import available_backends
 
     info = available_backends()
-    cuda = torch.cuda.is_available()
-    natural = {"cuda": ["cuda"], "cpu": ["cpu"], "triton": ["cuda"] if cuda else ["cpu"],
-               "reference": ["cuda", "cpu"] if cuda else ["cpu"]}
+    present = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
+    # Each backend on the devices where it is picked automatically, else on any it runs
+    # (Triton on CPU tensors under the interpreter): from the declarations.
+    natural = {b.name: ([d for d in b.auto if d in present]
+                        or [d for d in present if b.devices is None or d in b.devices])
+               for b in _backends.DECLARATIONS}
     pairs, missing = [], []
-    for name in backends or [n for n in ("cuda", "triton", "cpu") if info[n]["available"]]:
+    for name in backends or [n for n in _backends.BACKENDS if n != "reference" and info[n]["available"]]:
         if not info[name]["available"]:
             missing.append(Row("-", name, device or "-", "backend available", "FAIL", detail=str(info[name]["reason"])))
             continue
