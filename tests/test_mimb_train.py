@@ -1,4 +1,4 @@
-"""The fused MIMB training step (``mipnet_kernels.ops.mimb_train``; ``MIMB`` in training mode).
+"""The fused MIMB training step (``mipnet_kernels.ops.mimb.mimb_train``; ``MIMB`` in training mode).
 
 ``tests/test_nn.py::test_train_mode_matches_official`` checks the module's training step
 (now this fused op wherever it may run) against the official layer on every backend with
