@@ -1,77 +1,20 @@
-"""Self-test: every public op on every usable backend against the reference backend.
-
-    python -m mipnet_kernels.selftest                 # all usable backends, the full battery
-    python -m mipnet_kernels.selftest --quick         # the small battery (seconds on a GPU)
-    python -m mipnet_kernels.selftest --backend cuda --json selftest.json
-    python -m mipnet_kernels.selftest --device cpu --op mimb,decode_heatmaps
-
-What a user runs first on a new machine (and the first step of ``make gpu-smoke``).  For each
-backend that :func:`mipnet_kernels.available_backends` reports usable (the ``reference``
-backend only when asked for with ``--backend reference``: it is the yardstick) and each device
-it serves (``cuda``: CUDA tensors; ``triton``: CUDA tensors, or CPU tensors under
-``TRITON_INTERPRET=1`` when there is no GPU; ``cpu``: CPU tensors), it runs a battery of
-cases and prints one row per case: op, backend, case, max error, bound, ok.
-
-The battery: ``decode_heatmaps`` (argmax / quarter / dark / udp, with and without an affine),
-``flip_merge``, ``mimb_scale`` / ``mimb`` (forward and every gradient), ``mimb_instances``,
-``mimb_scale_grouped`` (forward and backward), ``mimb_instances_grouped``, ``oks_nms``,
-``soft_oks_nms``, ``oks_nms_mask``, ``soft_oks_nms_mask`` and ``oks_iou``, over shapes from
-1x1 to HRNet-like (odd sizes), float32 / float16 / bfloat16 (float64 where the op takes it),
-contiguous and channels_last (MIMB with 384 channels channels_last: C > 256), empty inputs,
-NaN / inf inputs, tied maxima and tied scores.  ``--quick`` (and Triton under the
-interpreter, which is slow) use a reduced list of small shapes.
-
-The rules are the test suite's (:mod:`mipnet_kernels._numerics`): decode scores, argmax /
-quarter coordinates, ``flip_merge`` and hard-NMS ``keep`` bit-exact against the reference
-(argmax / quarter with an affine: within float32 rounding of the affine); dark / udp within
-``2 |ref32 - spec64| + 1e-4 px + 2 noise`` of the spec evaluated in float64; MIMB outputs and
-gradients by flash-attention's rule (at most twice the float32/low-precision reference's
-error against the float64 reference, plus ``1e-5 max|truth|`` and half a unit in the last
-place for float16 / bfloat16); soft-NMS scores within ``rtol 1e-5, atol 1e-6`` (float32) /
-``rtol 1e-12`` (float64) of the reference's and the same picks.  NaN must appear where the
-reference has NaN.  A case the backend declines (its ``not_supported_reasons``, e.g. float64
-on the C++ kernels) is reported as ``skip`` with the reason.  Every case runs on its own: an
-exception is caught, reported as a failure and the run goes on.
-
-Exit status: 0 when nothing failed (skips allowed), 1 when any case failed or a backend asked
-for with ``--backend`` cannot run here, 2 on a usage error.
-"""
+"""The self-test's checkers: one per op (decode, flip_merge, MIMB, NMS, oks_iou), each running
+one case on one backend against the reference backend with the op's documented bound
+(:mod:`mipnet_kernels._numerics`), and the input generators they share with the tests."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
-import os
-import platform
-import sys
-import time
-import traceback
 import zlib
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Optional
-
-if __name__ == "__main__":  # pragma: no cover - exercised by `python -m mipnet_kernels.selftest`
-    # As tests/conftest.py: without a CUDA GPU the Triton kernels run on CPU tensors under the
-    # interpreter, which must be switched on before anything imports triton (importing
-    # mipnet_kernels does not).  A value already in the environment wins.
-    def _has_cuda() -> bool:
-        try:
-            import torch
-
-            return torch.cuda.is_available()
-        except Exception:
-            return False
-
-    if not _has_cuda():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
-from . import _backends, _numerics
-from .keypoints import COCO_FLIP_PAIRS, COCO_SIGMAS, CROWDPOSE_SIGMAS
+from .. import _backends, _numerics
+from ..keypoints import COCO_FLIP_PAIRS, COCO_SIGMAS
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 _DT = {F32: "f32", F16: "f16", BF16: "bf16", F64: "f64"}
@@ -80,6 +23,8 @@ OPS = (
     "decode_heatmaps", "flip_merge", "mimb_scale", "mimb", "mimb_instances", "mimb_scale_grouped",
     "mimb_instances_grouped", "oks_nms", "soft_oks_nms", "oks_nms_mask", "soft_oks_nms_mask", "oks_iou",
 )
+
+
 
 
 # --------------------------------------------------------------------------- results
@@ -165,7 +110,7 @@ def _cpu(t):
 @contextlib.contextmanager
 def _on(backend: str) -> Iterator[None]:
     """``use_backend(backend)``; a dispatcher refusal ("requested but cannot run") becomes Skip."""
-    from . import use_backend
+    from .. import use_backend
 
     try:
         with use_backend(backend):
@@ -232,8 +177,8 @@ def check_decode(backend, dev, shape, mode, dtype, layout, affine: bool, kind: s
                  heatmaps: Optional[torch.Tensor] = None) -> Mismatch:
     """``decode_heatmaps`` on ``backend`` against the reference; the maps are the battery's
     ``kind`` of ``shape`` / ``dtype``, or ``heatmaps`` (CPU, any values) when given."""
-    from . import decode_heatmaps
-    from .ops.decode import decode_heatmaps_reference
+    from .. import decode_heatmaps
+    from ..ops.decode import decode_heatmaps_reference
 
     if heatmaps is not None:
         shape, dtype = tuple(heatmaps.shape), heatmaps.dtype
@@ -307,8 +252,8 @@ def check_flip(backend, dev, shape, dtype, layout, shift: bool, kind: str = "ran
                maps: Optional[tuple] = None) -> Mismatch:
     """``flip_merge`` on ``backend`` against the reference; ``maps``: an explicit (CPU)
     ``(heatmaps, flipped)`` pair instead of the battery's ``kind``."""
-    from . import flip_merge
-    from .ops.decode import flip_index_from_pairs, flip_merge_reference
+    from .. import flip_merge
+    from ..ops.decode import flip_index_from_pairs, flip_merge_reference
 
     if maps is not None:
         hm, fl = maps
@@ -402,7 +347,7 @@ def check_mimb(op: str, backend, dev, shape, dtype, layout, grad: bool, kind: st
     if tuple(y.shape) != tuple(y_shape) or y.dtype != dtype or y.device.type != dev.type:
         m.fail("y", f"shape {tuple(y.shape)} dtype {y.dtype} on {y.device}")
         return m
-    from .ops.mimb import out_memory_format
+    from ..ops.mimb import out_memory_format
 
     fmt = out_memory_format(x_in)
     if not y.is_contiguous(memory_format=fmt) or (grad and not grads[0].is_contiguous(memory_format=fmt)):
@@ -524,7 +469,7 @@ def _sigmas(K: int):
 def drop_near_threshold(data: dict, K: int, thr: float, vis, near: float = 1e-5) -> dict:
     """Remove one candidate of every same-image pair whose float64 OKS is within ``near`` of the
     threshold: then float32 arithmetic must give exactly the float64 decisions."""
-    from . import oks_iou
+    from .. import oks_iou
 
     kp, ar, b = data["keypoints"], data["areas"], data["batch_idx"]
     drop = torch.zeros_like(b, dtype=torch.bool)
@@ -541,7 +486,7 @@ def threshold_rounding_case() -> dict:
     """Two poses in one image whose float64 OKS lies between float32(0.9) = 0.89999998 and 0.9:
     kept both at threshold 0.9 in float64; a kernel that rounds the threshold to float32
     suppresses one (issue 14, defect 2)."""
-    from .ops.nms import OKS_EPS
+    from ..ops.nms import OKS_EPS
 
     K = 17
     sig = torch.tensor(COCO_SIGMAS, dtype=F64)
@@ -648,310 +593,3 @@ def check_oks_iou(dev, K: int, vis, dtype) -> Mismatch:
     bound = torch.full_like(err, 2e-6 if dtype != F64 else 0.0) + (1e-12 * truth.abs() if dtype == F64 else 0)
     _worst(m, "oks", err, bound, torch.ones_like(err, dtype=torch.bool))
     return m
-
-
-# --------------------------------------------------------------------------- the battery
-@dataclass
-class Case:
-    op: str
-    name: str
-    run: Callable[[str, torch.device], Mismatch]
-
-
-DECODE_SHAPES = {
-    "small": [(1, 1, 1, 1), (2, 1, 2, 3), (1, 3, 7, 5), (1, 2, 33, 27)],
-    "full": [(1, 1, 1, 1), (2, 3, 7, 5), (1, 17, 33, 27), (2, 17, 64, 48), (2, 3, 96, 72)],
-}
-MIMB_SHAPES = {  # (B, C, H, W, r)
-    "small": [(1, 1, 1, 1, 1), (2, 3, 7, 5, 1), (2, 16, 5, 3, 4), (2, 384, 2, 3, 4), (2, 384, 1, 1, 4)],
-    "full": [(1, 1, 1, 1, 1), (2, 3, 7, 5, 1), (3, 48, 7, 5, 4), (1, 384, 7, 5, 4), (2, 384, 12, 9, 4),
-             (2, 384, 1, 1, 4), (2, 48, 64, 48, 4), (48, 32, 8, 6, 4)],
-}
-
-
-def battery(size: str) -> list[Case]:
-    """Every case of the ``size`` battery ("small" or "full")."""
-    small = size == "small"
-    cases: list[Case] = []
-    modes = ("argmax", "quarter", "dark", "udp")
-    dtypes3 = (F32, F16, BF16)
-
-    # decode_heatmaps
-    for shape in DECODE_SHAPES[size]:
-        for mode in modes:
-            for dt in dtypes3 if not small or shape == (1, 3, 7, 5) else (F32,):
-                for lay in ("contiguous", "channels_last") + (() if small else ("sliced",)):
-                    if small and lay != "contiguous" and dt != F32:
-                        continue
-                    for aff in (False, True):
-                        if aff and (lay != "contiguous" or dt != F32):
-                            continue
-                        name = f"{_shape(shape)} {mode} {_DT[dt]} {lay}{' affine' if aff else ''}"
-                        cases.append(Case("decode_heatmaps", name, lambda b, d, s=shape, mo=mode, t=dt, l=lay, a=aff:
-                                          check_decode(b, d, s, mo, t, l, a)))
-    for mode in modes:
-        for kind, shape in (("ties", (2, 3, 9, 8)), ("nonfinite", (2, 3, 9, 8))):
-            cases.append(Case("decode_heatmaps", f"{_shape(shape)} {mode} {kind}",
-                              lambda b, d, s=shape, mo=mode, k=kind: check_decode(b, d, s, mo, F32, "contiguous", False, k)))
-        for shape in ((0, 17, 64, 48), (2, 0, 5, 5)):
-            cases.append(Case("decode_heatmaps", f"{_shape(shape)} {mode} empty",
-                              lambda b, d, s=shape, mo=mode: check_decode(b, d, s, mo, F32, "contiguous", False)))
-
-    # flip_merge
-    for shape in [(1, 1, 1, 1), (2, 17, 7, 5)] + ([] if small else [(2, 17, 64, 48)]):
-        for dt in dtypes3:
-            for lay in ("contiguous", "channels_last"):
-                if small and lay != "contiguous" and dt != F32:
-                    continue
-                for shift in (True, False):
-                    cases.append(Case("flip_merge", f"{_shape(shape)} {_DT[dt]} {lay} shift={shift}",
-                                      lambda b, d, s=shape, t=dt, l=lay, sh=shift: check_flip(b, d, s, t, l, sh)))
-    cases.append(Case("flip_merge", "2x17x7x5 f32 nonfinite",
-                      lambda b, d: check_flip(b, d, (2, 17, 7, 5), F32, "contiguous", True, "nonfinite")))
-    cases.append(Case("flip_merge", "0x17x64x48 empty",
-                      lambda b, d: check_flip(b, d, (0, 17, 64, 48), F32, "contiguous", True)))
-
-    # MIMB
-    for op in ("mimb_scale", "mimb", "mimb_instances"):
-        grad = op != "mimb_instances"
-        for shape in MIMB_SHAPES[size]:
-            for dt in (F32, F16, BF16, F64):
-                if small and dt in (F16,) and shape[1] != 384:
-                    continue
-                for lay in ("contiguous", "channels_last"):
-                    name = f"{_shape(shape[:4])} {_DT[dt]} {lay}{' fwd+bwd' if grad else ''}"
-                    cases.append(Case(op, name, lambda b, d, o=op, s=shape, t=dt, l=lay, g=grad:
-                                      check_mimb(o, b, d, s, t, l, g)))
-        for dt in (F32, BF16):
-            cases.append(Case(op, f"2x8x5x3 {_DT[dt]} nonfinite fwd",
-                              lambda b, d, o=op, t=dt: check_mimb(o, b, d, (2, 8, 5, 3, 4), t, "contiguous", False, "nonfinite")))
-        cases.append(Case(op, "0x8x5x3 f32 empty", lambda b, d, o=op, g=grad:
-                          check_mimb(o, b, d, (0, 8, 5, 3, 4), F32, "contiguous", g)))
-    branches = GROUPED_BRANCHES[size]
-    for op in ("mimb_scale_grouped", "mimb_instances_grouped"):
-        grad = op == "mimb_scale_grouped"
-        for dt in (F32, BF16) if small else (F32, F16, BF16):
-            for lay in ("contiguous", "channels_last"):
-                name = f"{len(branches)} branches C={'/'.join(str(s[1]) for s in branches)} {_DT[dt]} {lay}{' fwd+bwd' if grad else ''}"
-                cases.append(Case(op, name, lambda b, d, o=op, t=dt, l=lay, g=grad: check_grouped(o, b, d, branches, t, l, g)))
-
-    # NMS
-    hard = [(17, 0.9, None), (17, 0.5, 0.25), (14, 0.3, None)] + ([] if small else [(133, 0.7, None)])
-    for op in ("oks_nms", "oks_nms_mask"):
-        for K, thr, vis in hard:
-            for dt in (F32, F64):
-                cases.append(Case(op, f"K={K} thr={thr} vis={vis} {_DT[dt]}",
-                                  lambda b, d, o=op, k=K, t=thr, v=vis, x=dt: check_nms(o, b, d, "random", k, t, v, x, small)))
-        cases.append(Case(op, "K=17 thr=0.6 ties f32",
-                          lambda b, d, o=op: check_nms(o, b, d, "ties", 17, 0.6, None, F32, small)))
-        cases.append(Case(op, "K=17 empty", lambda b, d, o=op: check_nms(o, b, d, "empty", 17, 0.9, None, F32, small)))
-        cases.append(Case(op, "K=17 OKS in (f32(0.9), 0.9) f64",
-                          lambda b, d, o=op: check_nms(o, b, d, "thr-rounding", 17, 0.9, None, F64, small)))
-    soft = [("gaussian", 0.9, 20), ("linear", 0.3, 3)] + ([] if small else [("gaussian", 0.5, None)])
-    for op in ("soft_oks_nms", "soft_oks_nms_mask"):
-        for method, thr, md in soft:
-            for dt in (F32, F64):
-                cases.append(Case(op, f"{method} thr={thr} max_dets={md} {_DT[dt]}",
-                                  lambda b, d, o=op, me=method, t=thr, n=md, x=dt:
-                                  check_nms(o, b, d, "random", 17, t, 0.25, x, small, me, n)))
-        cases.append(Case(op, "gaussian ties f32",
-                          lambda b, d, o=op: check_nms(o, b, d, "ties", 17, 0.6, None, F32, small, "gaussian", 5)))
-        cases.append(Case(op, "empty", lambda b, d, o=op: check_nms(o, b, d, "empty", 17, 0.9, None, F32, small)))
-    return cases
-
-
-def iou_cases() -> list[Case]:
-    return [Case("oks_iou", f"K={K} vis={vis} {_DT[dt]}", lambda b, d, k=K, v=vis, t=dt: check_oks_iou(d, k, v, t))
-            for K, vis in ((17, None), (14, 0.5)) for dt in (F32, F64)]
-
-
-# --------------------------------------------------------------------------- running
-def plan(backends: list[str] | None, device: str | None) -> tuple[list[tuple[str, torch.device]], list[Row]]:
-    """The (backend, device) pairs to check, and failure rows for backends asked for by name
-    that cannot run here (on ``device``)."""
-    from . import available_backends
-
-    info = available_backends()
-    present = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
-    # Each backend on the devices where it is picked automatically, else on any it runs
-    # (Triton on CPU tensors under the interpreter): from the declarations.
-    natural = {b.name: ([d for d in b.auto if d in present]
-                        or [d for d in present if b.devices is None or d in b.devices])
-               for b in _backends.DECLARATIONS}
-    pairs, missing = [], []
-    for name in backends or [n for n in _backends.BACKENDS if n != "reference" and info[n]["available"]]:
-        if not info[name]["available"]:
-            missing.append(Row("-", name, device or "-", "backend available", "FAIL", detail=str(info[name]["reason"])))
-            continue
-        devs = natural[name]
-        if device is not None:
-            why = _backends.device_unsupported_reason(name, torch.device(device))
-            devs = [device] if why is None else []
-            if why is not None and backends:
-                missing.append(Row("-", name, device, "backend runs this device", "FAIL", detail=why))
-        pairs += [(name, torch.device(d)) for d in devs]
-    return pairs, missing
-
-
-def run_case(case: Case, backend: str, dev: torch.device) -> Row:
-    t0 = time.perf_counter()
-    row = Row(case.op, backend, dev.type, case.name, "ok")
-    try:
-        m = case.run(backend, dev)
-        row.max_error, row.bound = m.err, m.bound
-        if m.problems:
-            row.status = "FAIL"
-            row.detail = "; ".join(m.problems)[:500]
-        elif m.what:
-            row.detail = m.what
-    except Skip as exc:
-        row.status, row.detail = "skip", str(exc)[:300]
-    except Exception as exc:  # every case on its own: report, go on
-        row.status = "FAIL"
-        row.detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
-        row.traceback = traceback.format_exc()
-    finally:
-        if dev.type == "cuda":
-            with contextlib.suppress(Exception):
-                torch.cuda.synchronize()
-    row.seconds = time.perf_counter() - t0
-    return row
-
-
-def _fmt(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.3g}"
-
-
-_COLS = (("op", 22), ("backend", 9), ("device", 6), ("case", 46), ("max error", 10), ("bound", 10), ("ok", 4))
-
-
-def _line(values) -> str:
-    return "  ".join(str(v)[:w].ljust(w) for v, (_, w) in zip(values, _COLS)).rstrip()
-
-
-def _row_line(r: Row) -> str:
-    ok = {"ok": "ok", "FAIL": "FAIL", "skip": "skip"}[r.status]
-    s = _line((r.op, r.backend, r.device, r.case, _fmt(r.max_error), _fmt(r.bound), ok))
-    if r.status == "FAIL" and r.detail:
-        s += f"  {r.detail}"
-    elif r.status == "skip" and r.detail:
-        s += f"  {r.detail[:110]}{'...' if len(r.detail) > 110 else ''}"
-    return s
-
-
-def _environment() -> dict:
-    from . import available_backends
-
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "platform": platform.platform(),
-        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", ""),
-        "backends": available_backends(),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except Exception:
-        env["triton"] = None
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
-    return env
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mipnet_kernels.selftest",
-                                description="Check every op on every usable backend against the reference backend.")
-    p.add_argument("--backend", action="append", choices=_backends.BACKENDS,
-                   help="check only this backend (repeatable; default: every usable one but 'reference')")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="check only on tensors of this device")
-    p.add_argument("--op", action="append", help=f"check only these ops (repeatable or comma-separated): {', '.join(OPS)}")
-    p.add_argument("--case", help="check only the cases whose name contains this text")
-    p.add_argument("--quick", action="store_true", help="the small battery (also used for Triton under the interpreter)")
-    p.add_argument("--json", metavar="FILE", help="write the results (rows, environment, summary) as JSON")
-    p.add_argument("--show", choices=("all", "problems"), default="all", help="rows to print (default: all)")
-    p.add_argument("--list", action="store_true", help="list the cases and exit")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the self-test; returns the exit status (0: no failure)."""
-    args = _parser().parse_args(argv)
-    ops = None
-    if args.op:
-        ops = {o for a in args.op for o in a.split(",") if o}
-        unknown = ops - set(OPS)
-        if unknown:
-            print(f"unknown op(s) {sorted(unknown)}; expected {', '.join(OPS)}", file=sys.stderr)
-            return 2
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
-        return 1
-    t_start = time.perf_counter()
-    pairs, rows = plan(args.backend, args.device)
-    selected = lambda c: (ops is None or c.op in ops) and (args.case is None or args.case in c.name)
-    if args.list:
-        for backend, dev in pairs:
-            interp = backend == "triton" and dev.type == "cpu"
-            for c in filter(selected, battery("small" if args.quick or interp else "full")):
-                print(_line((c.op, backend, dev.type, c.name, "", "", "")))
-        return 0
-    print(_line([n for n, _ in _COLS]))
-    print(_line(["-" * w for _, w in _COLS]))
-    for r in rows:
-        print(_row_line(r), flush=True)
-    for backend, dev in pairs:
-        interp = backend == "triton" and dev.type == "cpu"
-        cases = [c for c in battery("small" if args.quick or interp else "full") if selected(c)]
-        for case in cases:
-            r = run_case(case, backend, dev)
-            rows.append(r)
-            if args.show == "all" or r.status != "ok":
-                print(_row_line(r), flush=True)
-    devices = sorted({d.type for _, d in pairs} | ({args.device} if args.device else set()))
-    for dev in devices:
-        for case in iou_cases():
-            if selected(case):
-                r = run_case(case, "any", torch.device(dev))
-                rows.append(r)
-                if args.show == "all" or r.status != "ok":
-                    print(_row_line(r), flush=True)
-    seconds = time.perf_counter() - t_start
-    summary = {s: sum(r.status == s for r in rows) for s in ("ok", "FAIL", "skip")}
-    checked = ", ".join(f"{b}/{d.type}" for b, d in pairs) or "nothing"
-    print(f"\nmipnet_kernels selftest: {summary['ok']} ok, {summary['FAIL']} failed, {summary['skip']} skipped "
-          f"({checked}; {seconds:.1f} s)")
-    if summary["FAIL"]:
-        print("FAILED:")
-        for r in rows:
-            if r.failed:
-                print(f"  {r.op} [{r.backend}/{r.device}] {r.case}: {r.detail}")
-    if args.json:
-        out = {
-            "argv": list(sys.argv[1:] if argv is None else argv),
-            "environment": _environment(),
-            "checked": [f"{b}/{d.type}" for b, d in pairs],
-            "summary": {"ok": summary["ok"], "failed": summary["FAIL"], "skipped": summary["skip"], "seconds": seconds},
-            "passed": summary["FAIL"] == 0,
-            "results": [{**asdict(r), "max_error": _json_float(r.max_error), "bound": _json_float(r.bound)} for r in rows],
-        }
-        d = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(d, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-    return 1 if summary["FAIL"] else 0
-
-
-def _json_float(v: float | None):
-    if v is None or math.isfinite(v):
-        return v
-    return str(v)  # "inf" / "nan": JSON has no infinities
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
