@@ -92,9 +92,16 @@ cuda-compile-check: setup
 	cmake --build build-cuda-check -j2
 
 # ---------------------------------------------------------------- benchmarks
+# The suite, then the headline (benchmarks/headline.py): HRNet-W32 256x192, HRNet vs MIPNet N=2
+# (official and ours), inference and training step, ending with its summary table (run even
+# when the suite fails; make fails when either does).  HEADLINE_ARGS e.g. --threads 1, --batches 4.
+HEADLINE_ARGS ?=
 bench: setup
 	@mkdir -p $(dir $(BENCH_JSON))
-	$(PY) -m pytest benchmarks -q --benchmark-json=$(BENCH_JSON) $(PYTEST_ARGS)
+	@status=0; set -x; \
+	$(PY) -m pytest benchmarks -q --benchmark-json=$(BENCH_JSON) $(PYTEST_ARGS) || status=$$?; \
+	$(PY) -m benchmarks.headline --json $(dir $(BENCH_JSON))headline.json $(HEADLINE_ARGS) || status=1; \
+	exit $$status
 
 # Regression gate (benchmarks/gate.py): exit 1 on a regression, 2 when this device kind has no
 # committed baseline.  BASELINE=FILE|DIR overrides the baseline; GATE_ARGS e.g. --allow-missing.

@@ -14,9 +14,11 @@ For HRNet-W32 at the paper's 256x192 input (``--arch``, ``--size``), per batch s
   with the shared trunk (``model(images, instances=True)``, what ``mipnet train`` runs).
 
 Timing: the variants of one (mode, batch) are interleaved -- round r times each variant
-once, in turn -- after one warm-up call each (two on GPU), so that load from other processes
-hits them alike; a variant's time is the best of its rounds (``--stat median`` for the
-median), each ratio is to the HRNet (``baseline``) time of the same run.  GPU times are
+once, in turn -- after one warm-up call each (two on GPU).  A variant's time is the median
+of its rounds and its ratio to HRNet the median over rounds of ``its time / HRNet's time in
+the same round`` (paired: a burst of load from other processes hits a round's variants
+alike, and a round it hits unevenly is outvoted); ``official/shared`` likewise.  ``--stat
+best``: best-of times and their ratios instead.  GPU times are
 wall-clock around ``torch.cuda.synchronize()``.  FLOPs: ``torch.utils.flop_counter.FlopCounterMode``
 over one call of each variant (training: forward + backward; the MIMB custom ops and the
 optimizer are not counted, < 0.1 % of the work); the FLOP ratio of ``ours`` / ``shared`` to
@@ -154,6 +156,11 @@ def run(arch: str, size: Sequence[int], batches: Sequence[int], device: torch.de
         rounds: int, train_rounds: int, stat: str, modes: Sequence[str], log=sys.stderr) -> dict:
     warmup = 2 if device.type == "cuda" else 1
     pick = min if stat == "best" else statistics.median
+
+    def ratio(times: dict, num: str, den: str) -> float:
+        if stat == "best":
+            return min(times[num]) / min(times[den])
+        return statistics.median(a / b for a, b in zip(times[num], times[den]))
     results = {"arch": arch, "input_size": list(size), "device": str(device), "amp": amp, "stat": stat,
                "num_instances": NUM_INSTANCES, "threads": torch.get_num_threads(), "rows": []}
     for batch in batches:
@@ -163,13 +170,14 @@ def run(arch: str, size: Sequence[int], batches: Sequence[int], device: torch.de
             start = time.perf_counter()
             flops = {v: count_flops(setup.fn(mode, v)) for v in variants}
             times = measure(setup, mode, variants, rounds if mode == "inference" else train_rounds, warmup)
-            base, base_flops = pick(times["baseline"]), flops["baseline"]
             for v in variants:
-                t = pick(times[v])
-                results["rows"].append({
-                    "mode": mode, "batch": batch, "variant": v, "time_s": t, "times_s": times[v],
-                    "ratio": t / base, "gflops": flops[v] / 1e9, "flop_ratio": flops[v] / base_flops,
-                })
+                row = {"mode": mode, "batch": batch, "variant": v, "time_s": pick(times[v]), "times_s": times[v],
+                       "ratio": ratio(times, v, "baseline"), "gflops": flops[v] / 1e9,
+                       "flop_ratio": flops[v] / flops["baseline"]}
+                if v in ("ours", "shared"):  # official / ours, and its FLOP ceiling
+                    row["speedup_vs_official"] = ratio(times, "official", v)
+                    row["flop_speedup_vs_official"] = flops["official"] / flops[v]
+                results["rows"].append(row)
             print(f"[headline] {mode} batch {batch}: "
                   + ", ".join(f"{v} {pick(times[v]):.3f} s" for v in variants)
                   + f" ({time.perf_counter() - start:.0f} s)", file=log, flush=True)
@@ -186,6 +194,11 @@ def _row(results: dict, mode: str, batch: int, variant: str) -> dict | None:
     return None
 
 
+def rounds_text(results: dict) -> str:
+    counts = {r["mode"]: len(r["times_s"]) for r in results["rows"]}
+    return "/".join(str(counts[m]) for m in ("inference", "training") if m in counts)
+
+
 def summary(results: dict, device_name: str) -> str:
     """The summary table and the targets, as text."""
     batches = sorted({r["batch"] for r in results["rows"]})
@@ -193,8 +206,9 @@ def summary(results: dict, device_name: str) -> str:
     h, w = results["input_size"]
     lines = [
         f"MIPNet N={NUM_INSTANCES} vs HRNet: {results['arch']} {h}x{w}, {device_name}, "
-        f"{results['threads']} threads, {'bf16 autocast' if results['amp'] == 'bf16' else 'fp32'}; "
-        f"{'best' if results['stat'] == 'best' else 'median'} of interleaved rounds",
+        f"threads={results['threads']}, {'bf16 autocast' if results['amp'] == 'bf16' else 'fp32'}; "
+        + ("best of interleaved rounds" if results["stat"] == "best" else
+           f"median of {rounds_text(results)} interleaved rounds, ratios paired by round"),
         "",
     ]
     head = f"{'':<12}{'variant':<18}" + "".join(f"{'batch ' + str(b):>30}" for b in batches)
@@ -208,22 +222,24 @@ def summary(results: dict, device_name: str) -> str:
                 cells += (f"{r['time_s']:>9.3f}s{r['ratio']:>9.2f}x{r['flop_ratio']:>9.2f}x" if r else f"{'-':>30}")
             name = ("inference" if mode == "inference" else "train step") if i == 0 else ""
             lines.append(f"{name:<12}{LABELS[v]:<18}{cells}")
-        if mode == "training":
-            cells = ""
-            for b in batches:
-                o, s = _row(results, mode, b, "official"), _row(results, mode, b, "shared")
-                cells += f"{'':>10}{o['time_s'] / s['time_s']:>9.2f}x{o['gflops'] / s['gflops']:>9.2f}x" if o and s \
-                    else f"{'-':>30}"
-            lines.append(f"{'':<12}{'official/shared':<18}{cells}")
-    lines += ["", "FLOPs x: the variant's FLOPs / HRNet's, the floor of its time ratio; "
-              "official/shared: the shared trunk's training speed-up and its FLOP ceiling"]
+        ours = variants[-1]
+        cells = ""
+        for b in batches:
+            r = _row(results, mode, b, ours)
+            cells += (f"{'':>10}{r['speedup_vs_official']:>9.2f}x{r['flop_speedup_vs_official']:>9.2f}x" if r
+                      else f"{'-':>30}")
+        lines.append(f"{'':<12}{'official/' + ours:<18}{cells}")
+    lines += ["", "x HRNet: time / HRNet's time; FLOPs x: FLOPs / HRNet's, the floor of the time ratio;",
+              "official/ours, official/shared: the speed-up over the official way, and its FLOP ceiling"]
+    if results.get("loadavg_at_end"):
+        lines.append(f"load average (1/5/15 min) at the end: {results['loadavg_at_end']} on {os.cpu_count()} CPUs")
     target_batch = 4 if results["device"] == "cpu" else 32
     checks = []
     s, o = _row(results, "training", target_batch, "shared"), _row(results, "training", target_batch, "official")
     if s and o:
         checks.append((f"training step, batch {target_batch}: shared <= {TARGET_TRAIN_RATIO}x HRNet",
                        s["ratio"] <= TARGET_TRAIN_RATIO, f"{s['ratio']:.2f}x"))
-        speedup = o["time_s"] / s["time_s"]
+        speedup = s["speedup_vs_official"]
         checks.append((f"training step, batch {target_batch}: shared >= {TARGET_TRAIN_SPEEDUP}x faster than official",
                        speedup >= TARGET_TRAIN_SPEEDUP, f"{speedup:.2f}x"))
     ours = _row(results, "inference", target_batch, "ours")
@@ -246,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--amp", choices=("none", "bf16"), help="default: none on CPU, bf16 on GPU")
     p.add_argument("--rounds", type=int, default=None, help="inference rounds (default 7 CPU, 20 GPU)")
     p.add_argument("--train-rounds", type=int, default=None, help="training rounds (default 5 CPU, 10 GPU)")
-    p.add_argument("--stat", choices=("best", "median"), default="best")
+    p.add_argument("--stat", choices=("median", "best"), default="median",
+                   help="median times and per-round paired ratios (default), or best-of")
     p.add_argument("--modes", nargs="+", choices=("inference", "training"), default=("inference", "training"))
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--json", help="write the results (every round's time) to this file")

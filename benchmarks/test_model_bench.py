@@ -17,6 +17,9 @@ Table 3) and 48, fp32 and bf16 (the model and the crops cast to the dtype, chann
 ``eager`` and ``graph`` (the pass captured once in a CUDA graph and replayed).  CPU -- only
 a smoke configuration (W32, 64x64, batch 1, fp32, eager) so that ``--benchmark-disable``
 finishes in seconds; HRNet needs H and W to be multiples of 32, hence 64x64 rather than 64x48.
+The headline at the paper's 256x192 -- inference and the training step, on CPU and GPU, with
+its summary table -- is ``benchmarks/headline.py``, which ``make bench`` runs after this suite;
+:func:`test_headline_smoke` runs it end to end at 64x64 in the untimed (CI) mode.
 
 ``extra_info`` of each row: ``arch, variant, batch, input_size, dtype, graph, params``,
 ``gflops`` (``torch.utils.flop_counter.FlopCounterMode`` over one pass; the MIMB custom ops
@@ -34,6 +37,8 @@ TF32/bf16 convolutions with different batch sizes legitimately differ more).
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -41,7 +46,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import mipnet_kernels
 from mipnet.models import build_model
 
-from . import _timing
+from . import _timing, headline
+from .conftest import _benchmarks_disabled
 from .common import DTYPE_IDS
 from .common import device_name as _device_name
 from .common import record as _extra_info
@@ -220,3 +226,28 @@ def test_model_latency(benchmark, request, device, arch, size, batch, dtype, mod
         _extra_info(benchmark, max_rel_diff_vs_official=diff)
         if device == "cpu" and dtype == torch.float32:
             assert diff <= CPU_RTOL, f"forward_instances differs from the per-instance passes by {diff:.3g}"
+
+
+def test_headline_smoke(request):
+    """``benchmarks/headline.py`` end to end at 64x64, batch 1, one round: every row, its FLOP
+    ratios (official = 2x HRNet exactly: two full passes / a doubled batch; ours / shared
+    well under it) and the summary table.  Untimed mode only: ``make bench`` runs the real
+    headline right after the suite."""
+    if not _benchmarks_disabled(request.config):
+        pytest.skip("timed run: make bench runs python -m benchmarks.headline at 256x192 itself")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a smoke run: one thread stays quick while other work loads the CPU
+    try:
+        results = headline.run("hrnet_w32", (64, 64), [1], torch.device("cpu"), "none", rounds=1, train_rounds=1,
+                               stat="best", modes=("inference", "training"), log=io.StringIO())
+    finally:
+        torch.set_num_threads(threads)
+    rows = {(r["mode"], r["variant"]): r for r in results["rows"]}
+    assert set(rows) == {("inference", v) for v in headline.INFERENCE} | {("training", v) for v in headline.TRAINING}
+    for r in rows.values():
+        assert r["time_s"] > 0 and len(r["times_s"]) == 1 and r["gflops"] > 0
+    for mode, ours in (("inference", "ours"), ("training", "shared")):
+        assert rows[mode, "official"]["flop_ratio"] == pytest.approx(2.0, rel=1e-3)
+        assert 1.0 < rows[mode, ours]["flop_ratio"] < 1.5
+    text = headline.summary(results, "test cpu")
+    assert "shared trunk N=2" in text and "official/shared" in text and "batch 1" in text

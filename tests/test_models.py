@@ -337,6 +337,9 @@ def test_forward_instances_training_equals_repeated_batch(arch, momentum):
     parameter gradient, every BatchNorm buffer (running statistics rescaled to the N*B batch)."""
     N = 2
     ours, official = _train_copies(arch, momentum)
+    with torch.no_grad():  # a first step (ours finds its trunk's BatchNorms with hooks, then uses that plan)
+        _official_step(official, images(2, seed=3), N)
+        ours.forward_instances(images(2, seed=3))
     x = images(2)
     out = ours.forward_instances(x)
     ref = _official_step(official, x, N)
@@ -405,9 +408,11 @@ def test_trunk_running_var_without_the_correction():
 
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("bn_type, shape", [(nn.BatchNorm2d, (3, 4, 5, 2)), (nn.BatchNorm1d, (6, 4))])
-def test_repeated_batchnorm_stats(bn_type, shape, momentum):
-    """RepeatedBatchNormStats on one BatchNorm: its update on a batch equals the plain
-    update on the batch repeated ``copies`` times; the module keeps its own buffer tensor."""
+@pytest.mark.parametrize("calls", [1, 2])
+def test_repeated_batchnorm_stats(bn_type, shape, momentum, calls):
+    """RepeatedBatchNormStats on a BatchNorm that ``fn`` calls once (hooks on the first run,
+    the cached plan after) or twice (hooks on every run): its updates equal the plain ones on
+    the batch repeated ``copies`` times; the module keeps its own buffer tensor and no hook."""
     from mipnet.models.common import RepeatedBatchNormStats
 
     g = torch.Generator().manual_seed(0)
@@ -416,17 +421,25 @@ def test_repeated_batchnorm_stats(bn_type, shape, momentum):
     ours.running_var.uniform_(0.5, 2.0, generator=g)
     ref, plain = copy.deepcopy(ours), copy.deepcopy(ours)
     own = ours.running_var
-    for _ in range(2):  # twice: momentum None averages over num_batches_tracked
-        with RepeatedBatchNormStats(ours, 3):
-            y = ours(x.requires_grad_())
+    stats = RepeatedBatchNormStats(3)
+
+    def fn(t):
+        for _ in range(calls):
+            t = ours(t)
+        return t
+
+    for step in range(3):  # momentum None averages over num_batches_tracked
+        y = stats.run(ours, fn, x.requires_grad_())
         y.sum().backward()  # autograd accepts the update (BatchNorm saved a copy)
-        ref(torch.cat([x.detach()] * 3))
-        plain(x.detach())
-    assert ours.running_var is own and ours._buffers["running_var"] is own
-    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-6, atol=0)
-    torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=1e-6, atol=1e-7)
+        big, small = torch.cat([x.detach()] * 3), x.detach()
+        for _ in range(calls):
+            big, small = ref(big), plain(small)
+        torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-6, atol=0, msg=f"step {step}")
+        torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=1e-6, atol=1e-7)
+        assert ours.running_var is own and ours._buffers["running_var"] is own
+        assert not ours._forward_hooks and not ours._forward_pre_hooks
+    assert (stats._plan[1] is None) == (calls == 2)  # the plan is cached only for single calls
     assert not torch.allclose(plain.running_var, ref.running_var, rtol=1e-4, atol=0)
-    assert not ours._forward_hooks and not ours._forward_pre_hooks  # removed on exit
 
 
 @pytest.mark.parametrize("arch, N", [("resnet_tiny", 1), ("resnet_tiny", 2)])

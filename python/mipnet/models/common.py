@@ -38,7 +38,6 @@ variance, ``var * n / (n - 1)``, and ``n`` (values per channel) is ``B*h*w`` her
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Optional, Sequence, Union
 
 import torch
@@ -173,71 +172,105 @@ _PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class RepeatedBatchNormStats:
-    """Context manager: every plain BatchNorm of ``model`` that runs inside it updates its
-    running variance as it would on ``copies`` identical copies of its input batch.
+    """Runs a function of a batch so that every plain BatchNorm of ``model`` it calls updates
+    its running variance as it would on ``copies`` identical copies of its input batch:
+    ``stats.run(model, fn, x)`` returns ``fn(x)``.
 
     On ``c`` copies of a batch a BatchNorm in training mode normalises with the same mean and
     biased variance ``var``, and updates ``running_mean`` identically, but it updates
     ``running_var`` with the unbiased ``var * c*n / (c*n - 1)`` where a single copy uses
-    ``var * n / (n - 1)`` (``n`` values per channel).  A forward pre-hook hands the
-    BatchNorm a copy of ``running_var`` to update; a forward hook recovers the update
-    ``d = new - (1 - m) * old`` (``m`` the momentum, ``1 / num_batches_tracked`` when it is
-    None) and writes ``new + d * (r - 1)``, ``r = c*(n - 1) / (c*n - 1)``, into the module's
-    own ``running_var``: ``(1 - m) * old + m * var * c*n / (c*n - 1)``, the update of the
+    ``var * n / (n - 1)`` (``n`` values per channel).  Each BatchNorm is handed a copy of its
+    ``running_var`` to update (autograd saves the tensor BatchNorm was given and refuses an
+    in-place change of it); afterwards the update ``d = new - (1 - m) * old`` (``m`` the
+    momentum, ``1 / num_batches_tracked`` when it is None) is recovered and
+    ``new + d * (r - 1)``, ``r = c*(n - 1) / (c*n - 1)``, written into the module's own
+    ``running_var``: ``(1 - m) * old + m * var * c*n / (c*n - 1)``, the update of the
     repeated batch up to float32 rounding (the correction is ``~1/n`` of the update, so its
-    rounding is far below an ulp of ``running_var``).  The copy is needed because autograd
-    saves the tensor BatchNorm was given and refuses an in-place change of it.  Four small
-    ops per BatchNorm call.
+    rounding is far below an ulp of ``running_var``).
+
+    Cost: three small ops per BatchNorm.  The first call for an input size (and module set)
+    finds the BatchNorms ``fn`` calls and their values per sample with forward hooks and
+    keeps that plan; later calls use the plan, without hooks.  A BatchNorm called more than
+    once by ``fn`` makes every call take the hook path.
 
     Only ``nn.BatchNorm1d/2d/3d`` are corrected (not ``SyncBatchNorm``, whose ``n`` spans the
-    processes, nor subclasses, whose update may differ).  The hooks are removed on exit, so
-    no module outside the ``with`` block (the MIMBs' embedding BatchNorms included) sees them.
+    processes, nor subclasses, whose update may differ).  No hook outlives a call, so no
+    module outside ``fn`` (the MIMBs' embedding BatchNorms included) sees one.
     """
 
-    def __init__(self, model: nn.Module, copies: int) -> None:
+    def __init__(self, copies: int) -> None:
         self.copies = copies
-        self.norms = [m for m in model.modules() if type(m) in _PLAIN_BATCHNORMS]
-        self._handles: list = []
-        self._saved: dict[int, list] = {}
+        self._plan: tuple = (None, None)  # (key, [(bn, values per sample)] or None: hooks every call)
 
-    def _pre(self, bn, args) -> None:
-        own = bn._buffers.get("running_var")
-        if not (bn.training and bn.track_running_stats and own is not None):
-            return
-        x = args[0]
-        n = x.numel() // x.shape[1] if x.dim() >= 2 and x.shape[1] else 0
-        self._saved.setdefault(id(bn), []).append((own, n))
-        bn._buffers["running_var"] = own.detach().clone()
+    @staticmethod
+    def _tracks(bn) -> bool:
+        return bn.training and bn.track_running_stats and bn._buffers.get("running_var") is not None
 
-    def _post(self, bn, args, out) -> None:
-        stack = self._saved.get(id(bn))
-        if not stack:
-            return
-        own, n = stack.pop()
-        new = bn._buffers["running_var"]
-        bn._buffers["running_var"] = own
+    def _correct(self, bn, own: Tensor, new: Tensor, n: int) -> None:
         c = self.copies
-        m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-        ratio = c * (n - 1) / (c * n - 1) if n > 1 else 1.0
-        with torch.no_grad():
-            d = torch.sub(new, own, alpha=1.0 - m)
-            own.copy_(new).add_(d, alpha=ratio - 1.0)
+        keep = 1.0 - (bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked))
+        r = c * (n - 1) / (c * n - 1) if n > 1 else 1.0
+        with torch.no_grad():  # new + (r - 1) * (new - keep * own)
+            own.mul_((1.0 - r) * keep).add_(new, alpha=r)
 
-    def __enter__(self) -> "RepeatedBatchNormStats":
-        for bn in self.norms:
-            self._handles.append(bn.register_forward_pre_hook(self._pre))
-            self._handles.append(bn.register_forward_hook(self._post))
-        return self
+    def run(self, model: nn.Module, fn, x: Tensor):
+        norms = [m for m in model.modules() if type(m) in _PLAIN_BATCHNORMS]
+        key = (tuple(x.shape[1:]), tuple(map(id, norms)))
+        if self._plan[0] != key or self._plan[1] is None:
+            return self._run_with_hooks(norms, fn, x, key)
+        batch = x.shape[0]
+        saved = []
+        for bn, per_sample in self._plan[1]:
+            if self._tracks(bn):
+                own = bn._buffers["running_var"]
+                bn._buffers["running_var"] = own.detach().clone()
+                saved.append((bn, own, per_sample))
+        done = False
+        try:
+            out = fn(x)
+            done = True
+        finally:
+            for bn, own, per_sample in saved:
+                new = bn._buffers["running_var"]
+                bn._buffers["running_var"] = own
+                if done:
+                    self._correct(bn, own, new, batch * per_sample)
+        return out
 
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        for bn in self.norms:  # an exception between the hooks: give back the module's own tensor
-            stack = self._saved.get(id(bn))
+    def _run_with_hooks(self, norms, fn, x: Tensor, key):
+        calls: list = []  # (bn, values per sample) in call order
+        stacks: dict = {}
+
+        def pre(bn, args):
+            y = args[0]
+            per_sample = y.numel() // (y.shape[0] * y.shape[1]) if y.dim() >= 2 and y.shape[0] * y.shape[1] else 0
+            calls.append((bn, per_sample))
+            if self._tracks(bn):
+                own = bn._buffers["running_var"]
+                stacks.setdefault(id(bn), []).append((own, y.numel() // y.shape[1]))
+                bn._buffers["running_var"] = own.detach().clone()
+
+        def post(bn, args, out):
+            stack = stacks.get(id(bn))
             if stack:
-                bn._buffers["running_var"] = stack[0][0]
-        self._saved.clear()
+                own, n = stack.pop()
+                new = bn._buffers["running_var"]
+                bn._buffers["running_var"] = own
+                self._correct(bn, own, new, n)
+
+        handles = [h for bn in norms for h in (bn.register_forward_pre_hook(pre), bn.register_forward_hook(post))]
+        try:
+            out = fn(x)
+        finally:
+            for h in handles:
+                h.remove()
+            for bn in norms:  # an exception between the hooks: give back the module's own tensor
+                stack = stacks.get(id(bn))
+                if stack:
+                    bn._buffers["running_var"] = stack[0][0]
+        once = len({id(bn) for bn, _ in calls}) == len(calls)
+        self._plan = (key, calls if once else None)
+        return out
 
 
 class MIMBGroup(nn.Module):
@@ -408,8 +441,12 @@ class PoseNet(nn.Module):
         if self.training:
             if N == 1:
                 return self._tail(self._trunk(images), None).unsqueeze(0)
-            stats = RepeatedBatchNormStats(self, N) if self.official_trunk_bn_stats else nullcontext()
-            with stats:
+            if self.official_trunk_bn_stats:
+                stats = self.__dict__.get("_repeated_bn_stats")
+                if stats is None or stats.copies != N:
+                    stats = self.__dict__["_repeated_bn_stats"] = RepeatedBatchNormStats(N)
+                feats = stats.run(self, self._trunk, images)
+            else:
                 feats = self._trunk(images)
             sel = AllInstances(B, instance_selector(N, B, images.device))
             return self._tail(feats, sel).unflatten(0, (N, B))
