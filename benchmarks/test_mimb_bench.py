@@ -19,6 +19,11 @@ Rows (``op`` / ``mode``):
   older result files, so the regression gate compares like with like.
 * ``mimb_instances`` / ``N=2`` -- both instances from one read of ``x``; the eager row
   runs the official layer twice (once per one-hot selector), as MIPNet inference does.
+* ``mimb_instances_train`` / ``fwd+bwd N=2`` -- ``mimb_instances`` forward, then backward of
+  ``dy [N*B, ...]`` into ``x``, ``w1``, ``w2`` and the table (issue 16); the eager row is
+  the official squeeze-excite scale (``anchors.official_instances``: one call per instance)
+  forward + backward.  (Issue 16's target: faster than two ``mimb_scale`` forward +
+  backward calls on the same backend; the interleaved comparison is in docs/ops.md, MIMB.)
 
 Backends: ``cpu`` / ``reference`` on CPU tensors, ``cuda`` / ``triton`` / ``reference`` on CUDA
 tensors, through ``mipnet_kernels.use_backend`` (skipped with the dispatcher's
@@ -63,7 +68,8 @@ DEVICE_CASES = {
 }
 BASELINES = ("eager", "compile")
 #: the dispatcher op each benchmark's backends implement (for ``not_supported_reasons``)
-DISPATCH_OP = {"mimb": "mimb_scale_fwd", "mimb_train_step": "mimb_scale_bwd", "mimb_instances": "mimb_instances"}
+DISPATCH_OP = {"mimb": "mimb_scale_fwd", "mimb_train_step": "mimb_scale_bwd", "mimb_instances": "mimb_instances",
+               "mimb_instances_train": "mimb_instances"}
 # gross-error bound vs the eager official layer (relative to max |eager|)
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
@@ -183,11 +189,34 @@ def _instances_fn(d, backend: str):
     return fn
 
 
+def _instances_train_fn(d, backend: str):
+    """Forward + backward of ``mimb_instances`` (eager: the official scale once per
+    instance); returns dx."""
+    leaves = [d[k].detach().clone().requires_grad_(True) for k in ("x", "w1", "w2", "table")]
+    key = "dy_instances"
+    if key not in d:
+        d[key] = torch.cat([d["dy"]] * NUM_INSTANCES) * torch.linspace(
+            0.5, 1.5, NUM_INSTANCES * d["dy"].shape[0], device=d["dy"].device,
+            dtype=d["dy"].dtype)[:, None, None, None]
+    dy = d[key]
+    op = anchors.official_instances if backend in BASELINES else mipnet_kernels.mimb_instances
+
+    def fn():
+        for t in leaves:
+            t.grad = None
+        op(*leaves).backward(dy)
+        return leaves[0].grad
+    return fn
+
+
 OPS = {
     # op: (mode, fn factory, bytes read / written in units of x's size)
     "mimb": ("fwd", _forward_fn, 1, 1),
     "mimb_train_step": ("fwd+bwd", _train_step_fn, 3, 2),
     "mimb_instances": (f"N={NUM_INSTANCES}", _instances_fn, 1, NUM_INSTANCES),
+    # fwd: read x, write N y; bwd: read x and N dy, write dx
+    "mimb_instances_train": (f"fwd+bwd N={NUM_INSTANCES}", _instances_train_fn,
+                             2 + NUM_INSTANCES, NUM_INSTANCES + 1),
 }
 
 
@@ -201,7 +230,7 @@ def _skip_reason(op: str, backend: str, device: str, d) -> str | None:
     x, w1, w2 = d["x"], d["w1"], d["w2"]
     B, C = x.shape[:2]
     v = torch.ones(B, C, device=x.device, dtype=x.dtype)
-    if op == "mimb_instances":
+    if op in ("mimb_instances", "mimb_instances_train"):
         args = (x, w1, w2, d["table"])
     elif op == "mimb_train_step":
         s = torch.zeros(B, C, device=x.device, dtype=torch.float32)
@@ -211,6 +240,9 @@ def _skip_reason(op: str, backend: str, device: str, d) -> str | None:
     ops = {DISPATCH_OP[op]: args}
     if op == "mimb_train_step":  # the step also runs the forward kernel
         ops["mimb_scale_fwd"] = (x, w1, w2, v)
+    if op == "mimb_instances_train":  # the backward runs the scale backward kernel
+        s = torch.zeros(B, C, device=x.device, dtype=torch.float32)
+        ops["mimb_scale_bwd"] = (d["dy"], x, w1, w2, v, s)
     return skip_reason(backend, device, ops)
 
 

@@ -186,45 +186,97 @@ def test_mimb_instances(backend, device, shape, dtype, layout, N):
     dev = skip_unless_runs(backend, device)
     c = make_case(*shape, N=N, seed=_seed("inst", shape))
     x, w1, w2, table = (c[k].to(dtype) for k in ("x", "w1", "w2", "table"))
-    xd, w1d, w2d, td = on(dev, x, w1, w2, table)
-    xd = relayout(xd, layout)
+    xd, w1d, w2d, td = on(dev, x, w1, w2, table, grad=True)
+    xd = relayout(xd.detach(), layout).requires_grad_(True)
     require_op(backend, "mimb_instances", xd, w1d, w2d, td)
+    dy = torch.randn((N * shape[0], *shape[1:4]), generator=torch.Generator().manual_seed(3)).to(dtype)
     with mk.use_backend(backend):
         y = mk.mimb_instances(xd, w1d, w2d, td)
+        y.backward(relayout(dy.to(dev), layout))
     check_output(y, xd, batch=N * shape[0])
-    truth, _ = eager_with_grads(official_instances, None, x.double(), w1.double(), w2.double(), table.double())
-    eager, _ = eager_with_grads(official_instances, None, x, w1, w2, table)
+    truth, truth_g = eager_with_grads(official_instances, dy.double(), x.double(), w1.double(), w2.double(), table.double())
+    eager, eager_g = eager_with_grads(official_instances, dy, x, w1, w2, table)
     check_flash(y, eager, truth, dtype, "y")
+    for name, t, e, tg in zip(("dx", "dw1", "dw2", "dtable"), (xd, w1d, w2d, td), eager_g, truth_g):
+        assert t.grad is not None and t.grad.shape == t.shape and t.grad.dtype == t.dtype, name
+        check_flash(t.grad, e, tg, dtype, name)
+    assert xd.grad.is_contiguous(memory_format=expected_format(xd))
     # Instance-major: block n is mimb_scale with v = table[n] for every sample.
     B, C = shape[:2]
-    with mk.use_backend(backend):
+    with mk.use_backend(backend), torch.no_grad():
         for n in range(N):
             y_n = mk.mimb_scale(xd, w1d, w2d, td[n].expand(B, C))
             torch.testing.assert_close(y[n * B:(n + 1) * B], y_n, rtol=0, atol=0)
 
 
-def test_mimb_instances_is_inference_only():
+def _instances_vs_scale_calls(backend, dev, c, N, drop=None):
+    """Forward and every gradient of ``mimb_instances`` and of N separate ``mimb_scale``
+    calls (v = table[n] per sample) on the same backend, the same ``dy``; ``drop`` (a test
+    of the test): zero that instance's ``dy`` in the instances run only."""
+    B, C = c["x"].shape[:2]
+    a = on(dev, *(c[k] for k in ("x", "w1", "w2", "table")), grad=True)
+    b = on(dev, *(c[k] for k in ("x", "w1", "w2", "table")), grad=True)
+    dy = torch.randn((N * B, *c["x"].shape[1:]), generator=torch.Generator().manual_seed(4)).to(dev)
+    dya = dy.clone()
+    if drop is not None:
+        dya[drop * B:(drop + 1) * B] = 0
+    with mk.use_backend(backend):
+        ya = mk.mimb_instances(*a)
+        ya.backward(dya)
+        yb = torch.cat([mk.mimb_scale(b[0], b[1], b[2], b[3][n].expand(B, C)) for n in range(N)])
+        yb.backward(dy)
+    return ya, yb, [t.grad for t in a], [t.grad for t in b]
+
+
+@pytest.mark.parametrize("backend, device", backend_device_params())
+@pytest.mark.parametrize("N", [1, 2, 3])
+def test_mimb_instances_equals_scale_calls(backend, device, N):
+    """Forward and all gradients equal N separate ``mimb_scale`` calls (float32 reassociation:
+    the instances backward sums the same per-instance gradients)."""
+    dev = skip_unless_runs(backend, device)
+    c = make_case(3, 16, 5, 4, 4, N=N, seed=_seed("inst-vs-scale", (N,)))
+    require_op(backend, "mimb_instances", *on(dev, *(c[k] for k in ("x", "w1", "w2", "table"))))
+    ya, yb, ga, gb = _instances_vs_scale_calls(backend, dev, c, N)
+    torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+    for name, p, q in zip(("dx", "dw1", "dw2", "dtable"), ga, gb):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_mimb_instances_test_catches_a_dropped_instance():
+    """The comparison above fails when one instance's contribution is missing from backward."""
+    c = make_case(3, 16, 5, 4, 4, N=2, seed=_seed("inst-vs-scale", (2,)))
+    for drop in (0, 1):
+        _, _, ga, gb = _instances_vs_scale_calls("reference", "cpu", c, 2, drop=drop)
+        for name, p, q in zip(("dx", "dw1", "dw2", "dtable"), ga, gb):
+            with pytest.raises(AssertionError):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_mimb_instances_inference_forms():
+    """Without anything to record the public functions run the inference forms (no autograd
+    formula), which refuse inputs that require grad; the differentiable ops accept them."""
     c = make_case(2, 8, 3, 3, 4, N=2)
-    x = c["x"].requires_grad_(True)
-    with pytest.raises(RuntimeError, match="inference-only"):
-        mk.mimb_instances(x, c["w1"], c["w2"], c["table"])
-    w1 = c["w1"].clone().requires_grad_(True)
-    with pytest.raises(RuntimeError, match="inference-only"):
-        mk.mimb_instances(c["x"], w1, c["w2"], c["table"])
+    x = c["x"].clone().requires_grad_(True)
+    y = mk.mimb_instances(x, c["w1"], c["w2"], c["table"])
+    assert y.requires_grad
+    (yg,) = mk.mimb_instances_grouped([x], [c["w1"]], [c["w2"]], [c["table"]])
+    assert yg.requires_grad
+    torch.testing.assert_close(yg, y, rtol=0, atol=0)
     with torch.no_grad():
-        mk.mimb_instances(x, w1, c["w2"], c["table"])
+        assert not mk.mimb_instances(x, c["w1"], c["w2"], c["table"]).requires_grad
     with torch.inference_mode():
-        mk.mimb_instances(x, w1, c["w2"], c["table"])
-    # The raw op refuses too (it has no autograd formula: its output could not require grad).
-    with pytest.raises(RuntimeError, match="inference-only"):
-        torch.ops.mipnet.mimb_instances(x, c["w1"], c["w2"], c["table"])
-    with pytest.raises(RuntimeError, match="inference-only"):
-        torch.ops.mipnet.mimb_instances_grouped([x], [c["w1"]], [c["w2"]], [c["table"]])
-    # So do the inference forms of the differentiable ops.
-    with pytest.raises(RuntimeError, match="inference form"):
-        torch.ops.mipnet.mimb_scale_inference(x, c["w1"], c["w2"], c["v"])
-    with pytest.raises(RuntimeError, match="inference-only"):
-        mk.mimb_instances_grouped([x], [c["w1"]], [c["w2"]], [c["table"]])
+        mk.mimb_instances(x, c["w1"], c["w2"], c["table"])
+    for op, args in (("mimb_instances_inference", (x, c["w1"], c["w2"], c["table"])),
+                     ("mimb_instances_grouped_inference", ([x], [c["w1"]], [c["w2"]], [c["table"]])),
+                     ("mimb_scale_inference", (x, c["w1"], c["w2"], c["v"]))):
+        with pytest.raises(RuntimeError, match="inference form"):
+            getattr(torch.ops.mipnet, op)(*args)
+    # An output that does not reach the loss gets zero gradients (grouped).
+    x2 = make_case(2, 4, 2, 2, 2, N=2)["x"].requires_grad_(True)
+    c2 = make_case(2, 4, 2, 2, 2, N=2)
+    ya, _ = mk.mimb_instances_grouped([x, x2], [c["w1"], c2["w1"]], [c["w2"], c2["w2"]], [c["table"], c2["table"]])
+    ya.sum().backward()
+    assert x.grad is not None and torch.equal(x2.grad, torch.zeros_like(x2))
 
 
 # --------------------------------------------------------------------------- grouped
@@ -396,6 +448,30 @@ def test_gradcheck_mimb_scale_grouped():
         assert torch.autograd.gradcheck(fn, tuple(leaves))
 
 
+@pytest.mark.parametrize("backend, device", GRADCHECK_BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradcheck_mimb_instances(backend, device, layout):
+    skip_unless_runs(backend, device)
+    c = make_case(2, 4, 3, 2, 2, N=3, seed=19)
+    x, w1, w2, table = _f64(c, ("x", "w1", "w2", "table"))
+    x = relayout(x.detach(), layout).requires_grad_(True)
+    with mk.use_backend(backend):
+        assert torch.autograd.gradcheck(mk.mimb_instances, (x, w1, w2, table))
+
+
+@pytest.mark.parametrize("backend, device", GRADCHECK_BACKENDS)
+def test_gradcheck_mimb_instances_grouped(backend, device):
+    skip_unless_runs(backend, device)
+    cs = [make_case(2, 4, 3, 2, 2, N=2, seed=20), make_case(2, 6, 2, 2, 3, N=2, seed=21)]
+    leaves = [cs[i][k].double().requires_grad_(True) for k in ("x", "w1", "w2", "table") for i in range(2)]
+
+    def fn(x0, x1, a0, a1, b0, b1, t0, t1):
+        return tuple(mk.mimb_instances_grouped([x0, x1], [a0, a1], [b0, b1], [t0, t1]))
+
+    with mk.use_backend(backend):
+        assert torch.autograd.gradcheck(fn, tuple(leaves))
+
+
 def test_reference_float64_is_exact_spec():
     """The float64 path of the public op equals the official layer in float64 (~1e-15)."""
     c = make_case(3, 48, 7, 5, 4, seed=14, soft=True)
@@ -427,6 +503,8 @@ def _opcheck_args(op, dev, layout):
     if op == "mimb_scale_bwd":
         return (torch.randn_like(x), x, *(c[k].to(dev) for k in ("w1", "w2", "v")), c["x"].mean((2, 3)).to(dev))
     if op == "mimb_instances":
+        return (x.requires_grad_(True), *g(c["w1"], c["w2"], c["table"]))
+    if op == "mimb_instances_inference":
         return (x, *(c[k].to(dev) for k in ("w1", "w2", "table")))
     c2 = make_case(2, 12, 2, 4, 3, N=3, seed=16)
     x2 = relayout(c2["x"].to(dev), layout)
@@ -438,6 +516,9 @@ def _opcheck_args(op, dev, layout):
                 *([t.to(dev) for t in (c[k], c2[k])] for k in ("w1", "w2", "v")),
                 [c["x"].mean((2, 3)).to(dev), c2["x"].mean((2, 3)).to(dev)])
     if op == "mimb_instances_grouped":
+        return ([x.requires_grad_(True), x2.requires_grad_(True)],
+                *([t.to(dev).requires_grad_(True) for t in (c[k], c2[k])] for k in ("w1", "w2", "table")))
+    if op == "mimb_instances_grouped_inference":
         return ([x, x2], *([t.to(dev) for t in (c[k], c2[k])] for k in ("w1", "w2", "table")))
     raise ValueError(op)
 
@@ -449,6 +530,8 @@ _DISPATCHED = {
     "mimb_scale_inference": "mimb_scale_fwd", "mimb_inference": "mimb_scale_fwd",
     "mimb_scale_grouped_fwd": "mimb_scale_grouped_fwd", "mimb_scale_grouped": "mimb_scale_grouped_fwd",
     "mimb_scale_grouped_bwd": "mimb_scale_grouped_bwd", "mimb_instances_grouped": "mimb_instances_grouped",
+    "mimb_instances_inference": "mimb_instances",
+    "mimb_instances_grouped_inference": "mimb_instances_grouped",
 }
 OPCHECK_CASES = [(op, "contiguous") for op in _DISPATCHED] + [
     (op, "channels_last") for op in ("mimb_scale_fwd", "mimb_scale_bwd", "mimb_instances")
@@ -494,6 +577,32 @@ def test_torch_compile_fullgraph(backend, device):
         got = fn(*a)
         got.backward()
         want = _block(*b)
+        want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for i, (ga, gb) in enumerate(zip(a, b)):
+        torch.testing.assert_close(ga.grad, gb.grad, rtol=1e-5, atol=1e-6, msg=f"grad of input {i}")
+
+
+def _instances_block(x, w1, w2, table, x2, w1b, w2b, t2):
+    y = mk.mimb_instances(x, w1, w2, table)
+    ya, yb = mk.mimb_instances_grouped([y * 0.5, x2], [w1, w1b], [w2, w2b], [table, t2])
+    return ya.square().mean() + yb.sin().sum()
+
+
+@pytest.mark.parametrize("backend, device", backend_device_params())
+def test_torch_compile_fullgraph_instances(backend, device):
+    """``mimb_instances`` (and grouped) forward + backward under ``torch.compile(fullgraph=True)``."""
+    dev = skip_unless_runs(backend, device)
+    c = make_case(2, 16, 6, 5, 4, N=2, seed=22)
+    c2 = make_case(2, 8, 3, 3, 4, N=2, seed=23)
+    base = [c[k] for k in ("x", "w1", "w2", "table")] + [c2[k] for k in ("x", "w1", "w2", "table")]
+    require_op(backend, "mimb_instances", *on(dev, *base[:4]))
+    fn = _compiled.setdefault("inst", torch.compile(_instances_block, fullgraph=True, backend="aot_eager"))
+    a, b = on(dev, *base, grad=True), on(dev, *base, grad=True)
+    with mk.use_backend(backend):
+        got = fn(*a)
+        got.backward()
+        want = _instances_block(*b)
         want.backward()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     for i, (ga, gb) in enumerate(zip(a, b)):

@@ -31,9 +31,10 @@ import torch
 from torch import Tensor
 
 from .autograd import (
-    INFERENCE_ONLY,
     INSTANCES,
     INSTANCES_GROUPED,
+    INSTANCES_GROUPED_INFERENCE,
+    INSTANCES_INFERENCE,
     MIMB_FWD,
     MIMB_INFERENCE,
     SCALE_FWD,
@@ -42,7 +43,6 @@ from .autograd import (
     TrainStep,
 )
 from .contract import (
-    _check_instances_args,
     _check_instances_grouped_args,
     _check_scale_grouped_args,
     _check_tensor,
@@ -60,11 +60,6 @@ def _records(*tensors) -> bool:
         if not isinstance(t, Tensor) or t.requires_grad:
             return True
     return False
-
-
-def _check_no_grad(*tensors: Tensor) -> None:
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        raise RuntimeError(INFERENCE_ONLY)
 
 
 def mimb_scale(x: Tensor, w1: Tensor, w2: Tensor, v: Tensor) -> Tensor:
@@ -108,7 +103,7 @@ def mimb(x: Tensor, lam: Tensor, w1: Tensor, w2: Tensor, e1: Tensor, b1: Tensor,
 
 
 def mimb_instances(x: Tensor, w1: Tensor, w2: Tensor, table: Tensor) -> Tensor:
-    """All N instances of the block from one read of ``x`` (inference only).
+    """All N instances of the block from one read of ``x``.
 
     Args:
         x: ``[B, C, H, W]`` (as in :func:`mimb_scale`).
@@ -117,17 +112,15 @@ def mimb_instances(x: Tensor, w1: Tensor, w2: Tensor, table: Tensor) -> Tensor:
 
     Returns:
         ``y [N*B, C, H, W]``, instance-major: ``y[n*B + b] = x[b] * (e[b] * table[n])``, in
-        ``x``'s dtype and memory format.
-
-    Not differentiable: raises ``RuntimeError`` when grad mode is on and an input requires
-    grad (run it under ``torch.no_grad()`` / ``torch.inference_mode()``).  Calling
-    ``torch.ops.mipnet.mimb_instances`` directly on such inputs raises the same error in
-    backward.
+        ``x``'s dtype and memory format.  Differentiable w.r.t. ``x``, ``w1``, ``w2`` and
+        ``table`` (the sum over the instances of :func:`mimb_scale`'s backward; ``x`` is read
+        by the backward, nothing full-size is saved).  A per-sample embedding
+        (``v [N*B, C]``) is not part of this op's contract: use :func:`mimb_scale` on the
+        repeated batch for that.
     """
-    if torch.is_grad_enabled():  # else the op's own check is the only one needed
-        _check_instances_args(x, w1, w2, table)
-        _check_no_grad(x, w1, w2, table)
-    return INSTANCES(x, w1, w2, table)
+    if _records(x, w1, w2, table):
+        return INSTANCES(x, w1, w2, table)
+    return INSTANCES_INFERENCE(x, w1, w2, table)
 
 
 def mimb_scale_grouped(xs: Sequence[Tensor], w1s: Sequence[Tensor], w2s: Sequence[Tensor],
@@ -143,10 +136,12 @@ def mimb_scale_grouped(xs: Sequence[Tensor], w1s: Sequence[Tensor], w2s: Sequenc
 
 def mimb_instances_grouped(xs: Sequence[Tensor], w1s: Sequence[Tensor], w2s: Sequence[Tensor],
                            tables: Sequence[Tensor]) -> list[Tensor]:
-    """:func:`mimb_instances` on a list of branch tensors in one op (inference only)."""
+    """:func:`mimb_instances` on a list of branch tensors in one op; differentiable like it."""
     _check_instances_grouped_args(xs, w1s, w2s, tables)
-    _check_no_grad(*xs, *w1s, *w2s, *tables)
-    return list(INSTANCES_GROUPED(list(xs), list(w1s), list(w2s), list(tables)))
+    args = (list(xs), list(w1s), list(w2s), list(tables))
+    if _records(*args[0], *args[1], *args[2], *args[3]):
+        return list(INSTANCES_GROUPED(*args))
+    return list(INSTANCES_GROUPED_INFERENCE(*args))
 
 
 def mimb_train(x: Tensor, lam: Tensor, w1: Tensor, w2: Tensor, e1: Tensor, b1: Tensor,

@@ -16,12 +16,12 @@ Primitives (``torch.ops.mipnet.*``; the backends behind them: :mod:`.kernels`):
   :class:`TrainStep` (``batch_norm`` on / off, one saved state on every backend); it
   mutates the running statistics, so it is an autograd function, not an operator.
 * **instances** -- ``mimb_instances(x, w1, w2, table) -> y [N*B, C, H, W]`` (and grouped):
-  inference only (no autograd formula yet; it refuses inputs that require grad in grad
-  mode).  Its shape -- ``x`` read once, ``N`` scaled outputs -- admits the scale
-  primitive's backward summed over the instances (issue 16).
+  ``x`` read once, ``N`` scaled outputs.  Its backward is the scale primitive's backward
+  summed over the instances (one grouped ``mimb_scale_grouped_bwd`` on ``(dy_n, x, table[n])``;
+  issue 16); saved: ``x`` and the small operands only.
 
 Inference forms: a call that records nothing for backward (grad mode off, or no input
-requiring grad) goes to ``mimb_scale_inference`` / ``mimb_inference`` -- the same forward
+requiring grad) goes to ``mimb_scale_inference`` / ``mimb_inference`` / ``mimb_instances(_grouped)_inference`` -- the same forward
 definition, registered without an autograd formula, so the dispatcher falls through the
 autograd layer in C++ instead of entering ``register_autograd``'s Python wrapper (~10 us
 per call on a loaded 2-core CPU).  The public functions choose.
@@ -62,13 +62,6 @@ from .contract import (
 from .reference import embed_backward, embedding
 
 _LIB = torch.library.Library("mipnet", "FRAGMENT")  # the CompositeImplicitAutograd ops
-
-INFERENCE_ONLY = (
-    "mimb_instances is inference-only (no autograd): call it under torch.no_grad() or "
-    "torch.inference_mode(), or pass detached tensors; to train, run mimb / mimb_scale once per "
-    "instance"
-)
-
 
 def _composite(schema: str, fn) -> None:
     """``mipnet::<schema>`` as a CompositeImplicitAutograd op (autograd sees ``fn``'s ops)."""
@@ -301,9 +294,14 @@ class TrainStep(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- instances
+# y[n*B + b] = x[b] * e(x)[b] * table[n].  Given x (hence s and e), the scale primitive's
+# backward is linear in (dy, v), and y's instance n is mimb_scale(x, w1, w2, table[n]); so
+# the instances backward is the scale backward summed over the instances: dx, dw1, dw2 the
+# sums of the N per-instance gradients, dtable[n] the batch sum of instance n's dv.  It runs
+# as ONE grouped scale backward (every backend's kernels, one dispatch) on (dy_n, x, v_n),
+# saving only x, w1, w2, table (s = mean_hw(x) is recomputed: one read of x, O(B*C) saved).
 def instances_forward(x: Tensor, w1: Tensor, w2: Tensor, table: Tensor) -> Tensor:
     _check_instances_args(x, w1, w2, table)
-    _refuse_grad("mimb_instances", x, w1, w2, table, message=INFERENCE_ONLY)
     return _instances_branch(lambda *a: dispatch("mimb_instances", x.device, *a))(x, w1, w2, table)
 
 
@@ -315,7 +313,6 @@ def _instances_fake(x, w1, w2, table):
 def _instances_grouped_forward(xs: list[Tensor], w1s: list[Tensor], w2s: list[Tensor],
                                tables: list[Tensor]) -> list[Tensor]:
     _check_instances_grouped_args(xs, w1s, w2s, tables)
-    _refuse_grad("mimb_instances_grouped", *xs, *w1s, *w2s, *tables, message=INFERENCE_ONLY)
     return list(dispatch("mimb_instances_grouped", xs[0].device, [dense(x) for x in xs], w1s, w2s, tables))
 
 
@@ -324,6 +321,79 @@ def _instances_grouped_fake(xs, w1s, w2s, tables):
     return [empty_like_x(x, x.shape[0] * t.shape[0]) for x, t in zip(xs, tables)]
 
 
-INSTANCES = define_op("mimb_instances", instances_forward, fake=_instances_fake)
+def _instances_setup(ctx, inputs, output):
+    ctx.grouped = isinstance(inputs[0], (list, tuple))
+    ctx.n = len(inputs[0]) if ctx.grouped else 1
+    ctx.save_for_backward(*(t for arg in inputs for t in (arg if ctx.grouped else [arg])))
+    ctx.backend = _forced_backend()
+
+
+def _instances_grad(ctx, dy):
+    """The instances backward (single or grouped): one ``mimb_scale_grouped_bwd`` over every
+    (branch, instance) pair whose ``dy`` exists, then the sums over the instances."""
+    n, saved = ctx.n, ctx.saved_tensors
+    xs, w1s, w2s, tables = (list(saved[i * n:(i + 1) * n]) for i in range(4))
+    dys = list(dy) if ctx.grouped else [dy]
+    lists = ([], [], [], [], [], [])  # dys, xs, w1s, w2s, vs, ss of the grouped scale bwd
+    todo = []  # (branch, N) of the branches that take part
+    for i in range(n):
+        x, w1, w2, t, g = dense(xs[i]), w1s[i], w2s[i], tables[i], dys[i]
+        B, N = x.shape[0], t.shape[0]
+        if g is None or N == 0 or x.numel() == 0:
+            continue
+        s = x.mean(dim=(2, 3), dtype=compute_dtype(x))
+        lists[0].extend(g.unflatten(0, (N, B)).unbind(0))
+        lists[4].extend(t[:, None, :].expand(N, B, t.shape[1]).contiguous().unbind(0))
+        for lst, val in zip((lists[1], lists[2], lists[3], lists[5]), (x, w1, w2, s)):
+            lst.extend([val] * N)
+        todo.append((i, N))
+    dxs, dw1s, dw2s, dts = ([None] * n for _ in range(4))
+    if todo:
+        with use_backend(ctx.backend):
+            gx, gw1, gw2, gv = SCALE_GROUPED_BWD(*lists)
+        j = 0
+        for i, N in todo:
+            dx = gx[j]
+            for k in range(1, N):  # in place: gx[j] is this backward's own buffer
+                dx.add_(gx[j + k])
+            dxs[i] = dx
+            for out, g, like in ((dw1s, gw1, w1s[i]), (dw2s, gw2, w2s[i])):
+                out[i] = g[j] if N == 1 else torch.stack(g[j:j + N]).sum(
+                    0, dtype=torch.promote_types(like.dtype, torch.float32)).to(like.dtype)
+            dts[i] = torch.stack(gv[j:j + N]).sum(
+                1, dtype=torch.promote_types(tables[i].dtype, torch.float32)).to(tables[i].dtype)
+            j += N
+    for out, like in ((dxs, xs), (dw1s, w1s), (dw2s, w2s), (dts, tables)):
+        for i, g in enumerate(out):  # a branch without dy (or empty): zero gradients
+            if g is None:
+                out[i] = torch.zeros_like(like[i], memory_format=torch.contiguous_format)
+    if ctx.grouped:
+        return dxs, dw1s, dw2s, dts
+    return dxs[0], dw1s[0], dw2s[0], dts[0]
+
+
+INSTANCES = define_op("mimb_instances", instances_forward, fake=_instances_fake,
+                      backward=_instances_grad, setup_context=_instances_setup)
 INSTANCES_GROUPED = define_op("mimb_instances_grouped", _instances_grouped_forward,
-                              fake=_instances_grouped_fake)
+                              fake=_instances_grouped_fake, backward=_instances_grad,
+                              setup_context=_instances_setup)
+
+
+# inference forms: the same forward definitions without an autograd formula (see above)
+def _instances_inference(x: Tensor, w1: Tensor, w2: Tensor, table: Tensor) -> Tensor:
+    _check_instances_args(x, w1, w2, table)
+    _refuse_grad("mimb_instances_inference", x, w1, w2, table)
+    return instances_forward(x, w1, w2, table)
+
+
+def _instances_grouped_inference(xs: list[Tensor], w1s: list[Tensor], w2s: list[Tensor],
+                                 tables: list[Tensor]) -> list[Tensor]:
+    _check_instances_grouped_args(xs, w1s, w2s, tables)
+    _refuse_grad("mimb_instances_grouped_inference", *xs, *w1s, *w2s, *tables)
+    return _instances_grouped_forward(xs, w1s, w2s, tables)
+
+
+INSTANCES_INFERENCE = define_op("mimb_instances_inference", _instances_inference,
+                                fake=_instances_fake)
+INSTANCES_GROUPED_INFERENCE = define_op("mimb_instances_grouped_inference",
+                                        _instances_grouped_inference, fake=_instances_grouped_fake)
