@@ -291,3 +291,55 @@ def test_mimb_ops(benchmark, request, device, dtype, backend, shape, op):
     record(benchmark, max_abs_diff_vs_eager=diff)
     tol = TOL[dtype] * max(1.0, ref.float().abs().max().item())
     assert diff <= tol, f"{op} {backend}: differs from the eager official layer by {diff:.3g} (> {tol:.3g})"
+
+
+# --------------------------------------------------------------------------- issue 16 ratio
+def instances_vs_scale_calls(backend: str = "cpu", rounds: int = 15, reps: int = 20) -> None:
+    """Issue 16's target, interleaved in one process (best of ``rounds`` x ``reps`` calls):
+    ``mimb_instances`` forward + backward vs two ``mimb_scale`` forward + backward calls
+    (``x``, ``w1``, ``w2`` gradients accumulated by autograd), CPU fp32, W32 branches,
+    batch 4, N = 2.  ``OMP_NUM_THREADS=1 python -m benchmarks.test_mimb_bench``."""
+    import time
+
+    B, N = 4, NUM_INSTANCES
+    g = torch.Generator().manual_seed(0)
+    total = [0.0, 0.0]
+    for C, H, W in W32_256:
+        x = torch.randn(B, C, H, W, generator=g)
+        w1 = torch.randn(C // REDUCTION, C, generator=g) * 0.3
+        w2 = torch.randn(C, C // REDUCTION, generator=g) * 0.3
+        table, dy = torch.rand(N, C, generator=g), torch.randn(N * B, C, H, W, generator=g)
+        leaves = [t.clone().requires_grad_(True) for t in (x, w1, w2, table)]
+        dys = [dy[n * B:(n + 1) * B].contiguous() for n in range(N)]
+        vs = [table[n].expand(B, C).contiguous().requires_grad_(True) for n in range(N)]
+
+        def instances():
+            for t in leaves:
+                t.grad = None
+            mipnet_kernels.mimb_instances(*leaves).backward(dy)
+
+        def scale_calls():
+            for t in leaves[:3] + vs:
+                t.grad = None
+            for n in range(N):
+                mipnet_kernels.mimb_scale(leaves[0], leaves[1], leaves[2], vs[n]).backward(dys[n])
+
+        best = [float("inf"), float("inf")]
+        with use_backend(backend):
+            for fn in (instances, scale_calls) * 3:
+                fn()
+            for _ in range(rounds):
+                for i, fn in enumerate((instances, scale_calls)):
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        fn()
+                    best[i] = min(best[i], (time.perf_counter() - t0) / reps)
+        total = [a + b for a, b in zip(total, best)]
+        print(f"{B}x{C}x{H}x{W}: instances fwd+bwd {best[0] * 1e6:7.1f} us | {N} x mimb_scale "
+              f"fwd+bwd {best[1] * 1e6:7.1f} us | speed-up {best[1] / best[0]:.2f}x")
+    print(f"all four branches: {total[0] * 1e6:.1f} us vs {total[1] * 1e6:.1f} us, "
+          f"speed-up {total[1] / total[0]:.2f}x")
+
+
+if __name__ == "__main__":
+    instances_vs_scale_calls()

@@ -12,7 +12,7 @@ Public ops (each also under ``torch.ops.mipnet``; contracts in their docstrings,
     A training step of the official block, the embedding's BatchNorm on batch statistics
     included (what :class:`mipnet_kernels.MIMB` runs in eager training).
 ``mimb_instances(x, w1, w2, table) -> y [N*B, C, H, W]``
-    Inference for all N instances from one read of ``x``.
+    All N instances from one read of ``x``.  Differentiable w.r.t. ``x, w1, w2, table``.
 ``mimb_scale_grouped`` / ``mimb_instances_grouped``
     The same on lists of branch tensors (HRNet's 4 branches) in one op call.
 

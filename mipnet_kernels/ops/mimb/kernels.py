@@ -6,7 +6,8 @@ Dispatch entries (:mod:`mipnet_kernels._backends`), each implemented on every ba
 ==========================  =========================================================
 ``mimb_scale_fwd``          ``(x, w1, w2, v) -> (y, s)``: the block, ``v`` given
 ``mimb_scale_bwd``          ``(dy, x, w1, w2, v, s) -> (dx, dw1, dw2, dv)``
-``mimb_instances``          ``(x, w1, w2, table) -> y [N*B, C, H, W]`` (inference)
+``mimb_instances``          ``(x, w1, w2, table) -> y [N*B, C, H, W]`` (its backward:
+                            ``mimb_scale_grouped_bwd`` summed, :mod:`.autograd`)
 ``mimb_scale_grouped_fwd``  the three above on lists of branch tensors
 ``mimb_scale_grouped_bwd``
 ``mimb_instances_grouped``
