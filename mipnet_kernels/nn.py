@@ -333,10 +333,9 @@ class MIMB(nn.Module):
         """All N instances at once: ``[N*B, C, H, W]``, instance-major (``y[n*B + b]`` is
         ``forward(x, n)[b]``), from one read of ``x`` via :func:`~mipnet_kernels.mimb_instances`.
 
-        Inference only: raises ``RuntimeError`` in training mode (the embedding's BatchNorm
-        then uses batch statistics, so per-instance outputs are not defined) and when ``x``
-        requires grad with grad mode on.  The parameters are used detached; the result never
-        requires grad.
+        Eval mode only: raises ``RuntimeError`` in training mode (the embedding's BatchNorm
+        then uses batch statistics, so per-instance outputs are not defined).  The parameters
+        are used detached; the result is differentiable w.r.t. ``x`` only.
         """
         if self.training or self._embed_uses_batch_stats():
             raise RuntimeError(
