@@ -229,6 +229,39 @@ def prepare_ground_truth(annotations: Mapping[str, Any] | str | os.PathLike, kin
     return gt
 
 
+def _with_ignored(gt: Mapping[str, Any], ignore_annotations: Sequence[int]) -> dict:
+    """A copy of ``gt`` whose annotations in ``ignore_annotations`` are ignore regions (iscrowd)."""
+    gt = copy.deepcopy(dict(gt))
+    ignore = set(int(a) for a in ignore_annotations)
+    for ann in gt["annotations"]:
+        if ann["id"] in ignore:
+            ann["iscrowd"] = 1
+    return gt
+
+
+def _evaluated(gt: dict, results: Sequence[dict], sigmas: np.ndarray, ids: Sequence[int]):
+    """pycocotools' ``COCOeval`` (keypoints) of ``results`` on images ``ids`` after ``evaluate()``
+    (the per-image matching), quietly; an empty ``results`` is an empty result set."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        coco_dt = COCO()
+        if results:
+            coco_dt = coco_gt.loadRes(copy.deepcopy(list(results)))
+        else:  # loadRes refuses an empty list: an empty result set by hand
+            coco_dt.dataset = {"images": gt["images"], "annotations": [], "categories": gt["categories"]}
+            coco_dt.createIndex()
+        ev = COCOeval(coco_gt, coco_dt, "keypoints")
+        ev.params.kpt_oks_sigmas = sigmas
+        ev.params.imgIds = ids
+        ev.evaluate()
+    return ev
+
+
 def coco_keypoint_metrics(gt: Mapping[str, Any], results: Sequence[dict], sigmas,
                           image_ids: Sequence[int] | None = None,
                           ignore_annotations: Sequence[int] = ()) -> dict[str, float]:
@@ -238,15 +271,8 @@ def coco_keypoint_metrics(gt: Mapping[str, Any], results: Sequence[dict], sigmas
     ``ignore_annotations`` become ignore regions.  Metrics are -1 where pycocotools has
     nothing to average (no GT person), 0 when there are GT people but no results.
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     sigmas = np.asarray(sigmas, dtype=np.float64)
-    gt = copy.deepcopy(dict(gt))
-    ignore = set(int(a) for a in ignore_annotations)
-    for ann in gt["annotations"]:
-        if ann["id"] in ignore:
-            ann["iscrowd"] = 1
+    gt = _with_ignored(gt, ignore_annotations)
     ids = sorted({im["id"] for im in gt["images"]} if image_ids is None else {int(i) for i in image_ids})
     results = [r for r in results if r["image_id"] in set(ids)]
     for r in results:
@@ -258,15 +284,8 @@ def coco_keypoint_metrics(gt: Mapping[str, Any], results: Sequence[dict], sigmas
         return {k: -1.0 for k in METRIC_NAMES}
     if not results:
         return {k: 0.0 for k in METRIC_NAMES}
+    ev = _evaluated(gt, results, sigmas, ids)
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = gt
-        coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(copy.deepcopy(list(results)))
-        ev = COCOeval(coco_gt, coco_dt, "keypoints")
-        ev.params.kpt_oks_sigmas = sigmas
-        ev.params.imgIds = ids
-        ev.evaluate()
         ev.accumulate()
         ev.summarize()
     return {k: float(v) for k, v in zip(METRIC_NAMES, ev.stats)}
@@ -455,30 +474,10 @@ def image_matches(gt: Mapping[str, Any], results: Sequence[dict], sigmas,
     """Run pycocotools' per-image matching once (:class:`ImageMatches`), e.g. to bootstrap AP
     over images without re-running ``COCOeval``.  Arguments as :func:`coco_keypoint_metrics`
     (every image of ``gt``)."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     sigmas = np.asarray(sigmas, dtype=np.float64)
-    gt = copy.deepcopy(dict(gt))
-    ignore = set(int(a) for a in ignore_annotations)
-    for ann in gt["annotations"]:
-        if ann["id"] in ignore:
-            ann["iscrowd"] = 1
+    gt = _with_ignored(gt, ignore_annotations)
     ids = sorted(im["id"] for im in gt["images"])
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = gt
-        coco_gt.createIndex()
-        coco_dt = COCO()
-        if results:
-            coco_dt = coco_gt.loadRes(copy.deepcopy(list(results)))
-        else:  # loadRes refuses an empty list: an empty result set by hand
-            coco_dt.dataset = {"images": gt["images"], "annotations": [], "categories": gt["categories"]}
-            coco_dt.createIndex()
-        ev = COCOeval(coco_gt, coco_dt, "keypoints")
-        ev.params.kpt_oks_sigmas = sigmas
-        ev.params.imgIds = ids
-        ev.evaluate()
+    ev = _evaluated(gt, results, sigmas, ids)
     p = ev.params
     T, A, I = len(p.iouThrs), len(p.areaRng), len(p.imgIds)
     max_det = p.maxDets[-1]
