@@ -47,8 +47,19 @@
 //       summed over the batch in a fixed order (bit-identical for any thread count).
 //
 // mimb_instances(x, w1, w2, table) -> y
-//   table [N, C] (any float dtype);  y [N*B, C, H, W] (instance-major), x's dtype and
-//   memory format (rule of y above):  y[n*B + b] = x[b] * (e[b] * table[n])[:, None, None].
+//   table [N, C] (one row per instance) or [N, B, C] (one row per output sample, B =
+//   x.size(0): training, where the embedding is BatchNorm'd over all N*B selectors); any
+//   float dtype, any strides.  Write t[n, b] = table[n] ([N, C]) or table[n, b] ([N, B, C]).
+//   y [N*B, C, H, W] (instance-major), x's dtype and memory format (rule of y above):
+//       y[n*B + b] = x[b] * (e[b] * t[n, b])[:, None, None].
+//
+// mimb_instances_bwd(dy, x, w1, w2, table) -> (dx, dw1, dw2, dtable)
+//   dy  [N*B, C, H, W], x's dtype (any layout; copied to x's layout when it differs).
+//   The sum over the instances of mimb_scale_bwd(dy[n*B:(n+1)*B], x, w1, w2, v = t[n, :]):
+//   dx x's dtype and memory format; dw1 / dw2 contiguous in the dtypes of w1 / w2; dtable
+//   contiguous, table's shape and dtype: dtable[n, b] = instance n's dv[b] ([N, B, C]), or
+//   its sum over b ([N, C]).  s = mean_hw(x) is computed inside (x is read for it anyway).
+//   Sums over n and b in a fixed order (bit-identical for any thread count).
 #define MIPNET_MIMB_SCALE_FWD_SCHEMA \
   "mimb_scale_fwd(Tensor x, Tensor w1, Tensor w2, Tensor v) -> (Tensor y, Tensor s)"
 
@@ -93,6 +104,10 @@
 
 #define MIPNET_MIMB_INSTANCES_SCHEMA \
   "mimb_instances(Tensor x, Tensor w1, Tensor w2, Tensor table) -> Tensor"
+
+#define MIPNET_MIMB_INSTANCES_BWD_SCHEMA                                                    \
+  "mimb_instances_bwd(Tensor dy, Tensor x, Tensor w1, Tensor w2, Tensor table) -> "         \
+  "(Tensor dx, Tensor dw1, Tensor dw2, Tensor dtable)"
 
 // Grouped forms (CUDA only; the CPU extension loops over the single ops): the ops above
 // on lists of branch tensors (HRNet: different C, H, W; one x dtype per launch), each list
