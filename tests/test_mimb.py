@@ -176,15 +176,26 @@ def test_mimb_equals_mimb_scale_of_embedding(backend, device):
 
 
 # --------------------------------------------------------------------------- mimb_instances
-INST_CASES = [(s, d, lay, N) for s in SMALL_SHAPES + [(2, 48, 64, 48, 4)] for d in DTYPES for lay in LAYOUTS for N in (1, 3)
-              if N == 3 or (d == F32 and lay == "contiguous")]
-INTERP_INST = [(s, F32, "contiguous", 2) for s in INTERP_SHAPES]
+# N = -2: a per-sample table [2, B, C] (training: one embedding row per output sample)
+INST_CASES = ([(s, d, lay, N) for s in SMALL_SHAPES + [(2, 48, 64, 48, 4)] for d in DTYPES for lay in LAYOUTS
+               for N in (1, 3) if N == 3 or (d == F32 and lay == "contiguous")]
+              + [(s, d, lay, -2) for s in SMALL_SHAPES + [(2, 48, 64, 48, 4)] for d in (F32, BF16) for lay in LAYOUTS])
+INTERP_INST = [(s, F32, "contiguous", 2) for s in INTERP_SHAPES] + [(INTERP_SHAPES[2], F32, "channels_last", -2)]
+
+
+def per_sample_table(c, N, seed=0):
+    """A per-sample table ``[N, B, C]`` for case ``c`` (values like make_case's table)."""
+    B, C = c["x"].shape[:2]
+    return 0.1 + 0.8 * torch.rand(N, B, C, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("backend, device, shape, dtype, layout, N", backend_params(INST_CASES, INTERP_INST))
 def test_mimb_instances(backend, device, shape, dtype, layout, N):
     dev = skip_unless_runs(backend, device)
-    c = make_case(*shape, N=N, seed=_seed("inst", shape))
+    c = make_case(*shape, N=abs(N), seed=_seed("inst", shape))
+    if N < 0:
+        N = -N
+        c["table"] = per_sample_table(c, N, seed=_seed("inst-rows", shape))
     x, w1, w2, table = (c[k].to(dtype) for k in ("x", "w1", "w2", "table"))
     xd, w1d, w2d, td = on(dev, x, w1, w2, table, grad=True)
     xd = relayout(xd.detach(), layout).requires_grad_(True)
@@ -201,7 +212,7 @@ def test_mimb_instances(backend, device, shape, dtype, layout, N):
         assert t.grad is not None and t.grad.shape == t.shape and t.grad.dtype == t.dtype, name
         check_flash(t.grad, e, tg, dtype, name)
     assert xd.grad.is_contiguous(memory_format=expected_format(xd))
-    # Instance-major: block n is mimb_scale with v = table[n] for every sample.
+    # Instance-major: block n is mimb_scale with v = table[n] (each sample's row).
     B, C = shape[:2]
     with mk.use_backend(backend), torch.no_grad():
         for n in range(N):
@@ -229,12 +240,15 @@ def _instances_vs_scale_calls(backend, dev, c, N, drop=None):
 
 
 @pytest.mark.parametrize("backend, device", backend_device_params())
-@pytest.mark.parametrize("N", [1, 2, 3])
-def test_mimb_instances_equals_scale_calls(backend, device, N):
+@pytest.mark.parametrize("N, rows", [(1, "instance"), (2, "instance"), (3, "instance"), (1, "sample"), (3, "sample")])
+def test_mimb_instances_equals_scale_calls(backend, device, N, rows):
     """Forward and all gradients equal N separate ``mimb_scale`` calls (float32 reassociation:
-    the instances backward sums the same per-instance gradients)."""
+    the instances backward sums the same per-instance gradients), with a table of one row
+    per instance or per sample."""
     dev = skip_unless_runs(backend, device)
     c = make_case(3, 16, 5, 4, 4, N=N, seed=_seed("inst-vs-scale", (N,)))
+    if rows == "sample":
+        c["table"] = per_sample_table(c, N, seed=N)
     require_op(backend, "mimb_instances", *on(dev, *(c[k] for k in ("x", "w1", "w2", "table"))))
     ya, yb, ga, gb = _instances_vs_scale_calls(backend, dev, c, N)
     torch.testing.assert_close(ya, yb, rtol=0, atol=0)
@@ -242,9 +256,12 @@ def test_mimb_instances_equals_scale_calls(backend, device, N):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_mimb_instances_test_catches_a_dropped_instance():
+@pytest.mark.parametrize("rows", ["instance", "sample"])
+def test_mimb_instances_test_catches_a_dropped_instance(rows):
     """The comparison above fails when one instance's contribution is missing from backward."""
     c = make_case(3, 16, 5, 4, 4, N=2, seed=_seed("inst-vs-scale", (2,)))
+    if rows == "sample":
+        c["table"] = per_sample_table(c, 2, seed=2)
     for drop in (0, 1):
         _, _, ga, gb = _instances_vs_scale_calls("reference", "cpu", c, 2, drop=drop)
         for name, p, q in zip(("dx", "dw1", "dw2", "dtable"), ga, gb):
@@ -450,9 +467,12 @@ def test_gradcheck_mimb_scale_grouped():
 
 @pytest.mark.parametrize("backend, device", GRADCHECK_BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_gradcheck_mimb_instances(backend, device, layout):
+@pytest.mark.parametrize("rows", ["instance", "sample"])
+def test_gradcheck_mimb_instances(backend, device, layout, rows):
     skip_unless_runs(backend, device)
     c = make_case(2, 4, 3, 2, 2, N=3, seed=19)
+    if rows == "sample":
+        c["table"] = per_sample_table(c, 3, seed=19)
     x, w1, w2, table = _f64(c, ("x", "w1", "w2", "table"))
     x = relayout(x.detach(), layout).requires_grad_(True)
     with mk.use_backend(backend):
@@ -506,6 +526,11 @@ def _opcheck_args(op, dev, layout):
         return (x.requires_grad_(True), *g(c["w1"], c["w2"], c["table"]))
     if op == "mimb_instances_inference":
         return (x, *(c[k].to(dev) for k in ("w1", "w2", "table")))
+    if op == "mimb_instances_rows":  # a per-sample table [N, B, C]
+        return (x.requires_grad_(True), *g(c["w1"], c["w2"], per_sample_table(c, 2, seed=15)))
+    if op == "mimb_instances_bwd":
+        return (torch.randn(3 * x.shape[0], *x.shape[1:], device=dev), x,
+                *(c[k].to(dev) for k in ("w1", "w2", "table")))
     c2 = make_case(2, 12, 2, 4, 3, N=3, seed=16)
     x2 = relayout(c2["x"].to(dev), layout)
     if op in ("mimb_scale_grouped_fwd", "mimb_scale_grouped"):
@@ -520,6 +545,11 @@ def _opcheck_args(op, dev, layout):
                 *([t.to(dev).requires_grad_(True) for t in (c[k], c2[k])] for k in ("w1", "w2", "table")))
     if op == "mimb_instances_grouped_inference":
         return ([x, x2], *([t.to(dev) for t in (c[k], c2[k])] for k in ("w1", "w2", "table")))
+    if op == "mimb_instances_grouped_bwd":  # one table per instance, one per sample
+        t2 = per_sample_table(c2, 3, seed=16).to(dev)
+        return ([torch.randn(3 * x.shape[0], *x.shape[1:], device=dev),
+                 torch.randn(3 * x2.shape[0], *x2.shape[1:], device=dev)], [x, x2],
+                *([t.to(dev) for t in (c[k], c2[k])] for k in ("w1", "w2")), [c["table"].to(dev), t2])
     raise ValueError(op)
 
 
@@ -532,9 +562,12 @@ _DISPATCHED = {
     "mimb_scale_grouped_bwd": "mimb_scale_grouped_bwd", "mimb_instances_grouped": "mimb_instances_grouped",
     "mimb_instances_inference": "mimb_instances",
     "mimb_instances_grouped_inference": "mimb_instances_grouped",
+    "mimb_instances_rows": "mimb_instances",
+    "mimb_instances_bwd": "mimb_instances_bwd", "mimb_instances_grouped_bwd": "mimb_instances_grouped_bwd",
 }
 OPCHECK_CASES = [(op, "contiguous") for op in _DISPATCHED] + [
-    (op, "channels_last") for op in ("mimb_scale_fwd", "mimb_scale_bwd", "mimb_instances")
+    (op, "channels_last") for op in ("mimb_scale_fwd", "mimb_scale_bwd", "mimb_instances",
+                                     "mimb_instances_rows", "mimb_instances_bwd")
 ]
 
 
@@ -549,7 +582,8 @@ def test_opcheck(backend, device, op, layout):
     else:
         require_op(backend, disp, *args)
     with mk.use_backend(backend):
-        torch.library.opcheck(getattr(torch.ops.mipnet, op).default, args)
+        name = "mimb_instances" if op == "mimb_instances_rows" else op
+        torch.library.opcheck(getattr(torch.ops.mipnet, name).default, args)
 
 
 # --------------------------------------------------------------------------- torch.compile
@@ -816,8 +850,11 @@ BAD = [
     ("e2-shape", lambda: _mimb(e2=torch.rand(8, 3)), ValueError, r"e2 must have shape \[C, K\].* = \[8, 2\]"),
     ("b2-shape", lambda: _mimb(b2=torch.rand(7)), ValueError, r"b2 must have shape \[C\].* = \[8\], got \[7\]"),
     ("b2-int", lambda: _mimb(b2=torch.ones(8, dtype=torch.int64)), ValueError, r"b2 must be float32"),
-    ("table-C", lambda: _inst(table=torch.rand(3, 7)), ValueError, r"table must have shape \[N, C\] with C = x.shape\[1\] = 8, got \[3, 7\]"),
+    ("table-C", lambda: _inst(table=torch.rand(3, 7)), ValueError, r"table must have shape \[N, C\] .*or \[N, B, C\] .*with B, C = x.shape\[:2\] = 2, 8, got \[3, 7\]"),
     ("table-1d", lambda: _inst(table=torch.rand(8)), ValueError, r"table must have shape \[N, C\]"),
+    ("table-rows-B", lambda: _inst(table=torch.rand(3, 3, 8)), ValueError, r"table must have shape .*\[N, B, C\].*got \[3, 3, 8\]"),
+    ("table-rows-C", lambda: _inst(table=torch.rand(3, 2, 7)), ValueError, r"table must have shape .*\[N, B, C\].*got \[3, 2, 7\]"),
+    ("table-4d", lambda: _inst(table=torch.rand(3, 2, 8, 1)), ValueError, r"table must have shape"),
     ("table-int", lambda: _inst(table=torch.ones(3, 8, dtype=torch.int32)), ValueError, r"table must be float32"),
     ("grouped-len", lambda: _grouped(w1s=[]), ValueError, r"w1s has 0 tensors but xs has 1"),
     ("grouped-empty", lambda: _grouped(xs=[], w1s=[], w2s=[], vs=[]), ValueError, r"xs must be a non-empty list"),
@@ -848,6 +885,16 @@ def test_bad_backward_inputs():
         torch.ops.mipnet.mimb_scale_bwd(x.half(), x, w1, w2, v, s)
     with pytest.raises(ValueError, match=r"s must have shape \[B, C\]"):
         torch.ops.mipnet.mimb_scale_bwd(x, x, w1, w2, v, s[:, :3])
+    table = c["table"]  # [3, 8]: N = 3
+    dy = torch.rand(3 * x.shape[0], *x.shape[1:])
+    with pytest.raises(ValueError, match=r"dy must have shape \[N\*B, C, H, W\] = \[6, 8, 5, 4\]"):
+        torch.ops.mipnet.mimb_instances_bwd(dy[:4], x, w1, w2, table)
+    with pytest.raises(ValueError, match=r"and x's dtype torch.float32, got \[6, 8, 5, 4\] torch.float16"):
+        torch.ops.mipnet.mimb_instances_bwd(dy.half(), x, w1, w2, table)
+    with pytest.raises(ValueError, match=r"table must have shape"):
+        torch.ops.mipnet.mimb_instances_bwd(dy, x, w1, w2, table[:, :3])
+    with pytest.raises(ValueError, match=r"dys\[1\] must have shape \[N\*B, C, H, W\]"):
+        torch.ops.mipnet.mimb_instances_grouped_bwd([dy, dy[:2]], [x, x], [w1, w1], [w2, w2], [table, table])
 
 
 # --------------------------------------------------------------------------- eager path

@@ -108,15 +108,18 @@ def mimb_instances(x: Tensor, w1: Tensor, w2: Tensor, table: Tensor) -> Tensor:
     Args:
         x: ``[B, C, H, W]`` (as in :func:`mimb_scale`).
         w1, w2: the squeeze-excite weights ``[C/r, C]``, ``[C, C/r]``.
-        table: ``[N, C]`` the per-instance embedding (``v`` of each one-hot selector).
+        table: the instance embedding, ``[N, C]`` (one row per instance: ``v`` of each
+            one-hot selector, inference) or ``[N, B, C]`` (one row per output sample:
+            training, where the λ-embedding's BatchNorm runs on the batch statistics of all
+            ``N*B`` selectors, so ``v`` differs per sample).  Write ``t[n, b]`` for
+            ``table[n]`` or ``table[n, b]``.
 
     Returns:
-        ``y [N*B, C, H, W]``, instance-major: ``y[n*B + b] = x[b] * (e[b] * table[n])``, in
+        ``y [N*B, C, H, W]``, instance-major: ``y[n*B + b] = x[b] * (e[b] * t[n, b])``, in
         ``x``'s dtype and memory format.  Differentiable w.r.t. ``x``, ``w1``, ``w2`` and
-        ``table`` (the sum over the instances of :func:`mimb_scale`'s backward; ``x`` is read
-        by the backward, nothing full-size is saved).  A per-sample embedding
-        (``v [N*B, C]``) is not part of this op's contract: use :func:`mimb_scale` on the
-        repeated batch for that.
+        ``table``: the backward (``mimb_instances_bwd``, csrc/schemas.h) is the sum over the
+        instances of :func:`mimb_scale`'s backward, fused on the cpu backend (``x`` and
+        each instance's ``dy`` read once per pass); nothing full-size is saved.
     """
     if _records(x, w1, w2, table):
         return INSTANCES(x, w1, w2, table)

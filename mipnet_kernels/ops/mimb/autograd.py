@@ -15,10 +15,12 @@ Primitives (``torch.ops.mipnet.*``; the backends behind them: :mod:`.kernels`):
   With a BatchNorm on batch statistics (training) the same primitive is
   :class:`TrainStep` (``batch_norm`` on / off, one saved state on every backend); it
   mutates the running statistics, so it is an autograd function, not an operator.
-* **instances** -- ``mimb_instances(x, w1, w2, table) -> y [N*B, C, H, W]`` (and grouped):
-  ``x`` read once, ``N`` scaled outputs.  Its backward is the scale primitive's backward
-  summed over the instances (one grouped ``mimb_scale_grouped_bwd`` on ``(dy_n, x, table[n])``;
-  issue 16); saved: ``x`` and the small operands only.
+* **instances** -- ``mimb_instances(x, w1, w2, table) -> y [N*B, C, H, W]`` (and grouped;
+  ``table`` one row per instance ``[N, C]`` or per output sample ``[N, B, C]``): ``x`` read
+  once, ``N`` scaled outputs.  Its backward ``mimb_instances(_grouped)_bwd(dy, x, w1, w2,
+  table) -> (dx, dw1, dw2, dtable)`` is the scale backward summed over the instances: a
+  fused kernel where the backend has one, else that sum (issue 16); saved: ``x`` and the
+  small operands only.
 
 Inference forms: a call that records nothing for backward (grad mode off, or no input
 requiring grad) goes to ``mimb_scale_inference`` / ``mimb_inference`` / ``mimb_instances(_grouped)_inference`` -- the same forward
@@ -47,7 +49,9 @@ from .kernels import MIMB_FWD as _MIMB_TABLE  # noqa: F401  (defines the kernel 
 from .contract import (
     _check_bwd_args,
     _check_instances_args,
+    _check_instances_bwd_args,
     _check_instances_grouped_args,
+    _check_instances_grouped_bwd_args,
     _check_mimb_args,
     _check_scale_args,
     _check_scale_grouped_args,
@@ -294,12 +298,11 @@ class TrainStep(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- instances
-# y[n*B + b] = x[b] * e(x)[b] * table[n].  Given x (hence s and e), the scale primitive's
-# backward is linear in (dy, v), and y's instance n is mimb_scale(x, w1, w2, table[n]); so
-# the instances backward is the scale backward summed over the instances: dx, dw1, dw2 the
-# sums of the N per-instance gradients, dtable[n] the batch sum of instance n's dv.  It runs
-# as ONE grouped scale backward (every backend's kernels, one dispatch) on (dy_n, x, v_n),
-# saving only x, w1, w2, table (s = mean_hw(x) is recomputed: one read of x, O(B*C) saved).
+# y[n*B + b] = x[b] * e(x)[b] * t[n, b].  The backward is its own primitive,
+# mimb_instances(_grouped)_bwd (contract: csrc/schemas.h): a fused kernel where the backend
+# has one (reads x and each dy_n once per pass, nothing full-size saved), else the sum over
+# the instances of the backend's scale backward (reference.mimb_instances_bwd_composite).
+# Saved: x, w1, w2, table only (s = mean_hw(x) is recomputed by the backward).
 def instances_forward(x: Tensor, w1: Tensor, w2: Tensor, table: Tensor) -> Tensor:
     _check_instances_args(x, w1, w2, table)
     return _instances_branch(lambda *a: dispatch("mimb_instances", x.device, *a))(x, w1, w2, table)
@@ -321,6 +324,56 @@ def _instances_grouped_fake(xs, w1s, w2s, tables):
     return [empty_like_x(x, x.shape[0] * t.shape[0]) for x, t in zip(xs, tables)]
 
 
+def _instances_grads_zero(x, w1, w2, table):
+    cf = torch.contiguous_format
+    return (empty_like_x(x).zero_(), torch.zeros_like(w1, memory_format=cf),
+            torch.zeros_like(w2, memory_format=cf), torch.zeros_like(table, memory_format=cf))
+
+
+def _instances_bwd_empty(x, table) -> bool:
+    return x.numel() == 0 or table.shape[0] == 0
+
+
+def instances_backward(dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, table: Tensor
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_instances_bwd_args(dy, x, w1, w2, table)
+    if _instances_bwd_empty(x, table):
+        return _instances_grads_zero(x, w1, w2, table)
+    return tuple(dispatch("mimb_instances_bwd", x.device, dy, dense(x), w1, w2, table))
+
+
+def _instances_bwd_fake(dy, x, w1, w2, table):
+    _check_instances_bwd_args(dy, x, w1, w2, table)
+    cf = torch.contiguous_format
+    return (empty_like_x(x), torch.empty_like(w1, memory_format=cf),
+            torch.empty_like(w2, memory_format=cf), torch.empty_like(table, memory_format=cf))
+
+
+def _instances_grouped_backward(dys: list[Tensor], xs: list[Tensor], w1s: list[Tensor],
+                                w2s: list[Tensor], tables: list[Tensor]
+                                ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    _check_instances_grouped_bwd_args(dys, xs, w1s, w2s, tables)
+    out = [list(_instances_grads_zero(*a)) for a in zip(xs, w1s, w2s, tables)]
+    live = [i for i in range(len(xs)) if not _instances_bwd_empty(xs[i], tables[i])]
+    if live:
+        got = dispatch("mimb_instances_grouped_bwd", xs[0].device,
+                       *([lst[i] for i in live] for lst in (dys, [dense(x) for x in xs], w1s, w2s, tables)))
+        for k, i in enumerate(live):
+            out[i] = [g[k] for g in got]
+    return tuple([o[j] for o in out] for j in range(4))
+
+
+def _instances_grouped_bwd_fake(dys, xs, w1s, w2s, tables):
+    _check_instances_grouped_bwd_args(dys, xs, w1s, w2s, tables)
+    outs = [_instances_bwd_fake(*a) for a in zip(dys, xs, w1s, w2s, tables)]
+    return tuple([o[j] for o in outs] for j in range(4))
+
+
+INSTANCES_BWD = define_op("mimb_instances_bwd", instances_backward, fake=_instances_bwd_fake)
+INSTANCES_GROUPED_BWD = define_op("mimb_instances_grouped_bwd", _instances_grouped_backward,
+                                  fake=_instances_grouped_bwd_fake)
+
+
 def _instances_setup(ctx, inputs, output):
     ctx.grouped = isinstance(inputs[0], (list, tuple))
     ctx.n = len(inputs[0]) if ctx.grouped else 1
@@ -329,47 +382,16 @@ def _instances_setup(ctx, inputs, output):
 
 
 def _instances_grad(ctx, dy):
-    """The instances backward (single or grouped): one ``mimb_scale_grouped_bwd`` over every
-    (branch, instance) pair whose ``dy`` exists, then the sums over the instances."""
+    """The instances primitive's backward (single or grouped): ``mimb_instances(_grouped)_bwd``
+    on the backend forced when the forward ran (an output that did not reach the loss: a
+    zero ``dy``)."""
     n, saved = ctx.n, ctx.saved_tensors
     xs, w1s, w2s, tables = (list(saved[i * n:(i + 1) * n]) for i in range(4))
-    dys = list(dy) if ctx.grouped else [dy]
-    lists = ([], [], [], [], [], [])  # dys, xs, w1s, w2s, vs, ss of the grouped scale bwd
-    todo = []  # (branch, N) of the branches that take part
-    for i in range(n):
-        x, w1, w2, t, g = dense(xs[i]), w1s[i], w2s[i], tables[i], dys[i]
-        B, N = x.shape[0], t.shape[0]
-        if g is None or N == 0 or x.numel() == 0:
-            continue
-        s = x.mean(dim=(2, 3), dtype=compute_dtype(x))
-        lists[0].extend(g.unflatten(0, (N, B)).unbind(0))
-        lists[4].extend(t[:, None, :].expand(N, B, t.shape[1]).contiguous().unbind(0))
-        for lst, val in zip((lists[1], lists[2], lists[3], lists[5]), (x, w1, w2, s)):
-            lst.extend([val] * N)
-        todo.append((i, N))
-    dxs, dw1s, dw2s, dts = ([None] * n for _ in range(4))
-    if todo:
-        with use_backend(ctx.backend):
-            gx, gw1, gw2, gv = SCALE_GROUPED_BWD(*lists)
-        j = 0
-        for i, N in todo:
-            dx = gx[j]
-            for k in range(1, N):  # in place: gx[j] is this backward's own buffer
-                dx.add_(gx[j + k])
-            dxs[i] = dx
-            for out, g, like in ((dw1s, gw1, w1s[i]), (dw2s, gw2, w2s[i])):
-                out[i] = g[j] if N == 1 else torch.stack(g[j:j + N]).sum(
-                    0, dtype=torch.promote_types(like.dtype, torch.float32)).to(like.dtype)
-            dts[i] = torch.stack(gv[j:j + N]).sum(
-                1, dtype=torch.promote_types(tables[i].dtype, torch.float32)).to(tables[i].dtype)
-            j += N
-    for out, like in ((dxs, xs), (dw1s, w1s), (dw2s, w2s), (dts, tables)):
-        for i, g in enumerate(out):  # a branch without dy (or empty): zero gradients
-            if g is None:
-                out[i] = torch.zeros_like(like[i], memory_format=torch.contiguous_format)
-    if ctx.grouped:
-        return dxs, dw1s, dw2s, dts
-    return dxs[0], dw1s[0], dw2s[0], dts[0]
+    with use_backend(ctx.backend):
+        if not ctx.grouped:
+            return INSTANCES_BWD(dy, xs[0], w1s[0], w2s[0], tables[0])
+        ys = [empty_like_x(x, x.shape[0] * t.shape[0]) for x, t in zip(xs, tables)]
+        return INSTANCES_GROUPED_BWD(_zeros_if_none(dy, ys), xs, w1s, w2s, tables)
 
 
 INSTANCES = define_op("mimb_instances", instances_forward, fake=_instances_fake,

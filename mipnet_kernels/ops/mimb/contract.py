@@ -209,19 +209,35 @@ def _check_bwd_args(dy, x, w1, w2, v, s, p: str = "") -> None:
 
 def _check_instances_args(x, w1, w2, table, p: str = "") -> None:
     if (_fast_xw(x, w1, w2) and isinstance(table, Tensor) and table.dtype in SUPPORTED_DTYPES
-            and table.device == x.device and len(table.shape) == 2 and table.shape[1] == x.shape[1]):
+            and table.device == x.device and table.shape[-1] == x.shape[1]
+            and (len(table.shape) == 2 or (len(table.shape) == 3 and table.shape[1] == x.shape[0]))):
         return
     xname = f"x{p}"
     _check_x(x, xname)
     _check_excite(x, w1, w2, p, xname)
     name = f"table{p}"
     _check_float(table, name)
-    C = x.shape[1]
-    if table.dim() != 2 or table.shape[1] != C:
+    B, C = x.shape[:2]
+    if not ((table.dim() == 2 and table.shape[1] == C)
+            or (table.dim() == 3 and table.shape[1] == B and table.shape[2] == C)):
         raise ValueError(
-            f"{name} must have shape [N, C] with C = {xname}.shape[1] = {C}, got {list(table.shape)}"
+            f"{name} must have shape [N, C] (one row per instance) or [N, B, C] (one row per "
+            f"output sample) with B, C = {xname}.shape[:2] = {B}, {C}, got {list(table.shape)}"
         )
     _check_device(table, name, x, xname)
+
+
+def _check_instances_bwd_args(dy, x, w1, w2, table, p: str = "") -> None:
+    _check_instances_args(x, w1, w2, table, p)
+    xname = f"x{p}"
+    _check_tensor(dy, f"dy{p}")
+    want = (x.shape[0] * table.shape[0], *x.shape[1:])
+    if tuple(dy.shape) != want or dy.dtype != x.dtype:
+        raise ValueError(
+            f"dy{p} must have shape [N*B, C, H, W] = {list(want)} and {xname}'s dtype {x.dtype}, "
+            f"got {list(dy.shape)} {dy.dtype}"
+        )
+    _check_device(dy, f"dy{p}", x, xname)
 
 
 def _check_list(t, name: str) -> None:
@@ -263,6 +279,12 @@ def _check_instances_grouped_args(xs, w1s, w2s, tables) -> None:
     n = _check_grouped((xs, w1s, w2s, tables), ("xs", "w1s", "w2s", "tables"))
     for i in range(n):
         _check_instances_args(xs[i], w1s[i], w2s[i], tables[i], p=f"s[{i}]")
+
+
+def _check_instances_grouped_bwd_args(dys, xs, w1s, w2s, tables) -> None:
+    n = _check_grouped((xs, dys, w1s, w2s, tables), ("xs", "dys", "w1s", "w2s", "tables"))
+    for i in range(n):
+        _check_instances_bwd_args(dys[i], xs[i], w1s[i], w2s[i], tables[i], p=f"s[{i}]")
 
 
 # ------------------------------------------------------- per-branch empty-input handling

@@ -6,11 +6,14 @@ Dispatch entries (:mod:`mipnet_kernels._backends`), each implemented on every ba
 ==========================  =========================================================
 ``mimb_scale_fwd``          ``(x, w1, w2, v) -> (y, s)``: the block, ``v`` given
 ``mimb_scale_bwd``          ``(dy, x, w1, w2, v, s) -> (dx, dw1, dw2, dv)``
-``mimb_instances``          ``(x, w1, w2, table) -> y [N*B, C, H, W]`` (its backward:
-                            ``mimb_scale_grouped_bwd`` summed, :mod:`.autograd`)
-``mimb_scale_grouped_fwd``  the three above on lists of branch tensors
+``mimb_instances``          ``(x, w1, w2, table) -> y [N*B, C, H, W]``
+``mimb_instances_bwd``      ``(dy, x, w1, w2, table) -> (dx, dw1, dw2, dtable)``: fused
+                            where a backend has the kernel, else its grouped scale
+                            backward summed over the instances (``reference``)
+``mimb_scale_grouped_fwd``  the four above on lists of branch tensors
 ``mimb_scale_grouped_bwd``
 ``mimb_instances_grouped``
+``mimb_instances_grouped_bwd``
 ``mimb_fwd``                ``(x, lam, w1, w2, e1, b1, e2, b2) -> (y, s)``: ``mimb``'s
                             forward when nothing is recorded for backward
 ``mimb_train_fwd``          the training step, embedding (BatchNorm on / off) + block:
@@ -47,6 +50,7 @@ from .contract import (
 from .reference import (
     _loop,
     mimb_fwd_composite,
+    mimb_instances_bwd_composite,
     mimb_instances_reference,
     mimb_scale_bwd_reference,
     mimb_scale_fwd_reference,
@@ -185,6 +189,61 @@ _grouped_table("mimb_scale_grouped_bwd", "mimb_scale_bwd", ("dys", "xs", "w1s", 
                lambda d: tuple([t] for t in _example_scale_bwd(d)))
 _grouped_table("mimb_instances_grouped", "mimb_instances", ("xs", "w1s", "w2s", "tables"),
                lambda d: tuple([t] for t in _example_scale(d)))
+
+
+# --------------------------------------------------------------------------- instances backward
+# A fused kernel (cpu: mimb_instances_bwd_cpu reads x and each dy_n once for the reductions
+# and once more for dx) where a backend has one; elsewhere the backend's grouped scale
+# backward on every (branch, instance) pair, summed (reference.mimb_instances_bwd_composite:
+# one launch, the work of N scale backwards).  The grouped entry: a loop over the fused
+# single kernel, or the composite over all branches at once.
+_INSTANCES_BWD_ARGS = ("dy", "x", "w1", "w2", "table")
+_INSTANCES_GROUPED_BWD_ARGS = ("dys", "xs", "w1s", "w2s", "tables")
+
+
+def _example_instances_bwd(device):
+    x, w1, w2, v = _example_scale(device)
+    table = v[:1].expand(2, -1).contiguous()
+    return (torch.randn(2 * x.shape[0], *x.shape[1:], device=device), x, w1, w2, table)
+
+
+def _scale_bwd_pick(dy, x, w1, w2, table):
+    """The scale backward's arguments standing for the instances backward's (its reasons)."""
+    return (x, x, w1, w2, _v_like(x), _v_like(x))
+
+
+def _instances_bwd_composite(backend: str) -> Callable:
+    """``backend``'s grouped scale backward summed over the instances (lists of branches)."""
+    return mimb_instances_bwd_composite(lambda *lists: kernel("mimb_scale_grouped_bwd", backend)(*lists))
+
+
+def _instances_bwd_column(backend: str, fused: str | None) -> Kernel:
+    if fused is not None:
+        return Kernel(symbol=fused, reasons=(lambda dy, x, *_: _cuda_x_reasons(x)) if backend == "cuda" else None)
+    grouped = _instances_bwd_composite(backend)
+    return Kernel(fn=lambda *args: tuple(o[0] for o in grouped(*([a] for a in args))),
+                  reasons=_block_reasons("mimb_scale_bwd", backend, _scale_bwd_pick))
+
+
+def _instances_grouped_bwd_column(backend: str, fused: str | None) -> Kernel:
+    if fused is None:  # one grouped scale backward over every (branch, instance)
+        return Kernel(fn=_instances_bwd_composite(backend), reasons=_per_branch(
+            _block_reasons("mimb_scale_bwd", backend, _scale_bwd_pick)))
+    single = _block("mimb_instances_bwd", backend)
+    return Kernel(fn=lambda *lists: tuple(_loop(single, *lists)),
+                  reasons=_per_branch(lambda *a: table("mimb_instances_bwd").reasons(backend, a[1].device, *a)))
+
+
+#: each backend's fused instances backward (None: the composite)
+_FUSED_INSTANCES_BWD = {"cpu": None, "cuda": None, "triton": None, "reference": None}
+INSTANCES_BWD = define_kernels(
+    "mimb_instances_bwd", _INSTANCES_BWD_ARGS, tensor_args=_INSTANCES_BWD_ARGS,
+    example_inputs=_example_instances_bwd,
+    **{b: _instances_bwd_column(b, f) for b, f in _FUSED_INSTANCES_BWD.items()})
+INSTANCES_GROUPED_BWD = define_kernels(
+    "mimb_instances_grouped_bwd", _INSTANCES_GROUPED_BWD_ARGS, tensor_args=_INSTANCES_GROUPED_BWD_ARGS,
+    example_inputs=lambda d: tuple([t] for t in _example_instances_bwd(d)),
+    **{b: _instances_grouped_bwd_column(b, f) for b, f in _FUSED_INSTANCES_BWD.items()})
 
 
 # --------------------------------------------------------------------------- embed + scale

@@ -77,7 +77,9 @@ def mimb_scale_bwd_reference(
 
 
 def mimb_instances_reference(x: Tensor, w1: Tensor, w2: Tensor, table: Tensor) -> Tensor:
-    """Pure-PyTorch ``mimb_instances``: ``y[n*B + b] = x[b] * (e[b] * table[n])``."""
+    """Pure-PyTorch ``mimb_instances``: ``y[n*B + b] = x[b] * (e[b] * t[n, b])`` with
+    ``t[n, b] = table[n]`` (``[N, C]``) or ``table[n, b]`` (``[N, B, C]``; ``e * t[n]``
+    broadcasts either way)."""
     ct = compute_dtype(x)
     s = x.mean(dim=(2, 3), dtype=ct)
     _, _, e = _excite(s, w1, w2)
@@ -106,6 +108,60 @@ def mimb_scale_grouped_bwd_reference(dys, xs, w1s, w2s, vs, ss):
 def mimb_instances_grouped_reference(xs, w1s, w2s, tables) -> list[Tensor]:
     branch = _instances_branch(mimb_instances_reference)
     return [branch(*args) for args in zip(xs, w1s, w2s, tables)]
+
+
+def mimb_instances_bwd_composite(scale_grouped_bwd):
+    """The instances backward (grouped form, non-empty branches) from a grouped scale
+    backward ``scale_grouped_bwd(dys, xs, w1s, w2s, vs, ss)``.
+
+    Given ``x`` (hence ``s`` and ``e``), instance ``n`` of ``y`` is ``mimb_scale(x, w1, w2,
+    t[n])`` and the scale backward is linear in ``(dy, v)``; so the instances backward is
+    the sum over ``n`` of the scale backwards on ``(dy_n, x, t[n])``: ``dx``, ``dw1``,
+    ``dw2`` summed over ``n``, ``dtable[n]`` instance ``n``'s ``dv`` (summed over the batch
+    for an ``[N, C]`` table).  ONE grouped call over every (branch, instance) pair; ``s``
+    is recomputed (one read of ``x``).  The specification of ``mimb_instances_bwd`` and
+    the kernel of every backend without a fused one; ``dx`` is the in-place sum of the N
+    ``dx_n``, each rounded to ``x``'s dtype first (a fused kernel sums in float32).
+    """
+    def run(dys, xs, w1s, w2s, tables):
+        lists = ([], [], [], [], [], [])  # dys, xs, w1s, w2s, vs, ss of the grouped call
+        for dy, x, w1, w2, t in zip(dys, xs, w1s, w2s, tables):
+            B, N = x.shape[0], t.shape[0]
+            v = t if t.dim() == 3 else t[:, None, :].expand(N, B, t.shape[1])
+            s = x.mean(dim=(2, 3), dtype=compute_dtype(x))
+            lists[0].extend(dy.unflatten(0, (N, B)).unbind(0))
+            lists[4].extend(v.contiguous().unbind(0))
+            for lst, val in zip((lists[1], lists[2], lists[3], lists[5]), (x, w1, w2, s)):
+                lst.extend([val] * N)
+        gx, gw1, gw2, gv = scale_grouped_bwd(*lists)
+        dxs, dw1s, dw2s, dts = [], [], [], []
+        j = 0
+        for w1, w2, t in zip(w1s, w2s, tables):
+            N = t.shape[0]
+            dx = gx[j]
+            for k in range(1, N):  # in place: gx[j] is this backward's own buffer
+                dx.add_(gx[j + k])
+            dxs.append(dx)
+            for out, g, like in ((dw1s, gw1, w1), (dw2s, gw2, w2)):
+                out.append(g[j] if N == 1 else torch.stack(g[j:j + N]).sum(
+                    0, dtype=torch.promote_types(like.dtype, torch.float32)).to(like.dtype))
+            dv = torch.stack(gv[j:j + N])  # [N, B, C]
+            dts.append(dv.to(t.dtype).contiguous() if t.dim() == 3 else dv.sum(
+                1, dtype=torch.promote_types(t.dtype, torch.float32)).to(t.dtype))
+            j += N
+        return dxs, dw1s, dw2s, dts
+
+    return run
+
+
+def mimb_instances_grouped_bwd_reference(dys, xs, w1s, w2s, tables):
+    """The specification of ``mimb_instances_grouped_bwd`` (non-empty branches)."""
+    return mimb_instances_bwd_composite(mimb_scale_grouped_bwd_reference)(dys, xs, w1s, w2s, tables)
+
+
+def mimb_instances_bwd_reference(dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, table: Tensor):
+    """The specification of ``mimb_instances_bwd`` (csrc/schemas.h): ``(dx, dw1, dw2, dtable)``."""
+    return tuple(o[0] for o in mimb_instances_grouped_bwd_reference([dy], [x], [w1], [w2], [table]))
 
 
 # --------------------------------------------------------------------------- the embedding
