@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from .ops.mimb import mimb, mimb_embedding_reference, mimb_instances, mimb_scale
-from .ops.mimb.autograd import TrainStep
-from .ops.mimb.contract import _check_x, dense
+from .ops.mimb.autograd import TrainEmbedding, TrainStep
+from .ops.mimb.contract import _check_x, compute_dtype, dense
 
 __all__ = ["MIMB"]
 
@@ -269,7 +269,7 @@ class MIMB(nn.Module):
             w1, w2 = w1.detach(), w2.detach()
         return mimb(x, sel, w1, w2, e1f, b1f, e2, b2)
 
-    def _fused_train_layers(self, x: Tensor):
+    def _fused_train_layers(self, x: Tensor, rows: Optional[int] = None):
         """``(lin1, bn or None, lin2)`` when this training step may run as one fused step
         (:class:`~mipnet_kernels.ops.mimb.autograd.TrainStep`, what
         :func:`~mipnet_kernels.ops.mimb.mimb_train` runs), else None: modules + ``mimb_scale``.
@@ -280,7 +280,8 @@ class MIMB(nn.Module):
         running statistics over more than one sample.  It does not call those modules, so
         it is not taken when they have forward hooks (a hook must run): PyTorch has no
         public query for registered hooks, so this reads the dicts ``nn.Module.__call__``
-        itself reads (``_forward_hooks`` / ``_forward_pre_hooks``, and the global ones)."""
+        itself reads (``_forward_hooks`` / ``_forward_pre_hooks``, and the global ones).
+        ``rows``: the number of selectors the embedding normalises over (default ``B``)."""
         if x.numel() == 0:
             return None
         if _module._global_forward_hooks or _module._global_forward_pre_hooks:
@@ -295,7 +296,8 @@ class MIMB(nn.Module):
         if any(m._forward_hooks or m._forward_pre_hooks for m in layers):
             return None
         if type(norm) is nn.BatchNorm1d:
-            if not (norm.training and norm.affine and norm.track_running_stats and x.shape[0] > 1
+            if not (norm.training and norm.affine and norm.track_running_stats
+                    and (x.shape[0] if rows is None else rows) > 1
                     and norm.running_mean is not None and norm.num_batches_tracked is not None):
                 return None
         elif type(norm) is nn.Identity:
@@ -311,38 +313,79 @@ class MIMB(nn.Module):
         tensor subclasses (FakeTensor, ...) -- there the modules and ``mimb_scale`` run."""
         fc = tuple(self.fc)  # one pass (indexing a Sequential twice costs more)
         w1, w2 = fc[0].weight, fc[2].weight
+        args = self._embed_args(x, sel, lin1, bn, lin2, (w1, w2))
+        return None if args is None else TrainStep.apply(dense(x), sel, w1, w2, *args)
+
+    @staticmethod
+    def _embed_args(x: Tensor, sel: Tensor, lin1: nn.Linear, bn, lin2: nn.Linear, more=()):
+        """The embedding operands of the fused training step / :class:`TrainEmbedding`:
+        ``(e1, b1, gamma, beta, e2, b2, running_mean, running_var, momentum, eps,
+        batch_norm)``, with ``nn.BatchNorm1d``'s bookkeeping for this step done; or None
+        where the autograd functions must not run: under ``torch.compile`` / export and
+        TorchScript tracing (they trace the modules), and for tensor subclasses (FakeTensor,
+        ...) -- there the modules run."""
         e1, b1, e2, b2 = lin1.weight, lin1.bias, lin2.weight, lin2.bias
-        tensors = (x, sel, w1, w2, e1, b1, e2, b2) + ((bn.weight, bn.bias) if bn is not None else ())
+        tensors = (x, sel, e1, b1, e2, b2, *more) + ((bn.weight, bn.bias) if bn is not None else ())
         if (torch.compiler.is_compiling() or torch.jit.is_tracing()
                 or not all(type(t) in _PLAIN for t in tensors)):
             return None
-        x = dense(x)
         if bn is None:
             empty = x.new_empty(0, dtype=torch.float32)
-            return TrainStep.apply(x, sel, w1, w2, e1, b1, empty, empty, e2, b2, empty, empty,
-                                   0.0, 0.0, False)
+            return e1, b1, empty, empty, e2, b2, empty, empty, 0.0, 0.0, False
         # The step updates the running statistics itself, so it also does nn.BatchNorm1d's
         # bookkeeping for this step (_BatchNorm.forward; no public function returns it):
         # count the batch, and the momentum is 1 / count (cumulative average) when None.
         bn.num_batches_tracked.add_(1)
         momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else float(bn.momentum)
-        return TrainStep.apply(x, sel, w1, w2, e1, b1, bn.weight, bn.bias, e2, b2,
-                               bn.running_mean, bn.running_var, momentum, float(bn.eps), True)
+        return (e1, b1, bn.weight, bn.bias, e2, b2, bn.running_mean, bn.running_var, momentum,
+                float(bn.eps), True)
 
-    def instances(self, x: Tensor) -> Tensor:
-        """All N instances at once: ``[N*B, C, H, W]``, instance-major (``y[n*B + b]`` is
-        ``forward(x, n)[b]``), from one read of ``x`` via :func:`~mipnet_kernels.mimb_instances`.
+    def _train_embedding(self, x: Tensor, sel: Tensor) -> Tensor:
+        """``v [R, C]`` of the selectors ``sel [R, N]`` in training mode (the BatchNorm on the
+        ``R`` rows): :class:`TrainEmbedding` (the training step's float64 BatchNorm path)
+        where the fused step could run, else the modules."""
+        layers = self._fused_train_layers(x, rows=sel.shape[0])
+        e1 = (self.fc_lambda[0] if layers is None else layers[0]).weight
+        sel = sel.to(e1.dtype)
+        args = None if layers is None else self._embed_args(x, sel, *layers)
+        if args is None:
+            return self.fc_lambda(sel)
+        return TrainEmbedding.apply(sel, *args, compute_dtype(x))
 
-        Eval mode only: raises ``RuntimeError`` in training mode (the embedding's BatchNorm
-        then uses batch statistics, so per-instance outputs are not defined).  The parameters
-        are used detached; the result is differentiable w.r.t. ``x`` only.
+    def instances(self, x: Tensor, selector: Optional[Tensor] = None) -> Tensor:
+        """All N instances at once: ``[N*B, C, H, W]``, instance-major, from one read of ``x``
+        via :func:`~mipnet_kernels.mimb_instances`.
+
+        Eval mode: ``y[n*B + b]`` is ``forward(x, n)[b]`` (the cached ``[N, C]`` table; the
+        parameters are used detached, the result is differentiable w.r.t. ``x`` only).
+
+        Training mode: the output sample ``n*B + b`` is the block applied to ``x[b]`` with the
+        selector ``selector[n*B + b]`` (default: the instance-major one-hot rows, instance
+        ``n``), the embedding's BatchNorm on the batch statistics of all ``N*B`` selectors --
+        i.e. ``forward(x.repeat(N, 1, 1, 1), selector)``, the official way of training N
+        instances (every crop repeated with each λ), without the repeated copy of ``x``: the
+        embedding runs as the training step's (a per-sample table ``[N, B, C]``; its BatchNorm
+        path in float64, or this module's ``fc_lambda`` where the fused step would not run),
+        the block through ``mimb_instances``, differentiable w.r.t. ``x`` and every parameter.
         """
-        if self.training or self._embed_uses_batch_stats():
-            raise RuntimeError(
-                "MIMB.instances is inference-only: call .eval() first (in training mode the "
-                "embedding's BatchNorm normalises over the batch, so per-instance outputs are "
-                "not defined; use forward(x, lam) per instance)"
-            )
         self._check_x(x)
-        table = self._eval_embedding()[4]
-        return mimb_instances(x, self.w1.detach(), self.w2.detach(), table)
+        N, B = self.num_instances, x.shape[0]
+        if not (self.training or self._embed_uses_batch_stats()):
+            if selector is not None:
+                raise ValueError("selector is for training mode; in eval mode instance n uses row n "
+                                 "of the embedding table")
+            table = self._eval_embedding()[4]
+            return mimb_instances(x, self.w1.detach(), self.w2.detach(), table)
+        if self._cache is not None:  # the BatchNorm's running statistics change
+            self._cache = None
+        e1 = self.fc_lambda[0].weight
+        if selector is None:
+            selector = torch.eye(N, dtype=e1.dtype, device=x.device).repeat_interleave(B, dim=0)
+        elif (not isinstance(selector, Tensor) or not selector.is_floating_point()
+              or tuple(selector.shape) != (N * B, N)):
+            raise ValueError(f"selector must be a float tensor [N*B, N] = [{N * B}, {N}] (row n*B + b for "
+                             f"output sample n*B + b), got {selector!r:.80}")
+        elif selector.device != x.device:
+            raise ValueError(f"selector is on {selector.device} but x is on {x.device}")
+        v = self._train_embedding(x, selector)  # [N*B, C], BatchNorm over the N*B rows
+        return mimb_instances(x, self.w1, self.w2, v.unflatten(0, (N, B)))

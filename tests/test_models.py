@@ -324,11 +324,28 @@ def _official_step(model: nn.Module, x: torch.Tensor, N: int) -> torch.Tensor:
     return model(x.repeat(N, 1, 1, 1), torch.arange(N).repeat_interleave(B)).unflatten(0, (N, B))
 
 
-# Gradients: norm-wise relative error per parameter.  Both sides sum the same per-sample
-# terms; the official side sums N copies' trunk gradients inside each convolution / BatchNorm
-# backward, ours adds them once at the expansion point: fp32 summation order through ~100
-# layers (measured <= 2.1e-5 on these models).
-GRAD_RTOL = 1e-4
+# Gradients: both sides sum the same per-sample terms in different float32 orders (the
+# official side sums N copies' trunk gradients inside each convolution / BatchNorm backward,
+# ours once in the first MIMBs' backward; the first MIMBs themselves run mimb_instances).
+# Through ~100 layers of these small, batch-2 models the gradients are ill-conditioned: the
+# official float32 step itself is off from float64 by up to 8e-2 (norm-wise) on HRNet's
+# deepest BatchNorm biases, so the two orders may differ by ~1e-4 (measured 1.3e-4 on
+# hrnet_w32's conv1).  The rule is flash-attention's: per parameter, norm-wise,
+# |ours - truth| <= 2 |official fp32 - truth| + 1e-5 |truth| against the official step in
+# float64 (truth); for the bias before each embedding BatchNorm, whose gradient is zero in
+# exact arithmetic (BatchNorm removes the mean: both sides hold cancellation noise), the
+# floor is 1e-6 of its layer's weight gradient instead.
+def _check_grads_flash(ours: nn.Module, official: nn.Module, truth: nn.Module) -> None:
+    off, tru = dict(official.named_parameters()), dict(truth.named_parameters())
+    for name, p in ours.named_parameters():
+        q, t = off[name].grad, tru[name].grad
+        assert p.grad is not None and q is not None and t is not None, name
+        assert q.norm() > 0, name
+        floor = 1e-5 * t.norm()
+        if name.endswith("fc_lambda.0.bias"):
+            floor = 1e-6 * tru[name[:-len("bias")] + "weight"].grad.norm()
+        err, ref = (p.grad.double() - t).norm(), (q.double() - t).norm()
+        assert err <= 2 * ref + floor, (name, float(err), float(ref), float(floor))
 
 
 @pytest.mark.parametrize("arch, momentum", [("hrnet_w32", "keep"), ("resnet_tiny", 0.1), ("resnet50", 0.1)])
@@ -340,23 +357,25 @@ def test_forward_instances_training_equals_repeated_batch(arch, momentum):
     with torch.no_grad():  # a first step (ours finds its trunk's BatchNorms with hooks, then uses that plan)
         _official_step(official, images(2, seed=3), N)
         ours.forward_instances(images(2, seed=3))
+    truth = copy.deepcopy(official).double()
     x = images(2)
     out = ours.forward_instances(x)
     ref = _official_step(official, x, N)
+    ref64 = _official_step(truth, x.double(), N)
     assert out.shape == ref.shape == (N, 2, 17, H // 4, W // 4) and out.requires_grad
     assert rel_err(out, ref) <= FP32_RTOL
     assert rel_err(out[1], out[0]) > 1e-2  # the instances differ: not vacuous
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
     (out * g).sum().backward()
     (ref * g).sum().backward()
-    for (name, p), q in zip(ours.named_parameters(), official.parameters()):
-        assert p.grad is not None and q.grad is not None, name
-        assert q.grad.norm() > 0, name
-        err = float((p.grad - q.grad).norm() / q.grad.norm())
-        assert err <= GRAD_RTOL, (name, err)
+    (ref64 * g.double()).sum().backward()
+    _check_grads_flash(ours, official, truth)
     for (name, a), b in zip(ours.named_buffers(), official.buffers()):
         if a.is_floating_point():  # running_mean / running_var: equal up to float32 rounding
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+            # (of the batch means of activations that agree to ~1e-6: a channel whose mean is
+            # near zero differs by ~1e-6 of the layer's largest, measured 2.4e-7)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7 + 1e-6 * float(b.abs().max()),
+                                       msg=lambda m: f"{name}: {m}")
         else:  # num_batches_tracked: each BatchNorm ran once either way
             assert torch.equal(a, b), name
 

@@ -271,17 +271,61 @@ def test_instances_equals_separate_forwards(backend, device, N, layout, dtype):
         assert not ours.instances(x).requires_grad
 
 
-def test_instances_is_inference_only():
+@pytest.mark.parametrize("backend, device", backend_device_params())
+@pytest.mark.parametrize("N, layout, soft", [(2, "contiguous", False), (3, "channels_last", False), (2, "contiguous", True)])
+def test_training_instances_equal_the_repeated_batch(backend, device, N, layout, soft):
+    """Training mode: ``instances(x, selector)`` is ``forward(x repeated N times, selector)``
+    (the official way to train N instances) -- output, every gradient and the embedding
+    BatchNorm's running statistics -- without the repeated copy of ``x``."""
+    dev = require_backend(backend, device)
+    ours, _ = make_pair(32, N, 4, seed=7 + N)
+    ours.to(dev).train()
+    twin = copy.deepcopy(ours)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = make_x(3, 32, 6, 5).contiguous(memory_format=fmt).to(dev)
+    sel = torch.eye(N).repeat_interleave(3, dim=0)
+    if soft:
+        sel = torch.softmax(torch.randn(3 * N, N, generator=torch.Generator().manual_seed(1)), 1)
+    sel = sel.to(dev)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    dy = torch.randn(N * 3, 32, 6, 5, generator=torch.Generator().manual_seed(2)).to(dev)
+    with mk.use_backend(backend):
+        ya = ours.instances(xa, None if not soft else sel)
+        ya.backward(dy)
+        yb = twin(torch.cat([xb] * N), sel)
+        yb.backward(dy)
+    assert ya.shape == (N * 3, 32, 6, 5) and ya.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+    # Two float32 orders of the same sums.  Each gradient is compared with an absolute
+    # tolerance scaled by the largest gradient of its layer: the bias before the embedding's
+    # BatchNorm has a gradient that is exactly zero in theory (BatchNorm removes the mean),
+    # so both sides hold cancellation noise of the size of that layer's weight gradient
+    # (measured: 1.6e-3 next to a weight gradient of 14 for soft selectors).
+    grads = dict(ours.named_parameters())
+    for (name, p), q in zip(ours.named_parameters(), twin.parameters()):
+        layer = max(float(g.grad.abs().max()) for n, g in grads.items() if n.rsplit(".", 1)[0] == name.rsplit(".", 1)[0])
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 + 2e-4 * layer, msg=lambda m: f"{name}: {m}")
+    for (name, b), c in zip(ours.named_buffers(), twin.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-6, atol=0, msg=name)
+
+
+def test_instances_modes_and_bad_selectors():
     ours, _ = make_pair(16, 2, 4)
     x = make_x(2, 16, 3, 3)
-    with pytest.raises(RuntimeError, match=r"inference-only: call .eval\(\) first"):
-        ours.train().instances(x)
-    ours.eval()
-    xg = x.clone().requires_grad_(True)  # mimb_instances is differentiable (issue 16): x only here
+    with pytest.raises(ValueError, match=r"selector must be a float tensor \[N\*B, N\] = \[4, 2\]"):
+        ours.train().instances(x, torch.ones(2, 2))
+    with pytest.raises(ValueError, match=r"selector must be a float tensor"):
+        ours.train().instances(x, torch.ones(4, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="selector is for training mode"):
+        ours.eval().instances(x, torch.ones(4, 2))
+    xg = x.clone().requires_grad_(True)  # eval: differentiable w.r.t. x only
     ours.instances(xg).sum().backward()
     assert xg.grad is not None and ours.w1.grad is None
+    ours.train().instances(xg).sum().backward()  # training: every parameter
+    assert ours.w1.grad is not None and ours.fc_lambda[0].weight.grad is not None
     with torch.no_grad():
-        assert ours.instances(x).shape == (4, 16, 3, 3)
+        assert ours.eval().instances(x).shape == (4, 16, 3, 3)
     with pytest.raises(RuntimeError, match="call .eval"):
         ours.train().embedding_table()
 

@@ -63,7 +63,7 @@ from .contract import (
     dense,
     empty_like_x,
 )
-from .reference import embed_backward, embedding
+from .reference import embed_backward, embed_forward, embedding
 
 _LIB = torch.library.Library("mipnet", "FRAGMENT")  # the CompositeImplicitAutograd ops
 
@@ -295,6 +295,36 @@ class TrainStep(torch.autograd.Function):
                 e2, state, bn)
         return (dx, dlam, dw1, dw2, de1, db1, dgamma if bn else None, dbeta if bn else None,
                 de2, db2, None, None, None, None, None)
+
+
+class TrainEmbedding(torch.autograd.Function):
+    """The training step's embedding alone: ``v [R, C]`` of the selectors ``lam [R, N]``,
+    the BatchNorm (``batch_norm=True``) on the ``R`` rows' batch statistics, its path in
+    float64 (:func:`.reference.embed_forward` / :func:`.reference.embed_backward`, the
+    embedding every backend's training step runs) -- the per-sample table of
+    ``mimb_instances`` in training (``MIMB.instances``).  ``v`` in ``ct``; the running
+    statistics updated in place unless empty.  Arguments validated by the caller."""
+
+    @staticmethod
+    def forward(ctx, lam, e1, b1, gamma, beta, e2, b2, running_mean, running_var, momentum, eps,
+                batch_norm, ct):
+        with _no_autocast(lam.device.type):
+            v, zn, invstd = embed_forward(lam, e1, b1, gamma, beta, e2, b2, running_mean,
+                                          running_var, momentum, eps, batch_norm, ct)
+        ctx.save_for_backward(lam, e1, gamma, beta, e2, v, zn, invstd)
+        ctx.batch_norm = batch_norm
+        return v
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dv):
+        lam, e1, gamma, beta, e2, v, zn, invstd = ctx.saved_tensors
+        bn = ctx.batch_norm
+        with _no_autocast(lam.device.type):
+            dlam, de1, db1, dgamma, dbeta, de2, db2 = embed_backward(
+                dv, lam, e1, gamma, beta, e2, v, zn, invstd, bn)
+        return (dlam, de1, db1, dgamma if bn else None, dbeta if bn else None, de2, db2,
+                None, None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------- instances

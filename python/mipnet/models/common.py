@@ -20,15 +20,17 @@ That is the same arithmetic as N calls ``forward(images, lam=n)`` in eval mode, 
 MIMB gathers row ``n`` of the same table.
 
 N-instance training (``forward_instances`` in training mode, what ``mipnet train`` runs): the
-trunk runs on the ``B`` crops once, forward and backward; at the first MIMB group each branch
-is copied to the ``N*B``-sample instance-major batch (:func:`expand_instances`) and every MIMB
-runs its training step with the per-sample one-hot selector of instance ``n`` on copy ``n``;
-the rest runs once on ``N*B`` samples.  The official code (and ``mipnet train`` with
+trunk runs on the ``B`` crops once, forward and backward; the first MIMB group turns each
+branch into the ``N*B``-sample instance-major batch with the training-mode
+:meth:`~mipnet_kernels.MIMB.instances` (the embedding of the per-sample one-hot selectors,
+BatchNorm over all ``N*B`` of them, then :func:`~mipnet_kernels.mimb_instances` with that
+per-sample table: one read of the branch, N writes, a fused backward), and every later MIMB
+runs its training step with the per-sample selector; the rest runs once on ``N*B`` samples.  The official code (and ``mipnet train`` with
 ``train.shared_trunk=false``) repeats each crop N times through the whole network instead.
 The two are the same function of the parameters: the trunk's convolutions act per sample,
 and its BatchNorms, on N identical copies of a batch, see the same mean and the same biased
 variance, so outputs agree up to float32 summation order; the gradients too, since the
-repeat's backward sums the N copies' gradients at the expansion point, which is where the
+first MIMBs' backward sums the N instances' gradients w.r.t. their input, which is where the
 official backward's per-copy trunk gradients would have been summed (linearity).  The one
 difference is the trunk BatchNorms' *running* variance: PyTorch updates it with the unbiased
 variance, ``var * n / (n - 1)``, and ``n`` (values per channel) is ``B*h*w`` here against
@@ -155,19 +157,6 @@ def instance_selector(num_instances: int, batch: int, device=None) -> Tensor:
     return eye.repeat_interleave(batch, dim=0)
 
 
-def expand_instances(xs: list[Tensor], num_instances: int) -> list[Tensor]:
-    """Each ``[B, ...]`` branch tensor as the ``[N*B, ...]`` instance-major batch (N copies,
-    copy ``n`` for instance ``n``), differentiable (the backward sums the copies) and in the
-    input's memory format (``torch.cat`` keeps channels_last; ``Tensor.repeat`` would not).
-
-    This copy is the one place where a fused differentiable multi-instance MIMB would plug
-    in (``mimb_instances`` with a backward: read each branch once, write the N instances
-    ``y[n*B + b] = x[b] * e[b] * v[n*B + b]`` with ``v`` from the batch-statistics embedding):
-    it would replace this function and the first group's per-sample MIMBs in
-    :meth:`MIMBGroup.forward`."""
-    return [torch.cat([x] * num_instances, dim=0) for x in xs]
-
-
 _PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -285,9 +274,11 @@ class MIMBGroup(nn.Module):
       (:func:`mimb_instances`, grouped over the branches); otherwise the branches already
       hold ``N*B`` samples and sample ``n*B + b`` is scaled by row ``n`` of each block's
       embedding table.
-    * ``lam`` an :class:`AllInstances` with a selector (training): with ``first=True`` the
-      branches are copied to ``N*B`` samples (:func:`expand_instances`); then each branch
-      through its MIMB's training step with the per-sample selector.
+    * ``lam`` an :class:`AllInstances` with a selector (training): with ``first=True`` each
+      ``B``-sample branch becomes ``N*B`` samples through its MIMB's training-mode
+      :meth:`~mipnet_kernels.MIMB.instances` (the embedding on the per-sample selectors, then
+      :func:`mimb_instances` with a per-sample table: one read of the branch, N writes);
+      otherwise each branch through its MIMB's training step with the per-sample selector.
     """
 
     def __init__(self, channels: Sequence[int], num_instances: int) -> None:
@@ -302,8 +293,8 @@ class MIMBGroup(nn.Module):
         if not isinstance(lam, AllInstances):
             return [layer(x, lam) for layer, x in zip(self.se_layers, xs)]
         if lam.selector is not None:  # training: per-sample MIMBs on the N*B batch
-            if first:
-                xs = expand_instances(xs, lam.selector.shape[1])
+            if first:  # B -> N*B samples: one read of each branch, N writes
+                return [layer.instances(x, lam.selector) for layer, x in zip(self.se_layers, xs)]
             return [layer(x, lam.selector) for layer, x in zip(self.se_layers, xs)]
         w1s = [layer.w1.detach() for layer in self.se_layers]
         w2s = [layer.w2.detach() for layer in self.se_layers]
