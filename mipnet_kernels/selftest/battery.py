@@ -74,27 +74,30 @@ def battery(size: str) -> list[Case]:
 
     # MIMB
     for op in ("mimb_scale", "mimb", "mimb_instances"):
-        grad = op != "mimb_instances"
         for shape in MIMB_SHAPES[size]:
             for dt in (F32, F16, BF16, F64):
                 if small and dt in (F16,) and shape[1] != 384:
                     continue
                 for lay in ("contiguous", "channels_last"):
-                    name = f"{_shape(shape[:4])} {_DT[dt]} {lay}{' fwd+bwd' if grad else ''}"
-                    cases.append(Case(op, name, lambda b, d, o=op, s=shape, t=dt, l=lay, g=grad:
+                    name = f"{_shape(shape[:4])} {_DT[dt]} {lay} fwd+bwd"
+                    cases.append(Case(op, name, lambda b, d, o=op, s=shape, t=dt, l=lay, g=True:
                                       check_mimb(o, b, d, s, t, l, g)))
         for dt in (F32, BF16):
             cases.append(Case(op, f"2x8x5x3 {_DT[dt]} nonfinite fwd",
                               lambda b, d, o=op, t=dt: check_mimb(o, b, d, (2, 8, 5, 3, 4), t, "contiguous", False, "nonfinite")))
-        cases.append(Case(op, "0x8x5x3 f32 empty", lambda b, d, o=op, g=grad:
+        cases.append(Case(op, "0x8x5x3 f32 empty", lambda b, d, o=op, g=True:
                           check_mimb(o, b, d, (0, 8, 5, 3, 4), F32, "contiguous", g)))
+    for shape in MIMB_SHAPES[size][2:4]:  # the training form: one table row per output sample
+        for dt in (F32, BF16):
+            for lay in ("contiguous", "channels_last"):
+                cases.append(Case("mimb_instances", f"{_shape(shape[:4])} {_DT[dt]} {lay} per-sample table fwd+bwd",
+                                  lambda b, d, s=shape, t=dt, l=lay: check_mimb("mimb_instances", b, d, s, t, l, True, "rows")))
     branches = GROUPED_BRANCHES[size]
     for op in ("mimb_scale_grouped", "mimb_instances_grouped"):
-        grad = op == "mimb_scale_grouped"
         for dt in (F32, BF16) if small else (F32, F16, BF16):
             for lay in ("contiguous", "channels_last"):
-                name = f"{len(branches)} branches C={'/'.join(str(s[1]) for s in branches)} {_DT[dt]} {lay}{' fwd+bwd' if grad else ''}"
-                cases.append(Case(op, name, lambda b, d, o=op, t=dt, l=lay, g=grad: check_grouped(o, b, d, branches, t, l, g)))
+                name = f"{len(branches)} branches C={'/'.join(str(s[1]) for s in branches)} {_DT[dt]} {lay} fwd+bwd"
+                cases.append(Case(op, name, lambda b, d, o=op, t=dt, l=lay, g=True: check_grouped(o, b, d, branches, t, l, g)))
 
     # NMS
     hard = [(17, 0.9, None), (17, 0.5, 0.25), (14, 0.3, None)] + ([] if small else [(133, 0.7, None)])

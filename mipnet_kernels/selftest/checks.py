@@ -328,13 +328,18 @@ def check_mimb(op: str, backend, dev, shape, dtype, layout, grad: bool, kind: st
                x: Optional[torch.Tensor] = None) -> Mismatch:
     """A MIMB op on ``backend`` against the reference (flash-attention's rule); ``x``: an
     explicit (CPU) input in place of the case's, which then must match ``shape`` and holds
-    any values (the NaN pattern must then be the reference's)."""
+    any values (the NaN pattern must then be the reference's).  ``kind``: "random",
+    "nonfinite" (a NaN and an inf in ``x``) or "rows" (``mimb_instances`` with one table row
+    per output sample, ``[N, B, C]``)."""
     c = _mimb_case(*shape, seed=_seed(op, shape))
     names = _MIMB_ARGS[op]
     vals = [c[k].to(dtype) for k in names]  # a .half() model: everything in x's dtype
     if x is not None:
         vals[0] = x.to(dtype)
         kind = "nonfinite" if not bool(torch.isfinite(x).all()) else kind
+    if kind == "rows":  # mimb_instances with a per-sample table [N, B, C] (training)
+        B, C = vals[0].shape[:2]
+        vals[-1] = (0.1 + 0.8 * torch.rand(vals[-1].shape[0], B, C, generator=_gen("rows", op, shape))).to(dtype)
     if kind == "nonfinite" and x is None:
         vals[0] = vals[0].clone()
         vals[0][0, 0, 0, 0] = math.nan
