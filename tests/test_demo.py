@@ -153,12 +153,14 @@ def test_oracle_uses_the_demo_box_draw_and_the_val_crops_instances(tmp_path):
     dataset = crowd.dataset(**_demo_kwargs())
     settings = dataclasses.replace(QUICK, box_draw_seed=5)
     oracle = demo_oracle(crowd.coco, dataset, settings)
+    crops = crop_instances(dataset)
+    assert oracle["second_instances_per_person"] == sum(i[1] != a for a, i in crops.items()) / len(crops)
     assert oracle["rule"] == {"num_instances": 2, "selection": "paper", "min_keypoints": 3, "input_size": [128, 96]}
     by_boxes = oracle["by_boxes"]
     gt = prepare_ground_truth(crowd.coco)
     ann_ids = [a["id"] for a in gt["annotations"]]  # the draw is over every person of the file
     people = {a["id"] for a in gt["annotations"] if a["num_keypoints"] > 0}
-    second = {a: inst[1] for a, inst in crop_instances(dataset).items() if inst[1] != a}
+    second = {a: inst[1] for a, inst in crops.items() if inst[1] != a}
     keep_sets = {"keep_0.75": keep_random_boxes(ann_ids, 0.75, 5), "keep_0.5": keep_random_boxes(ann_ids, 0.5, 5),
                  "occluded_dropped": set(ann_ids) - occluded_dropped(gt, settings.occlusion_pair_iou)}
     for name, keep in keep_sets.items():
