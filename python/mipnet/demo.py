@@ -13,11 +13,41 @@ against *all* val people, with fewer boxes (:func:`box_evaluations`): ``keep_0.7
 ``occluded_dropped`` (the more occluded person's box of every pair with box IoU > 0.3); a
 person without a box can only be found as the second instance of a neighbour's crop.
 Every MIPNet − baseline difference comes with a paired 95% bootstrap interval over val
-images.  Writes to the output folder ``demo_results.json``, ``demo_occlusion.png``
-(heavily occluded val crops: the baseline's single pose next to MIPNet's two),
-``demo_boxes.png`` (AP against the fraction of boxes kept, both models), ``example/``
-(``mipnet predict`` of both checkpoints on one val image with the ``occluded_dropped``
-boxes) and each run's checkpoint / eval files.
+images.
+
+How much of a box setting's loss N=2 can win back at all is measured without a model
+(:func:`oracle_bound`, ``mipnet demo --oracle`` alone): a crop's instance 1 is trained to be
+one particular neighbour (:func:`mipnet.data.targets.select_instances`: the nearest one by
+box centre with at least ``min_keypoints`` labelled keypoints in the crop), so a person
+without a box can be found only when it is that neighbour of a *kept* box -- a singleton
+never is, and a pair whose two boxes are both dropped is lost.  ``results["oracle"]``:
+``rule`` (N, selection, min_keypoints, input size of the val crops asked) and ``by_boxes``,
+per box setting: ``people`` (the ones pycocotools scores), ``dropped`` (how many have no
+box), ``recoverable`` (the fraction of those that are instance 1 of a kept crop; None when
+none is dropped; ``recoverable_people`` the count), ``targeted`` (the fraction that are
+instance 1 of any crop, kept or not), ``oracle_AP`` (pycocotools AP of ground-truth
+keypoints, score 1: ``baseline`` for the people with a kept box, ``mipnet`` for those plus
+the recoverable ones) and ``fall_ratio`` (the ``mipnet`` oracle's AP fall from ``all`` over
+the ``baseline`` oracle's; about ``1 - recoverable``).  That ratio is what models reach that
+find exactly whom they are trained to find; ``targets["keep_0.5_fall"]["oracle_ratio"]``
+puts it next to the measured one.  ``second_instances_per_person``: how many crops have an
+instance 1 other than their own person, per person.
+
+Why ``keep_0.5`` cannot lose only half of the baseline's fall: with every box kept
+independently with probability f, a person who is instance 1 of t crops is recoverable
+with probability 1 - (1 - f)^t; each crop has one instance 1, so t averages at most 1 per
+person, and as 1 - (1 - f)^t is concave in t (Jensen) the expected recoverable fraction is
+at most f, the oracle fall ratio at least about 1 - f -- on any crowd, with equality only
+when every person is the instance 1 of exactly one crop.  Measured (``mipnet demo
+--oracle``, QUICK data): keep_0.5 recoverable 0.440 / 0.431 of the dropped people, oracle
+ratio 0.558 / 0.577 on seeds 0 / 1 (0.481 / 0.472 on a pairs-only crowd with box IoU 0.3-0.9,
+where every person is the instance 1 of its partner: there recoverable is f up to the draw).
+
+Writes to the output folder ``demo_results.json``, ``demo_occlusion.png`` (heavily
+occluded val crops: the baseline's single pose next to MIPNet's two), ``demo_boxes.png`` (AP
+against the fraction of boxes kept, both models), ``example/`` (``mipnet predict`` of both
+checkpoints on one val image with the ``occluded_dropped`` boxes) and each run's checkpoint
+/ eval files; ``--oracle`` writes only ``demo_oracle.json``.
 
 Settings (:class:`DemoSettings`):
 
@@ -66,7 +96,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .config import Config, DataConfig, EvalConfig, ModelConfig, SyntheticConfig, TrainConfig
-from .data import keypoint_spec
+from .data import KeypointDataset, keypoint_spec
 from .data.synthetic import GENERATOR_VERSION, IOU_BUCKETS, iou_bucket, nearest_person_iou
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, invert_affine, transform_points
 from .evaluate import (EvalSettings, ImageMatches, bootstrap_difference, eval_dataset, evaluate_model,
@@ -79,6 +109,7 @@ RESULTS_NAME = "demo_results.json"
 FIGURE_NAME = "demo_occlusion.png"
 BOXES_FIGURE_NAME = "demo_boxes.png"
 PREDICT_FIGURE_NAME = "demo_predict.png"
+ORACLE_NAME = "demo_oracle.json"
 #: The reduced-box evaluations of ``AP_by_boxes`` (issue 17) and the random-keep fractions.
 BOX_SETTINGS = ("all", "keep_0.75", "keep_0.5", "occluded_dropped")
 KEEP_FRACTIONS = {"keep_0.75": 0.75, "keep_0.5": 0.5}
@@ -249,6 +280,9 @@ def run_demo(out_dir: str | os.PathLike, settings: DemoSettings = QUICK, threads
         results[name].update(fields)
     results.update(shared)
     results["box_evaluation_seconds"] = time.perf_counter() - boxes_start
+    oracle_start = time.perf_counter()
+    results["oracle"] = demo_oracle(val_gt, runs["mipnet"][0], settings)
+    results["oracle_seconds"] = time.perf_counter() - oracle_start
     results["targets"] = _targets(results)
     results["figure"] = str(out / FIGURE_NAME) if _figure(runs, groups, val_gt, out / FIGURE_NAME,
                                                            settings.figure_examples) else None
@@ -259,6 +293,22 @@ def run_demo(out_dir: str | os.PathLike, settings: DemoSettings = QUICK, threads
     (out / RESULTS_NAME).write_text(json.dumps(results, indent=2))
     print(format_results(results))
     return results
+
+
+def run_oracle(out_dir: str | os.PathLike, settings: DemoSettings = QUICK) -> dict:
+    """Only the oracle bound (``mipnet demo --oracle``): the demo's data, built (or reused from
+    ``out_dir``) as :func:`run_demo` builds it, then :func:`demo_oracle`; no model.  Writes
+    ``{"settings", "oracle"}`` to ``out_dir/demo_oracle.json``, prints it and returns it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = run_config(settings, out, 2, None)
+    files = resolve_data(cfg)
+    val_gt = json.loads(Path(files.val_annotations).read_text())
+    result = {"settings": dataclasses.asdict(settings),
+              "oracle": demo_oracle(val_gt, eval_dataset(cfg, files), settings)}
+    (out / ORACLE_NAME).write_text(json.dumps(result, indent=2))
+    print("\n".join(format_oracle(result["oracle"])))
+    return result
 
 
 def box_evaluations(evals: dict, val_gt: dict, groups: dict, s: DemoSettings, sigmas) -> tuple[dict, dict]:
@@ -284,9 +334,7 @@ def box_evaluations(evals: dict, val_gt: dict, groups: dict, s: DemoSettings, si
     """
     gt = prepare_ground_truth(val_gt)
     ann_ids = [a["id"] for a in gt["annotations"] if not a.get("iscrowd", 0)]
-    dropped = occluded_dropped(gt, s.occlusion_pair_iou)
-    keep_sets = {"all": set(ann_ids), "occluded_dropped": set(ann_ids) - dropped}
-    keep_sets.update({name: keep_random_boxes(ann_ids, f, s.box_draw_seed) for name, f in KEEP_FRACTIONS.items()})
+    keep_sets = box_keep_sets(gt, s)
     fraction_sets = {f"{f:g}": keep_random_boxes(ann_ids, f, s.box_draw_seed) for f in s.box_fractions}
 
     def results_of(ev, keep):
@@ -321,16 +369,143 @@ def box_evaluations(evals: dict, val_gt: dict, groups: dict, s: DemoSettings, si
     }
 
 
+def box_keep_sets(gt: dict, s: DemoSettings) -> dict[str, set[int]]:
+    """The kept annotation ids of each of :data:`BOX_SETTINGS` on ``gt`` (a
+    :func:`~mipnet.evaluate.prepare_ground_truth` dict): every non-crowd person for ``all``,
+    :func:`~mipnet.evaluate.keep_random_boxes` with ``s.box_draw_seed`` for ``keep_*``,
+    everyone but :func:`~mipnet.evaluate.occluded_dropped` for ``occluded_dropped``.  The one
+    definition the model evaluations and the oracle share."""
+    ann_ids = [a["id"] for a in gt["annotations"] if not a.get("iscrowd", 0)]
+    keep = {"all": set(ann_ids), "occluded_dropped": set(ann_ids) - occluded_dropped(gt, s.occlusion_pair_iou)}
+    keep.update({name: keep_random_boxes(ann_ids, f, s.box_draw_seed) for name, f in KEEP_FRACTIONS.items()})
+    return {name: keep[name] for name in BOX_SETTINGS}
+
+
+# ------------------------------------------------------------------------------ oracle bound
+def crop_instances(dataset: KeypointDataset) -> dict[int, list[int]]:
+    """Who each ground-truth-box crop's instances are trained to be: the crop's annotation id ->
+    the annotation ids of its N instances (instance 0 the crop's person; a fallback repeats it).
+
+    Read from the dataset's own samples (``meta["instance_ids"]``), so it is exactly the
+    training targets' rule -- :func:`mipnet.data.targets.select_instances` with the dataset's
+    ``selection``, ``min_keypoints``, input size and HRNet crop of the box -- on the
+    unaugmented crop (an augmented training crop's instance 1 can differ).
+    """
+    if not dataset.use_gt_boxes:
+        raise ValueError("dataset must use ground-truth boxes (crops of detections have no instances)")
+    if dataset.train:
+        raise ValueError("dataset must be unaugmented (train=False): the oracle asks about the box's own crop")
+    out: dict[int, list[int]] = {}
+    for i in range(len(dataset)):
+        meta = dataset[i]["meta"]
+        out[int(meta["annotation_id"])] = [int(a) for a in meta["instance_ids"]]
+    return out
+
+
+def oracle_bound(gt: dict, crops: dict[int, Sequence[int]], keep_sets: dict[str, set[int]], sigmas) -> dict:
+    """What perfect models could score with each box set, from ground truth alone (no model).
+
+    ``gt``: a :func:`~mipnet.evaluate.prepare_ground_truth` dict; ``crops``: each crop's
+    instances (:func:`crop_instances`); ``keep_sets``: setting -> kept annotation ids (must
+    hold ``"all"``, the reference of the falls).  The people are the ones pycocotools scores
+    (non-crowd, at least one labelled keypoint).  Per setting:
+
+    * ``dropped``: how many people have no box; ``recoverable``: the fraction of them that
+      are instance ``>= 1`` of some *kept* crop (None when none is dropped), and
+      ``recoverable_people`` how many; ``targeted``: the fraction that are instance ``>= 1``
+      of any crop, kept or not (what the rule could reach if the neighbours' boxes were all there);
+    * ``oracle_AP``: pycocotools AP (:func:`~mipnet.evaluate.image_matches`, as the models'
+      ``AP_by_boxes``) of ground-truth keypoints with score 1 for ``baseline``: the people
+      with a kept crop, and for ``mipnet``: those plus the recoverable ones;
+    * ``fall_ratio``: ``mipnet``'s oracle fall from ``all`` over ``baseline``'s (None for
+      ``all`` or without a fall).
+
+    Perfect predictions score AP = the recall reached (precision 1, to pycocotools' 101
+    recall steps), so the ratio is about ``1 - recoverable``: the fall ratio of models whose
+    instance 1 finds exactly whom it is trained to find, as well as instance 0 finds its
+    crop's person.  A model goes below it only by finding people its crops are not trained
+    to find, or with secondary instances better than its primaries.
+    """
+    if "all" not in keep_sets:
+        raise ValueError(f"keep_sets must hold 'all' (the reference of the falls), got {sorted(keep_sets)}")
+    people = {a["id"]: a for a in gt["annotations"] if not a.get("iscrowd", 0) and a.get("num_keypoints", 0) > 0}
+    unknown = sorted(set(crops) - {a["id"] for a in gt["annotations"]})
+    if unknown:
+        raise ValueError(f"crops has annotation ids not in gt: {unknown[:5]}")
+    targeted_by = {a: {i for i in inst[1:] if i != a} for a, inst in crops.items()}
+
+    def ap(ids) -> float:
+        results = [{"image_id": people[a]["image_id"], "category_id": 1, "keypoints": list(people[a]["keypoints"]),
+                    "score": 1.0} for a in sorted(ids)]
+        return image_matches(gt, results, sigmas).average_precision()
+
+    any_target = set().union(*targeted_by.values()) & people.keys()
+    by_boxes = {}
+    for name, keep in keep_sets.items():
+        kept = {int(a) for a in keep} & crops.keys()
+        found = kept & people.keys()
+        second = set().union(*(targeted_by[a] for a in kept)) & people.keys()
+        dropped = people.keys() - {int(a) for a in keep}
+        recoverable = dropped & second
+        by_boxes[name] = {
+            "people": len(people), "dropped": len(dropped), "recoverable_people": len(recoverable),
+            "recoverable": len(recoverable) / len(dropped) if dropped else None,
+            "targeted": len(dropped & any_target) / len(dropped) if dropped else None,
+            "oracle_AP": {"baseline": ap(found), "mipnet": ap(found | second)},
+        }
+    ref = by_boxes["all"]["oracle_AP"]
+    for name, r in by_boxes.items():
+        fall_base, fall_mip = (ref[m] - r["oracle_AP"][m] for m in ("baseline", "mipnet"))
+        r["fall_ratio"] = fall_mip / fall_base if name != "all" and fall_base > 0 else None
+    return by_boxes
+
+
+def demo_oracle(val_gt: dict, dataset: KeypointDataset, s: DemoSettings) -> dict:
+    """:func:`oracle_bound` of the demo's box settings (:func:`box_keep_sets`) on the val set,
+    with the instances of ``dataset`` (the MIPNet run's evaluation dataset: N=2 and the
+    demo's rule); what ``results["oracle"]`` holds."""
+    gt = prepare_ground_truth(val_gt)
+    crops = crop_instances(dataset)
+    by_boxes = oracle_bound(gt, crops, box_keep_sets(gt, s), dataset.spec.sigmas)
+    people = by_boxes["all"]["people"]
+    seconds = sum(len({i for i in inst[1:] if i != a}) for a, inst in crops.items())
+    return {
+        "rule": {"num_instances": dataset.num_instances, "selection": dataset.selection,
+                 "min_keypoints": dataset.min_keypoints, "input_size": list(dataset.input_size)},
+        "second_instances_per_person": seconds / people if people else None,
+        "by_boxes": by_boxes,
+    }
+
+
+def format_oracle(oracle: dict) -> list[str]:
+    rule = oracle["rule"]
+    fmt = (lambda v: "n/a" if v is None else f"{v:.3f}")
+    lines = [f"oracle bound (ground truth, no model; instance 1 = the {rule['selection']!r} rule's target of each "
+             f"kept crop, N={rule['num_instances']}, k={rule['min_keypoints']}; crops with an instance 1 per person "
+             f"{fmt(oracle['second_instances_per_person'])}):"]
+    for name, r in oracle["by_boxes"].items():
+        if name == "all":
+            continue
+        lines.append(f"  {name:>16}: {r['dropped']} of {r['people']} people without a box, recoverable "
+                     f"{fmt(r['recoverable'])} (targeted by any crop {fmt(r['targeted'])}); oracle AP baseline "
+                     f"{r['oracle_AP']['baseline']:.4f}, N=2 {r['oracle_AP']['mipnet']:.4f}; "
+                     f"fall ratio {fmt(r['fall_ratio'])}")
+    return lines
+
+
 def _targets(results: dict) -> dict:
     """The demo's targets (issue 17): MIPNet ahead on ``occluded_dropped`` with the interval above
-    zero, and MIPNet's fall from ``all`` to ``keep_0.5`` at most half the baseline's."""
+    zero, and MIPNet's fall from ``all`` to ``keep_0.5`` at most half the baseline's -- next to
+    the oracle's ratio (:func:`oracle_bound`), which no model trained to this target rule can
+    be expected to beat: above 0.5, the second target is out of reach on this data."""
     base, mip = results["baseline"]["AP_by_boxes"], results["mipnet"]["AP_by_boxes"]
     fall_base, fall_mip = base["all"] - base["keep_0.5"], mip["all"] - mip["keep_0.5"]
     lo = results["comparison"]["occluded_dropped"]["ci95"][0]
     return {
         "occluded_dropped_ci_above_zero": bool(lo > 0),
         "keep_0.5_fall": {"baseline": fall_base, "mipnet": fall_mip,
-                          "ratio": fall_mip / fall_base if fall_base > 0 else None},
+                          "ratio": fall_mip / fall_base if fall_base > 0 else None,
+                          "oracle_ratio": results["oracle"]["by_boxes"]["keep_0.5"]["fall_ratio"]},
         "keep_0.5_fall_at_most_half": bool(fall_base > 0 and fall_mip <= 0.5 * fall_base),
     }
 
@@ -358,11 +533,14 @@ def format_results(results: dict) -> str:
             label = key if key in BOX_SETTINGS else f"IoU{key} (all boxes)"
             lines.append(f"  {label:>24}: {c['diff']:+.4f} (95% CI [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}])")
         t = results["targets"]
-        ratio = t["keep_0.5_fall"]["ratio"]
+        lines += format_oracle(results["oracle"])
+        ratio, oracle_ratio = t["keep_0.5_fall"]["ratio"], t["keep_0.5_fall"]["oracle_ratio"]
         lines.append(f"targets: occluded_dropped interval above zero: {t['occluded_dropped_ci_above_zero']}; "
                      f"all -> keep_0.5 fall {t['keep_0.5_fall']['mipnet']:.4f} (MIPNet) vs "
                      f"{t['keep_0.5_fall']['baseline']:.4f} (baseline), ratio "
-                     f"{'n/a' if ratio is None else f'{ratio:.2f}'}, at most half: {t['keep_0.5_fall_at_most_half']}")
+                     f"{'n/a' if ratio is None else f'{ratio:.2f}'} (oracle "
+                     f"{'n/a' if oracle_ratio is None else f'{oracle_ratio:.2f}'}), "
+                     f"at most half: {t['keep_0.5_fall_at_most_half']}")
     lines.append(f"total {results['total_seconds']:.1f} s; MIPNet ahead on IoU{buckets[-1]}: "
                  f"{results['mipnet_ahead_on_heavy_occlusion']}")
     return "\n".join(lines)
@@ -517,6 +695,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="data, initialisation and order seed (default 0)")
     parser.add_argument("--bootstrap", type=int, help="bootstrap resamples for the 95%% intervals (default 1000)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--oracle", action="store_true",
+                        help=f"only the ground-truth oracle bound of the box settings (no training; "
+                             f"writes {ORACLE_NAME})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -534,7 +715,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--seed must be >= 0, got {args.seed}")
         changes["seed"] = args.seed
     settings = dataclasses.replace(settings, **changes)
-    run_demo(args.out, settings, args.threads, progress=not args.no_progress)
+    if args.oracle:
+        run_oracle(args.out, settings)
+    else:
+        run_demo(args.out, settings, args.threads, progress=not args.no_progress)
     return 0
 
 
