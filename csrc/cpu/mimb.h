@@ -268,6 +268,40 @@ template <class T>
 void planes_axpb(const T* dy, T* dx, int64_t hw, int64_t np, const float* a, const float* k) {
   for (int64_t p = 0; p < np; ++p) axpb_body(dy + p * hw, dx + p * hw, hw, a[p], k[p]);
 }
+// dx[p] = sum_j dy[j * dstride + p] * a[j * astride + p] + k[p] for j < N (N >= 1): the
+// sum in j order, then + k; dx written once (N = 1: planes_axpb bit for bit).
+template <class T>
+void planes_axpb_n(const T* dy, int64_t dstride, int64_t N, T* dx, int64_t hw, int64_t np,
+                   const float* a, int64_t astride, const float* k) {
+  for (int64_t p = 0; p < np; ++p) {
+    const T* dp = dy + p * hw;
+    T* xp = dx + p * hw;
+    const float* ap = a + p;
+    const V a0 = vsplat(ap[0]), vk = vsplat(k[p]);
+    int64_t i = 0;
+    for (; i + 16 <= hw; i += 16) {
+      V s0 = vload(dp + i) * a0, s1 = vload(dp + i + 8) * a0;
+      for (int64_t j = 1; j < N; ++j) {
+        const T* dj = dp + j * dstride + i;
+        const V aj = vsplat(ap[j * astride]);
+        s0 += vload(dj) * aj;
+        s1 += vload(dj + 8) * aj;
+      }
+      vstore(xp + i, s0 + vk);
+      vstore(xp + i + 8, s1 + vk);
+    }
+    for (; i + 8 <= hw; i += 8) {
+      V s0 = vload(dp + i) * a0;
+      for (int64_t j = 1; j < N; ++j) s0 += vload(dp + j * dstride + i) * vsplat(ap[j * astride]);
+      vstore(xp + i, s0 + vk);
+    }
+    for (; i < hw; ++i) {
+      float s0 = ld1(dp[i]) * ap[0];
+      for (int64_t j = 1; j < N; ++j) s0 += ld1(dp[j * dstride + i]) * ap[j * astride];
+      xp[i] = T(s0 + k[p]);
+    }
+  }
+}
 // y[j * ostride + p] = x[p] * a[j * astride + p] for j < N: x read once, N outputs.
 template <class T>
 void planes_multi(const T* x, T* y, int64_t hw, int64_t np, int64_t N, int64_t ostride,
@@ -308,6 +342,27 @@ void rows_axpb(const T* dy, T* dx, const float* a, const float* k, int64_t C, in
     int64_t c = 0;
     for (; c + 8 <= C; c += 8) vstore(xr + c, vload(dr + c) * vload(a + c) + vload(k + c));
     for (; c < C; ++c) xr[c] = T(ld1(dr[c]) * a[c] + k[c]);
+  }
+}
+// dx[p, c] = sum_j dy[j * dstride + (p, c)] * a[j * astride + c] + k[c] for j < N (N >= 1),
+// in j order, then + k (N = 1: rows_axpb bit for bit).
+template <class T>
+void rows_axpb_n(const T* dy, int64_t dstride, int64_t N, T* dx, const float* a,
+                 int64_t astride, const float* k, int64_t C, int64_t np) {
+  for (int64_t p = 0; p < np; ++p) {
+    const T* dr = dy + p * C;
+    T* xr = dx + p * C;
+    int64_t c = 0;
+    for (; c + 8 <= C; c += 8) {
+      V s0 = vload(dr + c) * vload(a + c);
+      for (int64_t j = 1; j < N; ++j) s0 += vload(dr + j * dstride + c) * vload(a + j * astride + c);
+      vstore(xr + c, s0 + vload(k + c));
+    }
+    for (; c < C; ++c) {
+      float s0 = ld1(dr[c]) * a[c];
+      for (int64_t j = 1; j < N; ++j) s0 += ld1(dr[j * dstride + c]) * a[j * astride + c];
+      xr[c] = T(s0 + k[c]);
+    }
   }
 }
 // y[j * ostride + (p, c)] = x[p, c] * a[j * astride + c] for j < N
@@ -403,9 +458,10 @@ void from_float(const float* src, T* dst, int64_t n) {
 
 template <class T>
 Kern<T> make_kern() {
-  return Kern<T>{&planes_sum<T>, &planes_dot<T>,  &planes_scale<T>, &planes_axpb<T>,
-                 &planes_multi<T>, &rows_scale<T>, &rows_axpb<T>,    &rows_multi<T>,
-                 &cols_sum<T>,     &cols_dot<T>,   &to_float<T>,     &from_float<T>};
+  return Kern<T>{&planes_sum<T>,    &planes_dot<T>, &planes_scale<T>, &planes_axpb<T>,
+                 &planes_axpb_n<T>, &planes_multi<T>, &rows_scale<T>, &rows_axpb<T>,
+                 &rows_axpb_n<T>,   &rows_multi<T>, &cols_sum<T>,     &cols_dot<T>,
+                 &to_float<T>,      &from_float<T>};
 }
 
 // ================================================================== the tiny MLP
