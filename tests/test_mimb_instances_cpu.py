@@ -276,6 +276,7 @@ class Instances(torch.autograd.Function):
         return ops.mimb_instances_bwd(dy, *ctx.saved_tensors)
 
 
+@pytest.mark.filterwarnings("ignore:Input #.* is not a double precision")
 @pytest.mark.parametrize("table_kind", ["shared", "per_sample"])
 @pytest.mark.parametrize("layout", list(FMT))
 def test_gradcheck_float32(layout, table_kind):
