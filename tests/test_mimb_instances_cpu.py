@@ -112,6 +112,7 @@ SHAPES = [(1, 1, 1, 1, 1), (2, 3, 7, 5, 1), (2, 8, 3, 3, 8), (1, 48, 1, 1, 4), (
           (2, 16, 70, 64, 4), (4, 32, 16, 12, 4)]
 CASES = ([(s, F32, lay, kind, N) for s in SHAPES for lay in FMT for kind in ("shared", "per_sample")
           for N in (1, 2, 3)]
+         + [((2, 52, 4, 5, 4), F32, lay, kind, 5) for lay in FMT for kind in ("shared", "per_sample")]
          + [(s, d, lay, kind, 2) for s in SHAPES for d in (F16, BF16) for lay in FMT
             for kind in ("shared", "per_sample")])
 
@@ -248,13 +249,15 @@ def test_bit_identical_for_1_and_2_threads(shape, layout, dtype):
 
 
 @pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)
-@pytest.mark.parametrize("shape, layout", [((3, 37, 5, 7, 4), "contiguous"), ((2, 384, 3, 2, 4), "channels_last"),
-                                           ((3, 24, 9, 5, 4), "channels_last"), ((2, 8, 1, 1, 4), "contiguous"),
-                                           ((2, 5, 70, 64, 1), "contiguous")])
-def test_bit_identical_on_every_isa_path(shape, layout, dtype):
-    """Every vector path this CPU has (tests/test_cpu_isa.py) equals the scalar path."""
+@pytest.mark.parametrize("shape, layout, N", [
+    ((3, 37, 5, 7, 4), "contiguous", 3), ((2, 384, 3, 2, 4), "channels_last", 2),
+    ((3, 24, 9, 5, 4), "channels_last", 3), ((2, 52, 4, 5, 4), "channels_last", 5),
+    ((2, 8, 1, 1, 4), "contiguous", 1), ((2, 5, 70, 64, 1), "contiguous", 5)])
+def test_bit_identical_on_every_isa_path(shape, layout, N, dtype):
+    """Every vector path this CPU has (tests/test_cpu_isa.py) equals the scalar path (C = 52
+    channels_last: blocks of vectors, a remainder block and scalar channels on every path)."""
     for kind in ("shared", "per_sample"):
-        args = inputs(shape, 3, dtype, layout, kind, ("isa", shape, layout, kind))
+        args = inputs(shape, N, dtype, layout, kind, ("isa", shape, layout, kind))
         with mk.use_cpu_isa("scalar"):
             want = run_both(*args)
         for isa in mk.cpu_isas():

@@ -190,6 +190,10 @@ struct Kern {
   void (*cols_sum)(const T* x, int64_t C, int64_t np, float* out);
   // out[c] = sum_p dy[p, c] * x[p, c]
   void (*cols_dot)(const T* dy, const T* x, int64_t C, int64_t np, float* out);
+  // both in one pass, for N dy's dstride apart: out_sum = cols_sum(x) and
+  // out_dot[j * os ...] = cols_dot(dy + j * dstride, x), j < N (the same bits)
+  void (*cols_sum_dots)(const T* x, const T* dy, int64_t dstride, int64_t N, int64_t C,
+                        int64_t np, float* out_sum, float* out_dot, int64_t os);
   // dst = float(src) / dst = T(src) (round to nearest even), n contiguous values
   void (*to_float)(const T* src, float* dst, int64_t n);
   void (*from_float)(const float* src, T* dst, int64_t n);
@@ -1540,8 +1544,16 @@ void instances_bwd_impl(const Geometry& g, const T* dy, const T* x, T* dx, const
   const float n_f = static_cast<float>(HW);
 
   const Kern<T>& K = kern<T>();
-  // x's part is summed, then dotted with each dy_n's part while it is in L1 / L2.
+  // NCHW: a group of x's planes is summed, then dotted with each dy_n's group while it is in
+  // L1 / L2 (per plane the sums' accumulators already hide the adds' latency).  NHWC: one
+  // pass over the chunk's rows for all N + 1 sums (cols_sum_dots: the same bits).
   auto reduce = [&](int64_t b, int64_t k) {
+    if (g.nhwc) {
+      const int64_t off = g.part_offset(b, k), cnt = g.part_count(k);
+      K.cols_sum_dots(x + off, dy + off, dstride, N, C, cnt, redx.data() + b * g.red_len + k * C,
+                      redd.data() + b * g.red_len + k * C, B * g.red_len);
+      return;
+    }
     reduce_part<T, false>(g, K, x, x, b, k, redx.data());
     for (int64_t n = 0; n < N; ++n)
       reduce_part<T, true>(g, K, x, dy + n * dstride, b, k, redd.data() + n * B * g.red_len);
