@@ -3,7 +3,8 @@
 //   mimb_scale_fwd(x, w1, w2, v) -> (y, s)
 //   mimb_fwd(x, lam, w1, w2, e1, b1, e2, b2) -> (y, s)   (v = the embedding MLP, in here)
 //   mimb_scale_bwd(dy, x, w1, w2, v, s) -> (dx, dw1, dw2, dv)
-//   mimb_instances(x, w1, w2, table) -> y
+//   mimb_instances(x, w1, w2, table) -> y            (table [N, C] or per sample [N, B, C])
+//   mimb_instances_bwd(dy, x, w1, w2, table) -> (dx, dw1, dw2, dtable)   (see "instances")
 //   mimb_train_fwd / mimb_train_bwd: a training step of the whole block, the embedding's
 //                  BatchNorm on batch statistics included (see "training embedding")
 //
@@ -17,7 +18,7 @@
 //              sum(dy * x) (backward);
 //   2. mlp     the tiny O(C*Cr) MLP (forward or backward) on those [C] vectors;
 //   3. apply   the elementwise pass: y = x * a, dx = dy * a + g_s / HW, or the N instance
-//              outputs from one read of x.
+//              outputs from one read of x (backward: dx = sum_n dy_n * a_n + g_s / HW).
 // The backward then sums the per-sample weight-gradient outer products over the batch.
 //
 // Layouts (x is never copied): contiguous NCHW, where a (sample, channel) plane of H*W
@@ -194,6 +195,10 @@ struct Kern {
   // out_dot[j * os ...] = cols_dot(dy + j * dstride, x), j < N (the same bits)
   void (*cols_sum_dots)(const T* x, const T* dy, int64_t dstride, int64_t N, int64_t C,
                         int64_t np, float* out_sum, float* out_dot, int64_t os);
+  // the same for np planes of hw values: out_sum[p] = sum(x[p]), out_dot[j * os + p] =
+  // sum(dy[j * dstride + p] * x[p]) (planes_sum / planes_dot's bits)
+  void (*planes_sum_dots)(const T* x, const T* dy, int64_t dstride, int64_t N, int64_t hw,
+                          int64_t np, float* out_sum, float* out_dot, int64_t os);
   // dst = float(src) / dst = T(src) (round to nearest even), n contiguous values
   void (*to_float)(const T* src, float* dst, int64_t n);
   void (*from_float)(const float* src, T* dst, int64_t n);
@@ -1544,14 +1549,20 @@ void instances_bwd_impl(const Geometry& g, const T* dy, const T* x, T* dx, const
   const float n_f = static_cast<float>(HW);
 
   const Kern<T>& K = kern<T>();
-  // NCHW: a group of x's planes is summed, then dotted with each dy_n's group while it is in
-  // L1 / L2 (per plane the sums' accumulators already hide the adds' latency).  NHWC: one
-  // pass over the chunk's rows for all N + 1 sums (cols_sum_dots: the same bits).
+  // Phase 1: the sum of x and its N dot products with the dy_n in one pass over the part
+  // (cols_sum_dots / planes_sum_dots, x loaded once, the sums' accumulator chains
+  // independent; the bits of cols_sum / cols_dot, planes_sum / planes_dot, which a plane of
+  // more than kPlaneBlock values still takes, in blocks, as reduce_part).
   auto reduce = [&](int64_t b, int64_t k) {
+    const int64_t off = g.part_offset(b, k), cnt = g.part_count(k);
     if (g.nhwc) {
-      const int64_t off = g.part_offset(b, k), cnt = g.part_count(k);
       K.cols_sum_dots(x + off, dy + off, dstride, N, C, cnt, redx.data() + b * g.red_len + k * C,
                       redd.data() + b * g.red_len + k * C, B * g.red_len);
+      return;
+    }
+    if (HW <= kPlaneBlock) {
+      K.planes_sum_dots(x + off, dy + off, dstride, N, HW, cnt, redx.data() + b * C + k * g.group,
+                        redd.data() + b * C + k * g.group, B * C);
       return;
     }
     reduce_part<T, false>(g, K, x, x, b, k, redx.data());
