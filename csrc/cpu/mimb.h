@@ -372,7 +372,8 @@ MIPNET_AI void rows_axpb_nj(const T* dy, int64_t dstride, int64_t N, T* dx, cons
     for (; c + 8 <= C; c += 8) {
       V s0 = vload(dr + c) * vload(a + c);
 #pragma GCC unroll 4
-      for (int64_t j = 1; j < N; ++j) s0 += vload(dr + j * dstride + c) * vload(a + j * astride + c);
+      for (int64_t j = 1; j < N; ++j)
+        s0 += vload(dr + j * dstride + c) * vload(a + j * astride + c);
       vstore(xr + c, s0 + vload(k + c));
     }
     for (; c < C; ++c) {
@@ -471,8 +472,8 @@ void cols_dot(const T* dy, const T* x, int64_t C, int64_t np, float* out) {
 }
 
 // The instances' backward's phase 1 in one pass over the rows: out_sum[c] = sum_p x[p, c]
-// (when out_sum) and out_dot[j * os + c] = sum_p dy[j * dstride + (p, c)] * x[p, c] for
-// j < N, each channel summed in row order exactly as cols_sum / cols_dot (the same bits).
+// and out_dot[j * os + c] = sum_p dy[j * dstride + (p, c)] * x[p, c] for j < N, each
+// channel summed in row order exactly as cols_sum / cols_dot (the same bits).
 // One pass instead of N + 1: x is loaded once per row, and the (N + 1) * NV accumulator
 // chains are independent, so the adds' latency is hidden (a block of NV vectors with one
 // chain each waits on it when C is small).  Instances go in pairs, the first pair with the
@@ -504,7 +505,8 @@ MIPNET_AI void cols_multi_block(const T* x, const T* dy, int64_t dstride, int64_
   for (int v = 0; v < NV; ++v) {
     if (SUM) vstore(out_sum + 8 * v, acc[v]);
 #pragma GCC unroll 2
-    for (int j = 0; j < NJ; ++j) vstore(out_dot + j * os + 8 * v, acc[(j + (SUM ? 1 : 0)) * NV + v]);
+    for (int j = 0; j < NJ; ++j)
+      vstore(out_dot + j * os + 8 * v, acc[(j + (SUM ? 1 : 0)) * NV + v]);
   }
 }
 
@@ -515,11 +517,13 @@ MIPNET_AI void cols_multi_body(const T* x, const T* dy, int64_t dstride, int64_t
   for (; c + 8 * kNBm <= C; c += 8 * kNBm)
     cols_multi_block<kNBm, NJ, SUM>(x + c, dy + c, dstride, C, np, out_sum + c, out_dot + c, os);
   const int rem = static_cast<int>((C - c) / 8);  // < kNBm
+  const T *xc = x + c, *dc = dy + c;
+  float *sc = out_sum + c, *oc = out_dot + c;
   switch (rem) {
-    case 1: cols_multi_block<1, NJ, SUM>(x + c, dy + c, dstride, C, np, out_sum + c, out_dot + c, os); break;
+    case 1: cols_multi_block<1, NJ, SUM>(xc, dc, dstride, C, np, sc, oc, os); break;
 #if MIPNET_MIMB_AVX2
-    case 2: cols_multi_block<2, NJ, SUM>(x + c, dy + c, dstride, C, np, out_sum + c, out_dot + c, os); break;
-    case 3: cols_multi_block<3, NJ, SUM>(x + c, dy + c, dstride, C, np, out_sum + c, out_dot + c, os); break;
+    case 2: cols_multi_block<2, NJ, SUM>(xc, dc, dstride, C, np, sc, oc, os); break;
+    case 3: cols_multi_block<3, NJ, SUM>(xc, dc, dstride, C, np, sc, oc, os); break;
 #endif
     default: break;
   }
@@ -551,7 +555,8 @@ void cols_sum_dots(const T* x, const T* dy, int64_t dstride, int64_t N, int64_t 
   }
   for (; j + 2 <= N; j += 2)
     cols_multi_body<2, false>(x, dy + j * dstride, dstride, C, np, out_sum, out_dot + j * os, os);
-  if (j < N) cols_multi_body<1, false>(x, dy + j * dstride, dstride, C, np, out_sum, out_dot + j * os, os);
+  if (j < N)
+    cols_multi_body<1, false>(x, dy + j * dstride, dstride, C, np, out_sum, out_dot + j * os, os);
 }
 
 // NCHW counterpart: out_sum[p] = sum(x[p]) (when SUM) and out_dot[j * os + p] =
@@ -574,7 +579,8 @@ MIPNET_AI void planes_multi_body(const T* x, const T* dy, int64_t dstride, int64
         const V xv = vload(xp + i + 8 * u);
         if (SUM) a[0][u] += xv;
 #pragma GCC unroll 2
-        for (int j = 0; j < NJ; ++j) a[j + (SUM ? 1 : 0)][u] += vload(dp + j * dstride + i + 8 * u) * xv;
+        for (int j = 0; j < NJ; ++j)
+          a[j + (SUM ? 1 : 0)][u] += vload(dp + j * dstride + i + 8 * u) * xv;
       }
     }
     for (; i + 8 <= hw; i += 8) {
@@ -613,9 +619,11 @@ void planes_sum_dots(const T* x, const T* dy, int64_t dstride, int64_t N, int64_
   else
     planes_multi_body<0, true>(x, dy, dstride, hw, np, out_sum, out_dot, os);
   for (; j + 2 <= N && kPlaneDots == 2; j += 2)
-    planes_multi_body<2, false>(x, dy + j * dstride, dstride, hw, np, out_sum, out_dot + j * os, os);
+    planes_multi_body<2, false>(x, dy + j * dstride, dstride, hw, np, out_sum, out_dot + j * os,
+                                os);
   for (; j < N; ++j)
-    planes_multi_body<1, false>(x, dy + j * dstride, dstride, hw, np, out_sum, out_dot + j * os, os);
+    planes_multi_body<1, false>(x, dy + j * dstride, dstride, hw, np, out_sum, out_dot + j * os,
+                                os);
 }
 
 // ================================================================== conversions
