@@ -197,6 +197,21 @@ def test_forward_per_sample_table_is_scale_fwd_per_block(dtype, layout):
             assert_same(y[n * B:(n + 1) * B], ops.mimb_scale_fwd(x, w1, w2, rows(t, n, B))[0], f"block {n}")
 
 
+@pytest.mark.parametrize("layout", list(FMT))
+def test_shared_table_equals_its_per_sample_expansion(layout):
+    """table [N, C] and table[:, None].expand(N, B, C) (stride 0 over B): the same y, dx, dw1,
+    dw2 bit for bit; dtable [N, C] = the per-sample dtable summed over B."""
+    shape, N = (3, 20, 6, 5, 4), 3
+    B, C = shape[:2]
+    dy, x, w1, w2, table = inputs(shape, N, F32, layout, "shared", ("expand", layout))
+    wide = table[:, None].expand(N, B, C)
+    assert_same(ops.mimb_instances(x, w1, w2, wide), ops.mimb_instances(x, w1, w2, table), "y")
+    got, want = ops.mimb_instances_bwd(dy, x, w1, w2, wide), ops.mimb_instances_bwd(dy, x, w1, w2, table)
+    assert_same(got[:3], want[:3])
+    assert got[3].shape == (N, B, C) and got[3].is_contiguous()
+    torch.testing.assert_close(got[3].sum(1), want[3], rtol=1e-6, atol=1e-6 * float(want[3].abs().max()))
+
+
 def test_any_table_strides_and_dy_layout():
     """A strided / float16 table is read as its values; dy in another layout is copied to
     x's; the results equal the contiguous ones bit for bit."""
