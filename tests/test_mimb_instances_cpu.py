@@ -228,6 +228,10 @@ def test_any_table_strides_and_dy_layout():
         other = "contiguous" if layout == "channels_last" else "channels_last"
         for dy2 in (relayout(dy, other), relayout(dy, "sliced"), relayout(dy, "permuted")):
             assert_same(ops.mimb_instances_bwd(dy2, x, w1, w2, table), want, f"dy {dy2.stride()}")
+        expanded = relayout(dy, "expanded")  # dy[:1] over all N * B rows, stride 0
+        assert_same(ops.mimb_instances_bwd(expanded, x, w1, w2, table),
+                    ops.mimb_instances_bwd(expanded.contiguous(memory_format=FMT[layout]), x, w1, w2, table),
+                    "expanded dy")
         # a float16 table and its float32 copy: the same values, the gradient in its dtype
         t16 = table.half()
         got = ops.mimb_instances_bwd(dy, x, w1, w2, t16)
