@@ -1501,7 +1501,8 @@ Tensor mimb_instances_cpu(Tensor x, Tensor w1, Tensor w2, Tensor table) {
 // The instances' backward, fused: the sum over n of mimb_scale_bwd(dy_n, x, w1, w2, t[n, :])
 // (dy_n = dy[n*B : (n+1)*B]).  Given x, the excite e[b] is shared by the instances and the
 // block is linear in (dy_n, t[n]), so per sample
-//   phase 1  reads x once and each dy_n once: s = sum_hw(x) / HW, g_a[n] = sum_hw(dy_n * x);
+//   phase 1  reads x and each dy_n once (x from L1 again past the first pass's two
+//            instances): s = sum_hw(x) / HW, g_a[n] = sum_hw(dy_n * x);
 //   phase 2  one excite MLP forward and backward (not N): with a[n] = e * t[n, b],
 //            dv[n] = g_a[n] * e;  g_e = sum_n g_a[n] * t[n, b] (n in order);
 //            g_z2 = g_e * (1 - e) * e; then g_z1, g_s and the dw1 / dw2 rows' terms once;
