@@ -341,5 +341,57 @@ def instances_vs_scale_calls(backend: str = "cpu", rounds: int = 15, reps: int =
           f"speed-up {total[1] / total[0]:.2f}x")
 
 
+def instances_kernels_vs_scale_kernels(rounds: int = 15, reps: int = 20, layout: str = "contiguous") -> None:
+    """The same comparison kernel against kernel, without autograd or Python dispatch:
+    ``torch.ops.mipnet_cpu.mimb_instances`` + ``mimb_instances_bwd`` vs ``N`` x
+    (``mimb_scale_fwd`` + ``mimb_scale_bwd``), CPU fp32, W32 branches, batch 4, N = 2
+    (interleaved, best of ``rounds`` x ``reps`` calls).
+    ``OMP_NUM_THREADS=1 python -m benchmarks.test_mimb_bench --kernels [channels_last]``."""
+    import time
+
+    ops = torch.ops.mipnet_cpu
+    B, N = 4, NUM_INSTANCES
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    g = torch.Generator().manual_seed(0)
+    total = [0.0, 0.0]
+    for C, H, W in W32_256:
+        x = torch.randn(B, C, H, W, generator=g).contiguous(memory_format=fmt)
+        w1 = torch.randn(C // REDUCTION, C, generator=g) * 0.3
+        w2 = torch.randn(C, C // REDUCTION, generator=g) * 0.3
+        table = torch.rand(N, C, generator=g)
+        dy = torch.randn(N * B, C, H, W, generator=g).contiguous(memory_format=fmt)
+        dys = [dy[n * B:(n + 1) * B].contiguous(memory_format=fmt) for n in range(N)]
+        vs = [table[n].expand(B, C).contiguous() for n in range(N)]
+
+        def instances():
+            ops.mimb_instances(x, w1, w2, table)
+            ops.mimb_instances_bwd(dy, x, w1, w2, table)
+
+        def scale_calls():
+            for n in range(N):
+                _, s = ops.mimb_scale_fwd(x, w1, w2, vs[n])
+                ops.mimb_scale_bwd(dys[n], x, w1, w2, vs[n], s)
+
+        best = [float("inf"), float("inf")]
+        for fn in (instances, scale_calls) * 3:
+            fn()
+        for _ in range(rounds):
+            for i, fn in enumerate((instances, scale_calls)):
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                best[i] = min(best[i], (time.perf_counter() - t0) / reps)
+        total = [a + b for a, b in zip(total, best)]
+        print(f"{B}x{C}x{H}x{W} {layout}: instances fwd+bwd kernels {best[0] * 1e6:7.1f} us | {N} x scale "
+              f"fwd+bwd kernels {best[1] * 1e6:7.1f} us | speed-up {best[1] / best[0]:.2f}x")
+    print(f"all four branches: {total[0] * 1e6:.1f} us vs {total[1] * 1e6:.1f} us, "
+          f"speed-up {total[1] / total[0]:.2f}x")
+
+
 if __name__ == "__main__":
-    instances_vs_scale_calls()
+    import sys
+
+    if "--kernels" in sys.argv:
+        instances_kernels_vs_scale_kernels(layout="channels_last" if "channels_last" in sys.argv else "contiguous")
+    else:
+        instances_vs_scale_calls()

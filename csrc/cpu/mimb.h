@@ -268,6 +268,55 @@ template <class T>
 void planes_axpb(const T* dy, T* dx, int64_t hw, int64_t np, const float* a, const float* k) {
   for (int64_t p = 0; p < np; ++p) axpb_body(dy + p * hw, dx + p * hw, hw, a[p], k[p]);
 }
+// dx[p] = sum_j dy[j * dstride + p] * a[j * astride + p] + k[p] for j < N (N >= 1): the
+// sum in j order, then + k; dx written once (N = 1: planes_axpb bit for bit).  NJ > 0: N
+// known at compile time (the j loop unrolled); 0: any N.  Same operations either way.
+template <int NJ, class T>
+MIPNET_AI void planes_axpb_nj(const T* dy, int64_t dstride, int64_t N, T* dx, int64_t hw,
+                              int64_t np, const float* a, int64_t astride, const float* k) {
+  if (NJ > 0) N = NJ;
+  for (int64_t p = 0; p < np; ++p) {
+    const T* dp = dy + p * hw;
+    T* xp = dx + p * hw;
+    const float* ap = a + p;
+    const V a0 = vsplat(ap[0]), vk = vsplat(k[p]);
+    int64_t i = 0;
+    for (; i + 16 <= hw; i += 16) {
+      V s0 = vload(dp + i) * a0, s1 = vload(dp + i + 8) * a0;
+#pragma GCC unroll 4
+      for (int64_t j = 1; j < N; ++j) {
+        const T* dj = dp + j * dstride + i;
+        const V aj = vsplat(ap[j * astride]);
+        s0 += vload(dj) * aj;
+        s1 += vload(dj + 8) * aj;
+      }
+      vstore(xp + i, s0 + vk);
+      vstore(xp + i + 8, s1 + vk);
+    }
+    for (; i + 8 <= hw; i += 8) {
+      V s0 = vload(dp + i) * a0;
+#pragma GCC unroll 4
+      for (int64_t j = 1; j < N; ++j) s0 += vload(dp + j * dstride + i) * vsplat(ap[j * astride]);
+      vstore(xp + i, s0 + vk);
+    }
+    for (; i < hw; ++i) {
+      float s0 = ld1(dp[i]) * ap[0];
+      for (int64_t j = 1; j < N; ++j) s0 += ld1(dp[j * dstride + i]) * ap[j * astride];
+      xp[i] = T(s0 + k[p]);
+    }
+  }
+}
+template <class T>
+void planes_axpb_n(const T* dy, int64_t dstride, int64_t N, T* dx, int64_t hw, int64_t np,
+                   const float* a, int64_t astride, const float* k) {
+  switch (N) {
+    case 1: return planes_axpb(dy, dx, hw, np, a, k);
+    case 2: return planes_axpb_nj<2>(dy, dstride, N, dx, hw, np, a, astride, k);
+    case 3: return planes_axpb_nj<3>(dy, dstride, N, dx, hw, np, a, astride, k);
+    case 4: return planes_axpb_nj<4>(dy, dstride, N, dx, hw, np, a, astride, k);
+    default: return planes_axpb_nj<0>(dy, dstride, N, dx, hw, np, a, astride, k);
+  }
+}
 // y[j * ostride + p] = x[p] * a[j * astride + p] for j < N: x read once, N outputs.
 template <class T>
 void planes_multi(const T* x, T* y, int64_t hw, int64_t np, int64_t N, int64_t ostride,
@@ -308,6 +357,41 @@ void rows_axpb(const T* dy, T* dx, const float* a, const float* k, int64_t C, in
     int64_t c = 0;
     for (; c + 8 <= C; c += 8) vstore(xr + c, vload(dr + c) * vload(a + c) + vload(k + c));
     for (; c < C; ++c) xr[c] = T(ld1(dr[c]) * a[c] + k[c]);
+  }
+}
+// dx[p, c] = sum_j dy[j * dstride + (p, c)] * a[j * astride + c] + k[c] for j < N (N >= 1),
+// in j order, then + k (N = 1: rows_axpb bit for bit; NJ as planes_axpb_nj).
+template <int NJ, class T>
+MIPNET_AI void rows_axpb_nj(const T* dy, int64_t dstride, int64_t N, T* dx, const float* a,
+                            int64_t astride, const float* k, int64_t C, int64_t np) {
+  if (NJ > 0) N = NJ;
+  for (int64_t p = 0; p < np; ++p) {
+    const T* dr = dy + p * C;
+    T* xr = dx + p * C;
+    int64_t c = 0;
+    for (; c + 8 <= C; c += 8) {
+      V s0 = vload(dr + c) * vload(a + c);
+#pragma GCC unroll 4
+      for (int64_t j = 1; j < N; ++j)
+        s0 += vload(dr + j * dstride + c) * vload(a + j * astride + c);
+      vstore(xr + c, s0 + vload(k + c));
+    }
+    for (; c < C; ++c) {
+      float s0 = ld1(dr[c]) * a[c];
+      for (int64_t j = 1; j < N; ++j) s0 += ld1(dr[j * dstride + c]) * a[j * astride + c];
+      xr[c] = T(s0 + k[c]);
+    }
+  }
+}
+template <class T>
+void rows_axpb_n(const T* dy, int64_t dstride, int64_t N, T* dx, const float* a,
+                 int64_t astride, const float* k, int64_t C, int64_t np) {
+  switch (N) {
+    case 1: return rows_axpb(dy, dx, a, k, C, np);
+    case 2: return rows_axpb_nj<2>(dy, dstride, N, dx, a, astride, k, C, np);
+    case 3: return rows_axpb_nj<3>(dy, dstride, N, dx, a, astride, k, C, np);
+    case 4: return rows_axpb_nj<4>(dy, dstride, N, dx, a, astride, k, C, np);
+    default: return rows_axpb_nj<0>(dy, dstride, N, dx, a, astride, k, C, np);
   }
 }
 // y[j * ostride + (p, c)] = x[p, c] * a[j * astride + c] for j < N
@@ -387,6 +471,161 @@ void cols_dot(const T* dy, const T* x, int64_t C, int64_t np, float* out) {
   cols_body<true>(x, dy, C, np, out);
 }
 
+// The instances' backward's phase 1 in one pass over the rows: out_sum[c] = sum_p x[p, c]
+// and out_dot[j * os + c] = sum_p dy[j * dstride + (p, c)] * x[p, c] for j < N, each
+// channel summed in row order exactly as cols_sum / cols_dot (the same bits).
+// One pass instead of N + 1: x is loaded once per row, and the (N + 1) * NV accumulator
+// chains are independent, so the adds' latency is hidden (a block of NV vectors with one
+// chain each waits on it when C is small).  Instances go in pairs, the first pair with the
+// sum: 3 x NV accumulators at most.
+#if MIPNET_MIMB_AVX2
+constexpr int kNBm = 4;  // 12 accumulators + x + a product in 16 ymm registers
+#else
+constexpr int kNBm = 2;  // a V is two xmm registers
+#endif
+template <int NV, int NJ, bool SUM, class T>
+MIPNET_AI void cols_multi_block(const T* x, const T* dy, int64_t dstride, int64_t C, int64_t np,
+                                float* out_sum, float* out_dot, int64_t os) {
+  constexpr int NA = (NJ + (SUM ? 1 : 0)) * NV;
+  V acc[NA];
+#pragma GCC unroll 12
+  for (int v = 0; v < NA; ++v) acc[v] = vsplat(0.f);
+  for (int64_t p = 0; p < np; ++p) {
+    const T* xr = x + p * C;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const V xv = vload(xr + 8 * v);
+      if (SUM) acc[v] += xv;
+#pragma GCC unroll 2
+      for (int j = 0; j < NJ; ++j)
+        acc[(j + (SUM ? 1 : 0)) * NV + v] += vload(dy + j * dstride + p * C + 8 * v) * xv;
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    if (SUM) vstore(out_sum + 8 * v, acc[v]);
+#pragma GCC unroll 2
+    for (int j = 0; j < NJ; ++j)
+      vstore(out_dot + j * os + 8 * v, acc[(j + (SUM ? 1 : 0)) * NV + v]);
+  }
+}
+
+template <int NJ, bool SUM, class T>
+MIPNET_AI void cols_multi_body(const T* x, const T* dy, int64_t dstride, int64_t C, int64_t np,
+                               float* out_sum, float* out_dot, int64_t os) {
+  int64_t c = 0;
+  for (; c + 8 * kNBm <= C; c += 8 * kNBm)
+    cols_multi_block<kNBm, NJ, SUM>(x + c, dy + c, dstride, C, np, out_sum + c, out_dot + c, os);
+  const int rem = static_cast<int>((C - c) / 8);  // < kNBm
+  const T *xc = x + c, *dc = dy + c;
+  float *sc = out_sum + c, *oc = out_dot + c;
+  switch (rem) {
+    case 1: cols_multi_block<1, NJ, SUM>(xc, dc, dstride, C, np, sc, oc, os); break;
+#if MIPNET_MIMB_AVX2
+    case 2: cols_multi_block<2, NJ, SUM>(xc, dc, dstride, C, np, sc, oc, os); break;
+    case 3: cols_multi_block<3, NJ, SUM>(xc, dc, dstride, C, np, sc, oc, os); break;
+#endif
+    default: break;
+  }
+  c += 8 * static_cast<int64_t>(rem);
+  for (; c < C; ++c) {
+    float s = 0.f, d[NJ > 0 ? NJ : 1] = {};
+    for (int64_t p = 0; p < np; ++p) {
+      const float xv = ld1(x[p * C + c]);
+      if (SUM) s += xv;
+      for (int j = 0; j < NJ; ++j) d[j] += ld1(dy[j * dstride + p * C + c]) * xv;
+    }
+    if (SUM) out_sum[c] = s;
+    for (int j = 0; j < NJ; ++j) out_dot[j * os + c] = d[j];
+  }
+}
+
+template <class T>
+void cols_sum_dots(const T* x, const T* dy, int64_t dstride, int64_t N, int64_t C, int64_t np,
+                   float* out_sum, float* out_dot, int64_t os) {
+  int64_t j = 0;
+  if (N >= 2) {
+    cols_multi_body<2, true>(x, dy, dstride, C, np, out_sum, out_dot, os);
+    j = 2;
+  } else if (N == 1) {
+    cols_multi_body<1, true>(x, dy, dstride, C, np, out_sum, out_dot, os);
+    j = 1;
+  } else {
+    cols_multi_body<0, true>(x, dy, dstride, C, np, out_sum, out_dot, os);
+  }
+  for (; j + 2 <= N; j += 2)
+    cols_multi_body<2, false>(x, dy + j * dstride, dstride, C, np, out_sum, out_dot + j * os, os);
+  if (j < N)
+    cols_multi_body<1, false>(x, dy + j * dstride, dstride, C, np, out_sum, out_dot + j * os, os);
+}
+
+// NCHW counterpart: out_sum[p] = sum(x[p]) (when SUM) and out_dot[j * os + p] =
+// sum(dy[j * dstride + p] * x[p]), j < NJ, over np planes of hw values in one pass, each
+// with sum_body's / dot_body's accumulators and order (the same bits).
+template <int NJ, bool SUM, class T>
+MIPNET_AI void planes_multi_body(const T* x, const T* dy, int64_t dstride, int64_t hw,
+                                 int64_t np, float* out_sum, float* out_dot, int64_t os) {
+  constexpr int NS = NJ + (SUM ? 1 : 0);  // streams: [sum], dots
+  for (int64_t p = 0; p < np; ++p) {
+    const T* xp = x + p * hw;
+    const T* dp = dy + p * hw;
+    V a[NS][4];
+#pragma GCC unroll 3
+    for (int q = 0; q < NS; ++q) a[q][0] = a[q][1] = a[q][2] = a[q][3] = vsplat(0.f);
+    int64_t i = 0;
+    for (; i + 32 <= hw; i += 32) {
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        const V xv = vload(xp + i + 8 * u);
+        if (SUM) a[0][u] += xv;
+#pragma GCC unroll 2
+        for (int j = 0; j < NJ; ++j)
+          a[j + (SUM ? 1 : 0)][u] += vload(dp + j * dstride + i + 8 * u) * xv;
+      }
+    }
+    for (; i + 8 <= hw; i += 8) {
+      const V xv = vload(xp + i);
+      if (SUM) a[0][0] += xv;
+#pragma GCC unroll 2
+      for (int j = 0; j < NJ; ++j) a[j + (SUM ? 1 : 0)][0] += vload(dp + j * dstride + i) * xv;
+    }
+    float r[NS];
+#pragma GCC unroll 3
+    for (int q = 0; q < NS; ++q) r[q] = vhsum((a[q][0] + a[q][1]) + (a[q][2] + a[q][3]));
+    for (; i < hw; ++i) {
+      const float xv = ld1(xp[i]);
+      if (SUM) r[0] += xv;
+      for (int j = 0; j < NJ; ++j) r[j + (SUM ? 1 : 0)] += ld1(dp[j * dstride + i]) * xv;
+    }
+    if (SUM) out_sum[p] = r[0];
+    for (int j = 0; j < NJ; ++j) out_dot[j * os + p] = r[j + (SUM ? 1 : 0)];
+  }
+}
+
+// Instances per pass: 3 x 4 accumulators in 16 ymm registers; a baseline V is two xmm.
+#if MIPNET_MIMB_AVX2
+constexpr int kPlaneDots = 2;
+#else
+constexpr int kPlaneDots = 1;
+#endif
+template <class T>
+void planes_sum_dots(const T* x, const T* dy, int64_t dstride, int64_t N, int64_t hw,
+                     int64_t np, float* out_sum, float* out_dot, int64_t os) {
+  int64_t j = std::min<int64_t>(N, kPlaneDots);
+  if (j == 2)
+    planes_multi_body<2, true>(x, dy, dstride, hw, np, out_sum, out_dot, os);
+  else if (j == 1)
+    planes_multi_body<1, true>(x, dy, dstride, hw, np, out_sum, out_dot, os);
+  else
+    planes_multi_body<0, true>(x, dy, dstride, hw, np, out_sum, out_dot, os);
+  for (; j + 2 <= N && kPlaneDots == 2; j += 2)
+    planes_multi_body<2, false>(x, dy + j * dstride, dstride, hw, np, out_sum, out_dot + j * os,
+                                os);
+  for (; j < N; ++j)
+    planes_multi_body<1, false>(x, dy + j * dstride, dstride, hw, np, out_sum, out_dot + j * os,
+                                os);
+}
+
 // ================================================================== conversions
 template <class T>
 void to_float(const T* src, float* dst, int64_t n) {
@@ -403,9 +642,10 @@ void from_float(const float* src, T* dst, int64_t n) {
 
 template <class T>
 Kern<T> make_kern() {
-  return Kern<T>{&planes_sum<T>, &planes_dot<T>,  &planes_scale<T>, &planes_axpb<T>,
-                 &planes_multi<T>, &rows_scale<T>, &rows_axpb<T>,    &rows_multi<T>,
-                 &cols_sum<T>,     &cols_dot<T>,   &to_float<T>,     &from_float<T>};
+  return Kern<T>{&planes_sum<T>,    &planes_dot<T>, &planes_scale<T>, &planes_axpb<T>,
+                 &planes_axpb_n<T>, &planes_multi<T>, &rows_scale<T>, &rows_axpb<T>,
+                 &rows_axpb_n<T>,   &rows_multi<T>, &cols_sum<T>,     &cols_dot<T>,
+                 &cols_sum_dots<T>, &planes_sum_dots<T>, &to_float<T>, &from_float<T>};
 }
 
 // ================================================================== the tiny MLP

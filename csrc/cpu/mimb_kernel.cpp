@@ -3,7 +3,8 @@
 //   mimb_scale_fwd(x, w1, w2, v) -> (y, s)
 //   mimb_fwd(x, lam, w1, w2, e1, b1, e2, b2) -> (y, s)   (v = the embedding MLP, in here)
 //   mimb_scale_bwd(dy, x, w1, w2, v, s) -> (dx, dw1, dw2, dv)
-//   mimb_instances(x, w1, w2, table) -> y
+//   mimb_instances(x, w1, w2, table) -> y            (table [N, C] or per sample [N, B, C])
+//   mimb_instances_bwd(dy, x, w1, w2, table) -> (dx, dw1, dw2, dtable)   (see "instances")
 //   mimb_train_fwd / mimb_train_bwd: a training step of the whole block, the embedding's
 //                  BatchNorm on batch statistics included (see "training embedding")
 //
@@ -17,7 +18,7 @@
 //              sum(dy * x) (backward);
 //   2. mlp     the tiny O(C*Cr) MLP (forward or backward) on those [C] vectors;
 //   3. apply   the elementwise pass: y = x * a, dx = dy * a + g_s / HW, or the N instance
-//              outputs from one read of x.
+//              outputs from one read of x (backward: dx = sum_n dy_n * a_n + g_s / HW).
 // The backward then sums the per-sample weight-gradient outer products over the batch.
 //
 // Layouts (x is never copied): contiguous NCHW, where a (sample, channel) plane of H*W
@@ -170,6 +171,9 @@ struct Kern {
   // dx[p] = dy[p] * a[p] + k[p]
   void (*planes_axpb)(const T* dy, T* dx, int64_t hw, int64_t np, const float* a,
                       const float* k);
+  // dx[p] = sum_j dy[j * dstride + p] * a[j * astride + p] + k[p], j < N (N >= 1, j in order)
+  void (*planes_axpb_n)(const T* dy, int64_t dstride, int64_t N, T* dx, int64_t hw, int64_t np,
+                        const float* a, int64_t astride, const float* k);
   // y[j * ostride + p] = x[p] * a[j * astride + p], j < N
   void (*planes_multi)(const T* x, T* y, int64_t hw, int64_t np, int64_t N, int64_t ostride,
                        const float* a, int64_t astride);
@@ -177,6 +181,9 @@ struct Kern {
   void (*rows_scale)(const T* x, T* y, const float* a, int64_t C, int64_t np);
   // dx[p, c] = dy[p, c] * a[c] + k[c]
   void (*rows_axpb)(const T* dy, T* dx, const float* a, const float* k, int64_t C, int64_t np);
+  // dx[p, c] = sum_j dy[j * dstride + (p, c)] * a[j * astride + c] + k[c], j < N (as above)
+  void (*rows_axpb_n)(const T* dy, int64_t dstride, int64_t N, T* dx, const float* a,
+                      int64_t astride, const float* k, int64_t C, int64_t np);
   // y[j * ostride + (p, c)] = x[p, c] * a[j * astride + c], j < N
   void (*rows_multi)(const T* x, T* y, int64_t C, int64_t np, int64_t N, int64_t ostride,
                      const float* a, int64_t astride);
@@ -184,6 +191,14 @@ struct Kern {
   void (*cols_sum)(const T* x, int64_t C, int64_t np, float* out);
   // out[c] = sum_p dy[p, c] * x[p, c]
   void (*cols_dot)(const T* dy, const T* x, int64_t C, int64_t np, float* out);
+  // both in one pass, for N dy's dstride apart: out_sum = cols_sum(x) and
+  // out_dot[j * os ...] = cols_dot(dy + j * dstride, x), j < N (the same bits)
+  void (*cols_sum_dots)(const T* x, const T* dy, int64_t dstride, int64_t N, int64_t C,
+                        int64_t np, float* out_sum, float* out_dot, int64_t os);
+  // the same for np planes of hw values: out_sum[p] = sum(x[p]), out_dot[j * os + p] =
+  // sum(dy[j * dstride + p] * x[p]) (planes_sum / planes_dot's bits)
+  void (*planes_sum_dots)(const T* x, const T* dy, int64_t dstride, int64_t N, int64_t hw,
+                          int64_t np, float* out_sum, float* out_dot, int64_t os);
   // dst = float(src) / dst = T(src) (round to nearest even), n contiguous values
   void (*to_float)(const T* src, float* dst, int64_t n);
   void (*from_float)(const float* src, T* dst, int64_t n);
@@ -901,16 +916,26 @@ void scale_bwd_impl(const Geometry& g, const T* dy, const T* x, T* dx, const Mlp
   run_phases(g, B * C * HW * 3, 1, reduce, mid1, apply, C + Cr + hook.npost, post);
 }
 
-// Checks of the backward's operands (op: the calling op's name, for messages); returns
-// dy in x's layout (autograd may hand over another one, e.g. an expanded gradient).
-// dy [B, C, H, W] with x's shape and dtype, returned in x's layout (autograd may hand over
-// another one, e.g. an expanded gradient).
-Tensor check_dy(Tensor dy, const Tensor& x, const Layout& lay, const char* op) {
-  check_cpu_float(dy, op, "dy", 4, "[B, C, H, W]");
-  for (int64_t d = 0; d < 4; ++d)
-    STD_TORCH_CHECK(dy.size(d) == x.size(d), "mipnet_cpu::", op,
-                    ": dy must have the shape of x; size ", dy.size(d), " != ", x.size(d),
-                    " at dim ", d);
+// Checks of the backward's operands (op: the calling op's name, for messages).
+// dy [B, C, H, W] with x's shape and dtype (instances >= 0: [instances * B, C, H, W], the
+// instances' blocks stacked), returned in x's layout (autograd may hand over another one,
+// e.g. an expanded gradient).
+Tensor check_dy(Tensor dy, const Tensor& x, const Layout& lay, const char* op,
+                int64_t instances = -1) {
+  check_cpu_float(dy, op, "dy", 4, instances >= 0 ? "[N*B, C, H, W]" : "[B, C, H, W]");
+  for (int64_t d = 0; d < 4; ++d) {
+    const int64_t want = d == 0 && instances >= 0 ? instances * x.size(0) : x.size(d);
+    if (instances >= 0) {
+      STD_TORCH_CHECK(dy.size(d) == want, "mipnet_cpu::", op, ": dy must be [N*B, C, H, W] = [",
+                      instances * x.size(0), ", ", x.size(1), ", ", x.size(2), ", ", x.size(3),
+                      "] (N = table.size(0), x [B, C, H, W]); size ", dy.size(d), " != ", want,
+                      " at dim ", d);
+    } else {
+      STD_TORCH_CHECK(dy.size(d) == want, "mipnet_cpu::", op,
+                      ": dy must have the shape of x; size ", dy.size(d), " != ", want,
+                      " at dim ", d);
+    }
+  }
   STD_TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "mipnet_cpu::", op, ": dy is ",
                   dtype_name(dy.scalar_type()), " but x is ", dtype_name(x.scalar_type()));
   const bool dy_ok = lay.nhwc ? is_channels_last(dy) : dy.is_contiguous();
@@ -1343,10 +1368,57 @@ mimb_train_bwd_cpu(Tensor dy, Tensor x, Tensor lam, Tensor w1, Tensor w2, Tensor
 }
 
 // ==================================================================== instances
+// The instances' rows t[n, b] of `table`: [N, C] (one row per instance) or [N, B, C] (one
+// row per output sample), as float32 (the tensor's own data when it is float32 and
+// contiguous, else converted into buf).
+struct TableRows {
+  const float* p;
+  int64_t N, nstride, bstride;  // t[n, b] = p + n * nstride + b * bstride
+  bool per_sample;              // [N, B, C]
+  const float* row(int64_t n, int64_t b) const { return p + n * nstride + b * bstride; }
+};
+
+void check_table(const Tensor& table, int64_t B, int64_t C, const char* op) {
+  STD_TORCH_CHECK(table.is_cpu(), "mipnet_cpu::", op, ": table must be a CPU tensor");
+  STD_TORCH_CHECK(table.dim() == 2 || table.dim() == 3, "mipnet_cpu::", op,
+                  ": table must be 2-D [N, C] or 3-D [N, B, C], got ", table.dim(), " dims");
+  STD_TORCH_CHECK(is_supported_float(table.scalar_type()), "mipnet_cpu::", op,
+                  ": table must be float32, float16 or bfloat16, got ",
+                  dtype_name(table.scalar_type()));
+  if (table.dim() == 3) check_size(table, op, "table", 1, B, "B (x.size(0))");
+  check_size(table, op, "table", table.dim() - 1, C, "C (x.size(1))");
+}
+
+TableRows table_rows(const Tensor& table, std::vector<float>& buf) {
+  const int64_t N = table.size(0);
+  if (table.dim() == 2) {
+    const int64_t C = table.size(1);
+    return TableRows{as_float_2d(table, buf), N, C, 0, false};
+  }
+  const int64_t B = table.size(1), C = table.size(2);
+  if (table.scalar_type() == ScalarType::Float && table.is_contiguous())
+    return TableRows{static_cast<const float*>(table.data_ptr()), N, B * C, C, true};
+  buf.resize(static_cast<size_t>(N * B * C));
+  const int64_t s0 = table.stride(0), s1 = table.stride(1), s2 = table.stride(2);
+  const void* p = table.data_ptr();
+  for (int64_t n = 0; n < N; ++n) {
+    float* dst = buf.data() + n * B * C;
+    switch (table.scalar_type()) {
+      case ScalarType::Half:
+        to_float_2d(static_cast<const Half*>(p) + n * s0, B, C, s1, s2, dst);
+        break;
+      case ScalarType::BFloat16:
+        to_float_2d(static_cast<const BFloat16*>(p) + n * s0, B, C, s1, s2, dst);
+        break;
+      default: to_float_2d(static_cast<const float*>(p) + n * s0, B, C, s1, s2, dst); break;
+    }
+  }
+  return TableRows{buf.data(), N, B * C, C, true};
+}
+
 template <class T>
-void instances_impl(const Geometry& g, const T* x, T* y, const Mlp& mlp, const float* table,
-                    int64_t N) {
-  const int64_t B = g.B, C = g.C, Cr = mlp.Cr, HW = g.HW;
+void instances_impl(const Geometry& g, const T* x, T* y, const Mlp& mlp, const TableRows& t) {
+  const int64_t B = g.B, C = g.C, Cr = mlp.Cr, HW = g.HW, N = t.N;
   std::vector<float> red(static_cast<size_t>(B * g.red_len));
   std::vector<float> s(static_cast<size_t>(B * C)), e(static_cast<size_t>(B * C));
   std::vector<float> z2(static_cast<size_t>(B * C));
@@ -1367,8 +1439,11 @@ void instances_impl(const Geometry& g, const T* x, T* y, const Mlp& mlp, const f
                 z2.data() + b0 * C, e.data() + b0 * C, nb);
     for (int64_t b = b0; b < b0 + nb; ++b) {
       const float* eb = e.data() + b * C;
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t c = 0; c < C; ++c) a[(n * B + b) * C + c] = eb[c] * table[n * C + c];
+      for (int64_t n = 0; n < N; ++n) {
+        const float* tr = t.row(n, b);
+        float* ar = a.data() + (n * B + b) * C;
+        for (int64_t c = 0; c < C; ++c) ar[c] = eb[c] * tr[c];
+      }
     }
   };
   // x is read once per part; the N outputs are written from registers.
@@ -1393,40 +1468,233 @@ void instances_impl(const Geometry& g, const T* x, T* y, const Mlp& mlp, const f
 
 Tensor mimb_instances_cpu(Tensor x, Tensor w1, Tensor w2, Tensor table) {
   const char* op = "mimb_instances";
-  check_cpu_float(x, op, "x", 4, "[B, C, H, W]");
-  check_cpu_float(w1, op, "w1", 2, "[Cr, C]");
-  check_cpu_float(w2, op, "w2", 2, "[C, Cr]");
-  check_cpu_float(table, op, "table", 2, "[N, C]");
+  check_scale_xw(x, w1, w2, op);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
-  const int64_t Cr = w1.size(0), N = table.size(0);
-  check_size(w1, op, "w1", 1, C, "C (x.size(1))");
-  check_size(w2, op, "w2", 0, C, "C (x.size(1))");
-  check_size(w2, op, "w2", 1, Cr, "Cr (w1.size(0))");
-  check_size(table, op, "table", 1, C, "C (x.size(1))");
+  check_table(table, B, C, op);
+  const int64_t N = table.size(0);
   const Layout lay = x_layout(x, op, "x");
 
   Tensor y = alloc_4d(x, N * B, C, H, W, lay.out_cl);
   if (N * B * C * HW == 0) return y;
 
   std::vector<float> b1, b2, bt;
-  const Mlp mlp{as_mat(w1, b1), as_mat(w2, b2), C, Cr};
-  const float* pt = as_float_2d(table, bt);
+  const Mlp mlp{as_mat(w1, b1), as_mat(w2, b2), C, w1.size(0)};
+  const TableRows t = table_rows(table, bt);
   const Geometry g(B, C, HW, lay.nhwc);
   switch (x.scalar_type()) {
     case ScalarType::Half:
       instances_impl(g, static_cast<const Half*>(x.data_ptr()), static_cast<Half*>(y.data_ptr()),
-                     mlp, pt, N);
+                     mlp, t);
       break;
     case ScalarType::BFloat16:
       instances_impl(g, static_cast<const BFloat16*>(x.data_ptr()),
-                     static_cast<BFloat16*>(y.data_ptr()), mlp, pt, N);
+                     static_cast<BFloat16*>(y.data_ptr()), mlp, t);
       break;
     default:
       instances_impl(g, static_cast<const float*>(x.data_ptr()),
-                     static_cast<float*>(y.data_ptr()), mlp, pt, N);
+                     static_cast<float*>(y.data_ptr()), mlp, t);
       break;
   }
   return y;
+}
+
+// The instances' backward, fused: the sum over n of mimb_scale_bwd(dy_n, x, w1, w2, t[n, :])
+// (dy_n = dy[n*B : (n+1)*B]).  Given x, the excite e[b] is shared by the instances and the
+// block is linear in (dy_n, t[n]), so per sample
+//   phase 1  reads x and each dy_n once (x from L1 again past the first pass's two
+//            instances): s = sum_hw(x) / HW, g_a[n] = sum_hw(dy_n * x);
+//   phase 2  one excite MLP forward and backward (not N): with a[n] = e * t[n, b],
+//            dv[n] = g_a[n] * e;  g_e = sum_n g_a[n] * t[n, b] (n in order);
+//            g_z2 = g_e * (1 - e) * e; then g_z1, g_s and the dw1 / dw2 rows' terms once;
+//   phase 3  dx = sum_n dy_n * a[n] + g_s / HW in one pass (n in order; no dx temporaries).
+// dw1 / dw2 (and dtable [N, C], the sum over b) are summed over the batch after a barrier,
+// row by row in b order, as in mimb_scale_bwd.  N = 1 gives mimb_scale_bwd's results bit
+// for bit (with the forward's s).
+struct InstBwdOut {
+  void* dw1;     // [Cr, C] contiguous, dtype t1
+  void* dw2;     // [C, Cr] contiguous, dtype t2
+  void* dtable;  // [N, B, C] or [N, C] contiguous, dtype tt
+  ScalarType t1, t2, tt;
+};
+
+template <class T>
+void instances_bwd_impl(const Geometry& g, const T* dy, const T* x, T* dx, const Mlp& mlp,
+                        const TableRows& t, const InstBwdOut& out) {
+  const int64_t B = g.B, C = g.C, Cr = mlp.Cr, HW = g.HW, N = t.N;
+  const int64_t dstride = B * C * HW;  // one instance's block of dy
+  std::vector<float> redx(static_cast<size_t>(B * g.red_len));
+  std::vector<float> redd(static_cast<size_t>(N * B * g.red_len));  // [n][b][red_len]
+  std::vector<float> s(static_cast<size_t>(B * C)), kk(static_cast<size_t>(B * C));
+  std::vector<float> e(static_cast<size_t>(B * C)), gz2(static_cast<size_t>(B * C));
+  std::vector<float> ga(static_cast<size_t>(N * B * C));  // g_a, then dv: [(n * B + b) * C + c]
+  std::vector<float> a(static_cast<size_t>(N * B * C));   // a[(n * B + b) * C + c]
+  std::vector<float> z1(static_cast<size_t>(B * Cr)), h(static_cast<size_t>(B * Cr));
+  std::vector<float> gz1(static_cast<size_t>(B * Cr));
+  // Weight gradients (and dtable [N, C]) in float32, written straight into float32 outputs.
+  std::vector<float> dw1_buf, dw2_buf, dt_buf;
+  float* dw1f = static_cast<float*>(out.dw1);
+  float* dw2f = static_cast<float*>(out.dw2);
+  float* dtf = static_cast<float*>(out.dtable);
+  if (out.t1 != ScalarType::Float) {
+    dw1_buf.resize(static_cast<size_t>(Cr * C));
+    dw1f = dw1_buf.data();
+  }
+  if (out.t2 != ScalarType::Float) {
+    dw2_buf.resize(static_cast<size_t>(C * Cr));
+    dw2f = dw2_buf.data();
+  }
+  if (!t.per_sample && out.tt != ScalarType::Float) {
+    dt_buf.resize(static_cast<size_t>(N * C));
+    dtf = dt_buf.data();
+  }
+  const float n_f = static_cast<float>(HW);
+
+  const Kern<T>& K = kern<T>();
+  // Phase 1: the sum of x and its N dot products with the dy_n in one pass over the part
+  // (cols_sum_dots / planes_sum_dots, x loaded once, the sums' accumulator chains
+  // independent; the bits of cols_sum / cols_dot, planes_sum / planes_dot, which a plane of
+  // more than kPlaneBlock values still takes, in blocks, as reduce_part).
+  auto reduce = [&](int64_t b, int64_t k) {
+    const int64_t off = g.part_offset(b, k), cnt = g.part_count(k);
+    if (g.nhwc) {
+      K.cols_sum_dots(x + off, dy + off, dstride, N, C, cnt, redx.data() + b * g.red_len + k * C,
+                      redd.data() + b * g.red_len + k * C, B * g.red_len);
+      return;
+    }
+    if (HW <= kPlaneBlock) {
+      K.planes_sum_dots(x + off, dy + off, dstride, N, HW, cnt, redx.data() + b * C + k * g.group,
+                        redd.data() + b * C + k * g.group, B * C);
+      return;
+    }
+    reduce_part<T, false>(g, K, x, x, b, k, redx.data());
+    for (int64_t n = 0; n < N; ++n)
+      reduce_part<T, true>(g, K, x, dy + n * dstride, b, k, redd.data() + n * B * g.red_len);
+  };
+  auto mid = [&](int64_t b) {
+    float* sb = s.data() + b * C;
+    g.finish_sum(redx.data(), b, sb);
+    for (int64_t c = 0; c < C; ++c) sb[c] = sb[c] / n_f;
+    for (int64_t n = 0; n < N; ++n)
+      g.finish_sum(redd.data() + n * B * g.red_len, b, ga.data() + (n * B + b) * C);
+    float* z1b = z1.data() + b * Cr;
+    float* hb = h.data() + b * Cr;
+    float* gz1b = gz1.data() + b * Cr;
+    float* gz2b = gz2.data() + b * C;
+    float* eb = e.data() + b * C;
+    float* kb = kk.data() + b * C;
+    mlp.forward(sb, z1b, hb, kb, eb);  // kb: z2 scratch
+    for (int64_t c = 0; c < C; ++c) {
+      const float ec = eb[c];
+      float ge = 0.f;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t i = (n * B + b) * C + c;
+        const float gac = ga[i], tc = t.row(n, b)[c];
+        a[i] = ec * tc;
+        ga[i] = gac * ec;  // dv
+        ge = n == 0 ? gac * tc : ge + gac * tc;
+      }
+      gz2b[c] = ge * (1.f - ec) * ec;  // sigmoid_backward: grad * (1 - y) * y
+    }
+    if (t.per_sample)
+      for (int64_t n = 0; n < N; ++n)
+        store_floats(ga.data() + (n * B + b) * C, out.dtable, out.tt, (n * B + b) * C, C);
+    // g_h = w2^T g_z2, g_z1 = g_h * (z1 > 0)
+    mlp.w2.mattvec(gz2b, gz1b, C, Cr);
+    for (int64_t r = 0; r < Cr; ++r) gz1b[r] = z1b[r] > 0.f ? gz1b[r] : 0.f;
+    // g_s = w1^T g_z1;  the dx bias g_s / HW
+    mlp.w1.mattvec(gz1b, kb, Cr, C);
+    for (int64_t c = 0; c < C; ++c) kb[c] = kb[c] / n_f;
+  };
+  const float* pa = a.data();
+  const float* pk = kk.data();
+  auto apply = [&](int64_t b, int64_t k) {
+    const int64_t off = g.part_offset(b, k), cnt = g.part_count(k);
+    if (g.nhwc) {
+      K.rows_axpb_n(dy + off, dstride, N, dx + off, pa + b * C, B * C, pk + b * C, C, cnt);
+    } else {
+      const int64_t i0 = b * C + k * g.group;
+      if (HW <= kPlaneBlock) {
+        K.planes_axpb_n(dy + off, dstride, N, dx + off, HW, cnt, pa + i0, B * C, pk + i0);
+      } else {
+        for (int64_t i = 0; i < HW; i += kPlaneBlock)
+          K.planes_axpb_n(dy + off + i, dstride, N, dx + off + i, std::min(kPlaneBlock, HW - i),
+                          1, pa + i0, B * C, pk + i0);
+      }
+    }
+  };
+  // dw2[c, :] = sum_b g_z2[b, c] h[b, :];  dw1[r, :] = sum_b g_z1[b, r] s[b, :];
+  // dtable[n, :] = sum_b dv[n, b, :] ([N, C] table)   (b in order)
+  auto post = [&](int64_t i) {
+    if (i < C) {
+      float* row = dw2f + i * Cr;
+      mat_kern<float>().mattvec(h.data(), Cr, gz2.data() + i, C, row, B, Cr);
+      if (out.t2 != ScalarType::Float) store_floats(row, out.dw2, out.t2, i * Cr, Cr);
+    } else if (i < C + Cr) {
+      const int64_t r = i - C;
+      float* row = dw1f + r * C;
+      mat_kern<float>().mattvec(s.data(), C, gz1.data() + r, Cr, row, B, C);
+      if (out.t1 != ScalarType::Float) store_floats(row, out.dw1, out.t1, r * C, C);
+    } else {
+      const int64_t n = i - C - Cr;
+      float* row = dtf + n * C;
+      const float* dv = ga.data() + n * B * C;
+      std::copy(dv, dv + C, row);
+      for (int64_t b = 1; b < B; ++b)
+        for (int64_t c = 0; c < C; ++c) row[c] += dv[b * C + c];
+      if (out.tt != ScalarType::Float) store_floats(row, out.dtable, out.tt, n * C, C);
+    }
+  };
+  auto mid1 = [&](int64_t b0, int64_t nb) {
+    for (int64_t b = b0; b < b0 + nb; ++b) mid(b);
+  };
+  run_phases(g, B * C * HW * (2 * N + 2), 1, reduce, mid1, apply, C + Cr + (t.per_sample ? 0 : N),
+             post);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> mimb_instances_bwd_cpu(Tensor dy, Tensor x, Tensor w1,
+                                                                  Tensor w2, Tensor table) {
+  const char* op = "mimb_instances_bwd";
+  check_scale_xw(x, w1, w2, op);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  const int64_t Cr = w1.size(0);
+  check_table(table, B, C, op);
+  const int64_t N = table.size(0);
+  const Layout lay = x_layout(x, op, "x");
+  dy = check_dy(dy, x, lay, op, N);
+
+  Tensor dx = alloc_4d(x, B, C, H, W, lay.out_cl);
+  Tensor dw1 = torch::stable::new_empty(w1, {Cr, C});
+  Tensor dw2 = torch::stable::new_empty(w2, {C, Cr});
+  Tensor dtable = table.dim() == 3 ? torch::stable::new_empty(table, {N, B, C})
+                                   : torch::stable::new_empty(table, {N, C});
+  if (N * B * C == 0) {  // no instance (dx = 0) or nothing to read
+    for (Tensor* o : {&dx, &dw1, &dw2, &dtable}) torch::stable::zero_(*o);
+    return std::make_tuple(dx, dw1, dw2, dtable);
+  }
+  std::vector<float> b1, b2, bt;
+  const Mlp mlp{as_mat(w1, b1), as_mat(w2, b2), C, Cr};
+  const TableRows t = table_rows(table, bt);
+  const Geometry g(B, C, HW, lay.nhwc);
+  const InstBwdOut out{dw1.data_ptr(), dw2.data_ptr(), dtable.data_ptr(), w1.scalar_type(),
+                       w2.scalar_type(), table.scalar_type()};
+  switch (x.scalar_type()) {
+    case ScalarType::Half:
+      instances_bwd_impl(g, static_cast<const Half*>(dy.data_ptr()),
+                         static_cast<const Half*>(x.data_ptr()),
+                         static_cast<Half*>(dx.data_ptr()), mlp, t, out);
+      break;
+    case ScalarType::BFloat16:
+      instances_bwd_impl(g, static_cast<const BFloat16*>(dy.data_ptr()),
+                         static_cast<const BFloat16*>(x.data_ptr()),
+                         static_cast<BFloat16*>(dx.data_ptr()), mlp, t, out);
+      break;
+    default:
+      instances_bwd_impl(g, static_cast<const float*>(dy.data_ptr()),
+                         static_cast<const float*>(x.data_ptr()),
+                         static_cast<float*>(dx.data_ptr()), mlp, t, out);
+      break;
+  }
+  return std::make_tuple(dx, dw1, dw2, dtable);
 }
 
 }  // namespace
@@ -1438,6 +1706,7 @@ STABLE_TORCH_LIBRARY_IMPL(mipnet_cpu, CPU, m) {
   m.impl("mimb_scale_bwd", TORCH_BOX(&mipnet::cpu::mimb_scale_bwd_cpu));
   m.impl("mimb_fwd", TORCH_BOX(&mipnet::cpu::mimb_fwd_cpu));
   m.impl("mimb_instances", TORCH_BOX(&mipnet::cpu::mimb_instances_cpu));
+  m.impl("mimb_instances_bwd", TORCH_BOX(&mipnet::cpu::mimb_instances_bwd_cpu));
   m.impl("mimb_train_fwd", TORCH_BOX(&mipnet::cpu::mimb_train_fwd_cpu));
   m.impl("mimb_train_bwd", TORCH_BOX(&mipnet::cpu::mimb_train_bwd_cpu));
 }
