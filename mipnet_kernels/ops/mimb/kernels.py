@@ -235,7 +235,7 @@ def _instances_grouped_bwd_column(backend: str, fused: str | None) -> Kernel:
 
 
 #: each backend's fused instances backward (None: the composite)
-_FUSED_INSTANCES_BWD = {"cpu": None, "cuda": None, "triton": None, "reference": None}
+_FUSED_INSTANCES_BWD = {"cpu": "mimb_instances_bwd", "cuda": None, "triton": None, "reference": None}
 INSTANCES_BWD = define_kernels(
     "mimb_instances_bwd", _INSTANCES_BWD_ARGS, tensor_args=_INSTANCES_BWD_ARGS,
     example_inputs=_example_instances_bwd,
