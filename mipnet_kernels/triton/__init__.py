@@ -20,6 +20,7 @@ _LAZY = {
     "mimb_scale_fwd_triton": "mimb",
     "mimb_scale_bwd_triton": "mimb",
     "mimb_instances_triton": "mimb",
+    "mimb_instances_bwd_triton": "mimb",
     "mimb_scale_grouped_fwd_triton": "mimb",
     "mimb_scale_grouped_bwd_triton": "mimb",
     "mimb_instances_grouped_triton": "mimb",

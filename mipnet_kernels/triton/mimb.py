@@ -2,7 +2,9 @@
 ``@triton.jit`` kernels are in :mod:`.mimb_kernels`.
 
 The specification is the PyTorch reference in :mod:`mipnet_kernels.ops.mimb.reference`
-(``mimb_scale_fwd_reference``, ``mimb_scale_bwd_reference``, ``mimb_instances_reference``).
+(``mimb_scale_fwd_reference``, ``mimb_scale_bwd_reference``, ``mimb_instances_reference``);
+the fused instances backward's is the sum over the instances of ``mimb_scale_bwd_reference``
+(``csrc/schemas.h``, ``mimb_instances_bwd``).
 
 Layouts.  The op layer hands these launchers ``x`` NCHW-contiguous or channels_last (NHWC).
 Both are addressed the same way: sample ``b``, channel ``c``, pixel ``p = h*W + w`` sits at
@@ -26,7 +28,8 @@ kernel is not written for Triton):
    from a per-sample atomic counter; the last program of a sample to arrive sums the
    partials in a fixed order (deterministic, no float atomics) and runs the tiny
    per-sample MLP (``O(C * C/r)``) over ``[C/r, MLP_C]`` weight tiles: forward the scale
-   ``a = sigmoid(W2 relu(W1 s)) * v`` (or ``* table[n]`` for every instance ``n``);
+   ``a = sigmoid(W2 relu(W1 s)) * v`` (or ``* t[n, b]`` for every instance ``n``: the table
+   is addressed as ``t [N, B, C]``, a ``[N, C]`` table with stride 0 over ``b``);
    backward also ``dv``, ``g_s / HW`` and the per-sample vectors ``g_z2, h, g_z1`` whose
    batch sums ``g_z2.T @ h`` and ``g_z1.T @ s`` are ``dw2`` and ``dw1`` (backward only:
    ``_batch_outer_kernel``, two small launches, float32 FMA -- not torch matmuls, whose
@@ -35,7 +38,18 @@ kernel is not written for Triton):
 2. ``_mimb_scale_kernel``: ``out[n*B + b] = in[b] * a[n, b, :] (+ bias[b, :])`` over
    ``[BLOCK_C, BLOCK_P]`` tiles, the input tile loaded once and ``N`` outputs written
    (forward: ``N = 1``, ``in = x``; backward: ``in = dy``, ``bias = g_s / HW``; instances:
-   ``a[n, b] = e[b] * table[n]``).
+   ``a[n, b] = e[b] * t[n, b]``).
+
+The fused instances backward (``mimb_instances_bwd_triton``, reduction mode 3) has the same
+two launches.  Its reduction programs each take a group of up to ``_MAX_NB`` instances: the
+``x`` tile is loaded once and multiplied into the group's ``dy_n`` tiles (one
+``[NB, BLOCK_C, BLOCK_P]`` load; the tile is ``NB`` times smaller), giving the partials of
+``g_a[n] = sum_hw(dy_n * x)`` and of ``sum_hw(x)`` (so ``s`` is not an input).  The MLP
+backward runs once per sample: the instances share the excite, whose gradient is ``g_e =
+sum_n g_a[n] * t[n, b]`` (in instance order), and ``dv[n] = g_a[n] * e``.  The apply pass
+(``_mimb_gather_kernel``) writes ``dx = sum_n dy_n * a[n] + g_s / HW``, each ``dy_n`` tile read
+once.  Bytes: ``x`` once per instance group, each ``dy_n`` twice, ``dx`` once (N separate
+scale backwards: ``x`` N times, each ``dy_n`` twice, N ``dx`` writes and their sum).
 
 Arithmetic is float32 (float64 for float64 inputs, so gradcheck can run through these
 kernels) and every output is rounded once to its dtype.  The sigmoid and the means use
@@ -72,8 +86,10 @@ from ..ops.mimb.contract import (
 )
 from ._launch import launch, num_warps
 from .mimb_kernels import (
+    META_MAX,
     _batch_outer_kernel,
     _meta_row_kernel,
+    _mimb_gather_kernel,
     _mimb_reduce_mlp_grouped_kernel,
     _mimb_reduce_mlp_kernel,
     _mimb_scale_grouped_kernel,
@@ -88,6 +104,9 @@ _MAX_BLOCK_C = 256
 _MAX_BLOCK_P = 1024
 #: The reduction splits HW until it has about this many programs (~8 per SM on an H100).
 _TARGET_PROGRAMS = 1024
+#: Instances per program of the instances backward's reduction (its x tile is read once per
+#: group of this many instances; the tile shrinks so that ``NB`` dy tiles fit).
+_MAX_NB = 8
 _INT32_MAX = 2**31 - 1
 
 
@@ -119,32 +138,35 @@ def _fit_block(n: int, block: int, floor: int) -> int:
     return block
 
 
-def _tile_settings(C: int, HW: int, channels_last: bool) -> dict:
+def _tile_settings(C: int, HW: int, channels_last: bool, nb: int = 1) -> dict:
     """``BLOCK_C, BLOCK_P, num_warps`` of a ``[BLOCK_C, BLOCK_P]`` tile (channels x pixels).
 
     The contiguous axis gets the long side (NCHW: pixels, up to 1024; NHWC: channels, up to
     256; halved by ``_fit_block`` while that leaves a large masked tail) and the other axis
-    fills the tile to at most ``_TILE_ELEMS`` elements; neither side
-    exceeds the tensor's extent rounded up to a power of two.
+    fills the tile to at most ``_TILE_ELEMS / nb`` elements (``nb`` tiles per step: the
+    instances backward's reduction); neither side exceeds the tensor's extent rounded up to
+    a power of two.
     """
     c2, p2 = triton.next_power_of_2(C), triton.next_power_of_2(HW)
+    elems = _TILE_ELEMS // nb
     if channels_last:
-        block_c = _fit_block(C, min(c2, _MAX_BLOCK_C), 32)
-        block_p = min(p2, max(_TILE_ELEMS // block_c, 1))
+        block_c = _fit_block(C, min(c2, _MAX_BLOCK_C, elems), min(32, elems))
+        block_p = min(p2, max(elems // block_c, 1))
     else:
-        block_p = _fit_block(HW, min(p2, _MAX_BLOCK_P), 128)
-        block_c = min(c2, max(_TILE_ELEMS // block_p, 1))
-    return dict(BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps(block_c * block_p))
+        block_p = _fit_block(HW, min(p2, _MAX_BLOCK_P, elems), min(128, elems))
+        block_c = min(c2, max(elems // block_p, 1))
+    return dict(BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps(nb * block_c * block_p))
 
 
-def _reduce_settings(B: int, C: int, HW: int, channels_last: bool) -> dict:
+def _reduce_settings(B: int, C: int, HW: int, channels_last: bool, nb: int = 1, groups: int = 1) -> dict:
     """Tile settings of the reduction plus ``SPLIT`` (HW chunks) and ``CHUNK`` (pixels each).
 
     ``CHUNK`` is a multiple of ``BLOCK_P``; ``SPLIT`` grows until there are about
-    ``_TARGET_PROGRAMS`` programs or every chunk is a single tile.
+    ``_TARGET_PROGRAMS`` programs (``groups`` instance groups per sample) or every chunk is
+    a single tile.
     """
-    t = _tile_settings(C, HW, channels_last)
-    split, chunk = _split(B, C, HW, t["BLOCK_C"], t["BLOCK_P"])
+    t = _tile_settings(C, HW, channels_last, nb)
+    split, chunk = _split(B * groups, C, HW, t["BLOCK_C"], t["BLOCK_P"])
     return dict(t, SPLIT=split, CHUNK=chunk)
 
 
@@ -179,44 +201,58 @@ def _mlp_settings(C: int, CR: int, warps: int) -> dict:
     return dict(MLP_C=mlp_c, CR_PAD=cr_pad)
 
 
+def _table3(table: Tensor, B: int) -> Tensor:
+    """The instance table as ``t [N, B, C]``: a ``[N, C]`` table expanded over the batch
+    (stride 0, no copy), a ``[N, B, C]`` one as is."""
+    if table.dim() == 2:
+        return table[:, None, :].expand(table.shape[0], B, table.shape[1])
+    if table.dim() != 3 or table.shape[1] != B:
+        raise ValueError(f"table must have shape [N, C] or [N, B, C] with B = x.shape[0] = {B}, "
+                         f"got {list(table.shape)}")
+    return table
+
+
 def _reduce_mlp(mode: int, x: Tensor, dy: Tensor | None, w1: Tensor, w2: Tensor, mult: Tensor,
                 s: Tensor | None) -> dict:
     """Launch ``_mimb_reduce_mlp_kernel``; returns its outputs by name (see the kernel).
 
-    mode 0: ``s, a [1, B, C]``; mode 1 (``mult = table``): ``s, a [N, B, C]``;
-    mode 2 (``s`` given): ``a, dv, gz2, h, gz1, bias``.
+    ``mult [NA, B, C]``: ``v[None]`` (modes 0, 2) or the table as ``t [N, B, C]`` (modes 1, 3).
+    mode 0: ``s, a [1, B, C]``; mode 1: ``s, a [N, B, C]``;
+    mode 2 (``s`` given): ``a, dv, gz2, h, gz1, bias``;
+    mode 3 (``dy [N*B, C, H, W]``): ``s``, ``a`` and ``dv [N, B, C]``, ``gz2, h, gz1, bias``.
     """
     B, C, H, W = x.shape
     HW = H * W
     CR = w1.shape[0]
     acc = compute_dtype(x)
     stride_c, stride_p, cl = _strides(x)
-    settings = _reduce_settings(B, C, HW, cl)
+    na = mult.shape[0]
+    nb = min(triton.next_power_of_2(na), _MAX_NB) if mode == 3 else 1
+    ng = triton.cdiv(na, nb)
+    settings = _reduce_settings(B, C, HW, cl, nb, ng)
     split, chunk = settings.pop("SPLIT"), settings.pop("CHUNK")
     settings.update(_mlp_settings(C, CR, settings["num_warps"]))
     num_cblocks = triton.cdiv(C, settings["BLOCK_C"])
-    na = mult.shape[0] if mode == 1 else 1
 
     def buf(*shape):
         return torch.empty(shape, dtype=acc, device=x.device)
 
     out = {"a": buf(na, B, C)}
-    if mode == 2:
-        out.update(dv=buf(B, C), gz2=buf(B, C), h=buf(B, CR), gz1=buf(B, CR), bias=buf(B, C))
-        out["s"] = s.to(acc).contiguous()
-    else:
-        out["s"] = buf(B, C)
-    part = buf(B, split, C)
+    if mode >= 2:
+        out.update(dv=buf(B, C) if mode == 2 else buf(na, B, C), gz2=buf(B, C), h=buf(B, CR), gz1=buf(B, CR), bias=buf(B, C))
+    out["s"] = s.to(acc).contiguous() if mode == 2 else buf(B, C)
+    # mode 3: the sums of x, then those of dy_n * x per instance
+    part = buf((1 + na if mode == 3 else 1) * B * split * C)
     count = torch.zeros(B, dtype=torch.int32, device=x.device)
     o = lambda k: out.get(k, part)  # noqa: E731  (unused outputs point at scratch)
     with _device_guard(x):
         launch(
-            _mimb_reduce_mlp_kernel, (B * num_cblocks * split,),
+            _mimb_reduce_mlp_kernel, (B * num_cblocks * split * ng,),
             x, x if dy is None else dy, part, count, w1, w2, mult,
             out["s"], out["a"], o("dv"), o("gz2"), o("h"), o("gz1"), o("bias"),
-            B, C, CR, HW, stride_c, stride_p, chunk, num_cblocks, split, na,
-            w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1), mult.stride(0), mult.stride(1),
-            MODE=mode,
+            B, C, CR, HW, stride_c, stride_p, chunk, num_cblocks, split, na, ng,
+            w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1), *mult.stride(),
+            MODE=mode, NB=nb,
             enable_fp_fusion=False,
             **settings,
         )
@@ -238,6 +274,24 @@ def _scale(inp: Tensor, a: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
             inp, a, a if bias is None else bias, out,
             B, C, HW, N, stride_c, stride_p, num_pblocks, num_cblocks,
             HAS_BIAS=bias is not None,
+            enable_fp_fusion=False,
+            **settings,
+        )
+    return out
+
+
+def _gather(dy: Tensor, a: Tensor, bias: Tensor, out: Tensor) -> Tensor:
+    """``out[b] = sum_n dy[n*B + b] * a[n, b] + bias[b]`` with ``a [N, B, C]`` contiguous."""
+    B, C, H, W = out.shape
+    HW = H * W
+    stride_c, stride_p, cl = _strides(out)
+    settings = _tile_settings(C, HW, cl)
+    num_pblocks = triton.cdiv(HW, settings["BLOCK_P"])
+    num_cblocks = triton.cdiv(C, settings["BLOCK_C"])
+    with _device_guard(dy):
+        launch(
+            _mimb_gather_kernel, (B * num_cblocks * num_pblocks,),
+            dy, a, bias, out, B, C, HW, a.shape[0], stride_c, stride_p, num_pblocks, num_cblocks,
             enable_fp_fusion=False,
             **settings,
         )
@@ -277,7 +331,7 @@ def mimb_scale_fwd_triton(x: Tensor, w1: Tensor, w2: Tensor, v: Tensor) -> tuple
     """Forward: ``(y, s)``, ``y`` in ``x``'s dtype and layout, ``s [B, C]`` in the compute dtype."""
     x = _dense(x)
     _check_sizes(x)
-    r = _reduce_mlp(0, x, None, w1, w2, v, None)
+    r = _reduce_mlp(0, x, None, w1, w2, v[None], None)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_memory_format(x))
     _scale(x, r["a"], None, y)
     return y, r["s"]
@@ -295,7 +349,7 @@ def mimb_scale_bwd_triton(
     _check_sizes(x)
     fmt = out_memory_format(x)
     dy = dy.contiguous(memory_format=fmt)  # no copy when dy already has x's layout
-    r = _reduce_mlp(2, x, dy, w1, w2, v, s)
+    r = _reduce_mlp(2, x, dy, w1, w2, v[None], s)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     _scale(dy, r["a"], r["bias"], dx)
     dw1, dw2 = _weight_grads(r)
@@ -308,17 +362,58 @@ def mimb_scale_bwd_triton(
 
 
 def mimb_instances_triton(x: Tensor, w1: Tensor, w2: Tensor, table: Tensor) -> Tensor:
-    """All instances from one read of ``x``: ``y[n*B + b] = x[b] * (e[b] * table[n])``."""
+    """All instances from one read of ``x``: ``y[n*B + b] = x[b] * (e[b] * t[n, b])`` with
+    ``t[n, b] = table[n]`` (``[N, C]``) or ``table[n, b]`` (``[N, B, C]``)."""
     x = _dense(x)
     _check_sizes(x)
     B, C, H, W = x.shape
-    N = table.shape[0]
+    t = _table3(table, B)
+    N = t.shape[0]
     y = torch.empty((N * B, C, H, W), dtype=x.dtype, device=x.device, memory_format=out_memory_format(x))
     if N == 0:
         return y
-    r = _reduce_mlp(1, x, None, w1, w2, table, None)
+    r = _reduce_mlp(1, x, None, w1, w2, t, None)
     _scale(x, r["a"], None, y)
     return y
+
+
+def mimb_instances_bwd_triton(
+    dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, table: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused instances backward: ``(dx, dw1, dw2, dtable)``, the sum over ``n`` of
+    ``mimb_scale_bwd(dy[n*B:(n+1)*B], x, w1, w2, v=t[n])`` (``csrc/schemas.h``).
+
+    Two launches plus the weight gradients', as the scale backward: the reduction reads
+    ``x`` once per group of up to ``_MAX_NB`` instances and each ``dy_n`` once, and its last
+    program per sample runs the MLP backward once (the excite is shared: its gradient is
+    ``g_e = sum_n g_a[n] * t[n]``); the apply pass reads each ``dy_n`` once and writes
+    ``dx = sum_n dy_n * (e * t[n]) + g_s / HW`` once.
+    """
+    x = _dense(x)
+    _check_sizes(x)
+    B, C, H, W = x.shape
+    t = _table3(table, B)
+    N = t.shape[0]
+    if tuple(dy.shape) != (N * B, C, H, W):
+        raise ValueError(f"dy must have shape [N*B, C, H, W] = {[N * B, C, H, W]}, got {list(dy.shape)}")
+    fmt = out_memory_format(x)
+    if N == 0:  # no instance: nothing reaches x, the weights or the (empty) table
+        return (torch.zeros(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt),
+                torch.zeros(w1.shape, dtype=w1.dtype, device=x.device),
+                torch.zeros(w2.shape, dtype=w2.dtype, device=x.device),
+                torch.zeros(table.shape, dtype=table.dtype, device=x.device))
+    dy = dy.contiguous(memory_format=fmt)  # no copy when dy already has x's layout
+    r = _reduce_mlp(3, x, dy, w1, w2, t, None)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    _gather(dy, r["a"], r["bias"], dx)
+    dw1, dw2 = _weight_grads(r)
+    dv = r["dv"] if table.dim() == 3 else r["dv"].sum(dim=1)  # sum over b: a fixed-order reduction
+    return (
+        dx,
+        dw1.to(w1.dtype).contiguous(),
+        dw2.to(w2.dtype).contiguous(),
+        dv.to(table.dtype).contiguous(),
+    )
 
 
 # --------------------------------------------------------------------------- grouped launches
@@ -351,7 +446,7 @@ def _meta(rows: list[tuple[int, ...]], device: torch.device) -> Tensor:
         table = torch.empty((len(rows), ncol), dtype=torch.int32, device=device)
         with _device_guard(table):
             for i, row in enumerate(rows):
-                launch(_meta_row_kernel, (1,), table[i], *row, *([0] * (24 - ncol)), NCOL=ncol,
+                launch(_meta_row_kernel, (1,), table[i], *row, *([0] * (META_MAX - ncol)), NCOL=ncol,
                        num_warps=1, enable_fp_fusion=False)
         if not capturing:
             if len(_META_CACHE) >= _META_CACHE_MAX:
@@ -418,7 +513,7 @@ def _grouped_reduce_mlp(mode: int, xs, dys, w1s, w2s, mults, ss) -> tuple[Tensor
         CR = w1.shape[0]
         split, chunk = _split(B, C, H * W, tiles["BLOCK_C"], tiles["BLOCK_P"])
         num_cblocks = triton.cdiv(C, tiles["BLOCK_C"])
-        na = mult.shape[0] if mode == 1 else 1
+        na = mult.shape[0]
         r = {"part": ws.region(B * split * C), "s": ws.region(B * C), "a": ws.region(na * B * C)}
         sizes = {"s": (B, C), "a": (na, B, C)}
         if mode == 2:
@@ -495,7 +590,7 @@ def mimb_scale_grouped_fwd_triton(xs, w1s, w2s, vs) -> tuple[list[Tensor], list[
     def run(idx):
         gx = [xs[i] for i in idx]
         buf, views, group = _grouped_reduce_mlp(0, gx, None, [w1s[i] for i in idx], [w2s[i] for i in idx],
-                                                [vs[i] for i in idx], None)
+                                                [vs[i][None] for i in idx], None)
         ys = [torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_memory_format(x)) for x in gx]
         _grouped_scale(gx, ys, buf, group, False)
         return [(y, v["s"].clone()) for y, v in zip(ys, views)]  # own storage: outputs must not alias
@@ -519,7 +614,7 @@ def mimb_scale_grouped_bwd_triton(dys, xs, w1s, w2s, vs, ss):
     def run(idx):
         gx, gdy = [xs[i] for i in idx], [dys[i] for i in idx]
         buf, views, group = _grouped_reduce_mlp(2, gx, gdy, [w1s[i] for i in idx], [w2s[i] for i in idx],
-                                                [vs[i] for i in idx], [ss[i] for i in idx])
+                                                [vs[i][None] for i in idx], [ss[i] for i in idx])
         dxs = [torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_memory_format(x)) for x in gx]
         _grouped_scale(gdy, dxs, buf, group, True)
         out = []
@@ -545,7 +640,7 @@ def mimb_instances_grouped_triton(xs, w1s, w2s, tables) -> list[Tensor]:
 
     def run(idx):
         gx = [xs[i] for i in idx]
-        gt = [tables[i] for i in idx]
+        gt = [_table3(tables[i], xs[i].shape[0]) for i in idx]
         buf, _, group = _grouped_reduce_mlp(1, gx, None, [w1s[i] for i in idx], [w2s[i] for i in idx], gt, None)
         ys = [torch.empty((t.shape[0] * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device,
                           memory_format=out_memory_format(x)) for x, t in zip(gx, gt)]
@@ -559,6 +654,7 @@ def mimb_instances_grouped_triton(xs, w1s, w2s, tables) -> list[Tensor]:
 
 
 __all__ = [
+    "mimb_instances_bwd_triton",
     "mimb_instances_grouped_triton",
     "mimb_instances_triton",
     "mimb_scale_bwd_triton",
