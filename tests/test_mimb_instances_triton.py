@@ -56,7 +56,7 @@ def _small_tiles(elems: int = 32):
 
 def _inputs(shape, N, dtype, layout, dev, per_sample, seed):
     B, C, H, W, r = shape
-    c = make_case(B, C, H, W, r, N=N, seed=seed)
+    c = make_case(B, C, H, W, r, N=max(N, 1), seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     table = 0.1 + 0.8 * torch.rand((N, B, C) if per_sample else (N, C), generator=g)
     x = relayout(c["x"].to(dtype), layout).to(dev)
@@ -238,6 +238,14 @@ def test_small_tiles_take_the_multi_program_paths():
         assert red.kwargs["MODE"] == 3 and na == N
         assert num_cblocks > 1 and split > 1, (num_cblocks, split)
         assert ng == (2 if N == 9 else 1) and red.kwargs["NB"] == (8 if N == 9 else 4)
+        assert red.grid == (2 * num_cblocks * split * ng,)
+        # the forward: one instance group (the x sums only), one program per (b, block, split)
+        with _small_tiles(), record_launches() as rec:
+            tm.mimb_instances_triton(x, w1, w2, table)
+        red = next(r for r in rec if r.kernel.__name__ == "_mimb_reduce_mlp_kernel")
+        num_cblocks, split, na, ng = red.args[21:25]
+        assert red.kwargs["MODE"] == 1 and red.kwargs["NB"] == 1 and na == N and ng == 1
+        assert red.grid == (2 * num_cblocks * split,)
 
 
 def test_backward_test_catches_a_missing_instance(dev):
@@ -250,3 +258,35 @@ def test_backward_test_catches_a_missing_instance(dev):
     got = tm.mimb_instances_bwd_triton(dropped, x, w1, w2, table)
     with pytest.raises(AssertionError):
         _check_bwd(got, dy, x, w1, w2, table)
+
+
+# --------------------------------------------------------------------------- grouped backward
+GROUPED_BWD_CASES = [(F32, "contiguous", False), (F64, "channels_last", False), (BF16, "channels_last", False),
+                     (F32, "channels_last", True)]
+
+
+@pytest.mark.parametrize("dtype, layout, small", GROUPED_BWD_CASES,
+                         ids=lambda v: str(v)[6:] if isinstance(v, torch.dtype) else str(v))
+def test_instances_grouped_backward(dev, dtype, layout, small):
+    """One grouped launch pair over branches with [N, C] and [N, B, C] tables and different N
+    (one of them two instance groups of the group-wide 8), each branch against the composite;
+    an empty branch and one without instances take the single-op path (zeros)."""
+    tm = _tm()
+    specs = [((2, 8, 5, 4, 4), 2, True), ((2, 16, 3, 2, 4), 9, False), ((2, 3, 1, 1, 1), 3, True),
+             ((0, 8, 2, 2, 4), 2, True), ((2, 8, 2, 2, 4), 0, False)]
+    xs, w1s, w2s, tables, dys = [], [], [], [], []
+    for k, (shape, N, per_sample) in enumerate(specs):
+        x, w1, w2, t = _inputs(shape, N, dtype, layout, dev, per_sample, seed_of("grouped-bwd-tri", shape))
+        B, C, H, W = x.shape
+        dy = torch.randn((N * B, C, H, W), generator=torch.Generator().manual_seed(k)).to(dtype)
+        xs.append(x), w1s.append(w1), w2s.append(w2), tables.append(t), dys.append(relayout(dy, "contiguous").to(dev))
+    with _small_tiles() if small else contextlib.nullcontext():
+        got = tm.mimb_instances_grouped_bwd_triton(dys, xs, w1s, w2s, tables)
+    assert all(len(g) == len(xs) for g in got)
+    for k in range(3):
+        _check_bwd([g[k] for g in got], dys[k], xs[k], w1s[k], w2s[k], tables[k])
+    for k in (3, 4):  # nothing reaches the inputs
+        dx, dw1, dw2, dt = (g[k] for g in got)
+        assert dx.shape == xs[k].shape and dt.shape == tables[k].shape
+        for t in (dx, dw1, dw2, dt):
+            assert not t.any()

@@ -93,6 +93,11 @@ def _mimb(record) -> None:
                 tm.mimb_instances_grouped_triton(xs, w1s, w2s, [torch.zeros(2, x.shape[1], dtype=dtype) for x in xs])
                 tm.mimb_instances_grouped_triton(  # per-sample tables [N, B, C]
                     xs, w1s, w2s, [torch.zeros(2, x.shape[0], x.shape[1], dtype=dtype) for x in xs])
+                tables = [torch.zeros((2, x.shape[0], x.shape[1]) if k % 2 else (2 + 7 * (k == 0), x.shape[1]),
+                                      dtype=dtype) for k, x in enumerate(xs)]  # mixed forms, N = 9 and 2
+                tm.mimb_instances_grouped_bwd_triton(
+                    [torch.zeros((t.shape[0] * x.shape[0], *x.shape[1:]), dtype=dtype) for t, x in zip(tables, xs)],
+                    xs, w1s, w2s, tables)
 
 
 def _nms(record) -> None:

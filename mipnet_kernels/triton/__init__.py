@@ -24,6 +24,7 @@ _LAZY = {
     "mimb_scale_grouped_fwd_triton": "mimb",
     "mimb_scale_grouped_bwd_triton": "mimb",
     "mimb_instances_grouped_triton": "mimb",
+    "mimb_instances_grouped_bwd_triton": "mimb",
     "oks_nms_sorted_triton": "nms",
     "soft_oks_nms_sorted_triton": "nms",
 }

@@ -89,6 +89,7 @@ from .mimb_kernels import (
     META_MAX,
     _batch_outer_kernel,
     _meta_row_kernel,
+    _mimb_gather_grouped_kernel,
     _mimb_gather_kernel,
     _mimb_reduce_mlp_grouped_kernel,
     _mimb_reduce_mlp_kernel,
@@ -228,7 +229,7 @@ def _reduce_mlp(mode: int, x: Tensor, dy: Tensor | None, w1: Tensor, w2: Tensor,
     stride_c, stride_p, cl = _strides(x)
     na = mult.shape[0]
     nb = min(triton.next_power_of_2(na), _MAX_NB) if mode == 3 else 1
-    ng = triton.cdiv(na, nb)
+    ng = triton.cdiv(na, nb) if mode == 3 else 1
     settings = _reduce_settings(B, C, HW, cl, nb, ng)
     split, chunk = settings.pop("SPLIT"), settings.pop("CHUNK")
     settings.update(_mlp_settings(C, CR, settings["num_warps"]))
@@ -390,18 +391,18 @@ def mimb_instances_bwd_triton(
     ``dx = sum_n dy_n * (e * t[n]) + g_s / HW`` once.
     """
     x = _dense(x)
-    _check_sizes(x)
     B, C, H, W = x.shape
     t = _table3(table, B)
     N = t.shape[0]
     if tuple(dy.shape) != (N * B, C, H, W):
         raise ValueError(f"dy must have shape [N*B, C, H, W] = {[N * B, C, H, W]}, got {list(dy.shape)}")
     fmt = out_memory_format(x)
-    if N == 0:  # no instance: nothing reaches x, the weights or the (empty) table
-        return (torch.zeros(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt),
+    if N == 0 or x.numel() == 0:  # nothing reaches x, the weights or the table: zeros
+        return (torch.zeros_like(x, memory_format=fmt),
                 torch.zeros(w1.shape, dtype=w1.dtype, device=x.device),
                 torch.zeros(w2.shape, dtype=w2.dtype, device=x.device),
                 torch.zeros(table.shape, dtype=table.dtype, device=x.device))
+    _check_sizes(x)
     dy = dy.contiguous(memory_format=fmt)  # no copy when dy already has x's layout
     r = _reduce_mlp(3, x, dy, w1, w2, t, None)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
@@ -474,12 +475,13 @@ def _four(ts: Sequence[Tensor]) -> list[Tensor]:
     return list(ts) + [ts[0]] * (_GROUP - len(ts))
 
 
-def _group_tiles(xs: Sequence[Tensor]) -> tuple[int, dict, bool]:
-    """``(LAYOUT, tile settings of the largest branch, ALIGNED)`` of a launch group."""
+def _group_tiles(xs: Sequence[Tensor], nb: int = 1) -> tuple[int, dict, bool]:
+    """``(LAYOUT, tile settings of the largest branch, ALIGNED)`` of a launch group (``nb``:
+    as ``_tile_settings``)."""
     layout = _layout_class(xs[0])
     big = max(xs, key=lambda t: t.numel())
     B, C, H, W = big.shape
-    tiles = _tile_settings(C, H * W, layout == 1)
+    tiles = _tile_settings(C, H * W, layout == 1, nb)
     aligned = all((x.shape[2] * x.shape[3] if layout == 0 else x.shape[1]) % 16 == 0 for x in xs)
     return layout, tiles, aligned
 
@@ -504,27 +506,31 @@ def _grouped_reduce_mlp(mode: int, xs, dys, w1s, w2s, mults, ss) -> tuple[Tensor
     """
     acc = compute_dtype(xs[0])
     device = xs[0].device
-    layout, tiles, aligned = _group_tiles(xs)
+    nb = min(triton.next_power_of_2(max(m.shape[0] for m in mults)), _MAX_NB) if mode == 3 else 1
+    layout, tiles, aligned = _group_tiles(xs, nb)
     mlp = _mlp_settings(max(x.shape[1] for x in xs), max(w.shape[0] for w in w1s), tiles["num_warps"])
     ws, rows, regions = _Workspace(), [], []
     start = count = 0
     for x, w1, w2, mult in zip(xs, w1s, w2s, mults):
         B, C, H, W = x.shape
         CR = w1.shape[0]
-        split, chunk = _split(B, C, H * W, tiles["BLOCK_C"], tiles["BLOCK_P"])
-        num_cblocks = triton.cdiv(C, tiles["BLOCK_C"])
         na = mult.shape[0]
-        r = {"part": ws.region(B * split * C), "s": ws.region(B * C), "a": ws.region(na * B * C)}
+        ng = triton.cdiv(na, nb) if mode == 3 else 1
+        split, chunk = _split(B * ng, C, H * W, tiles["BLOCK_C"], tiles["BLOCK_P"])
+        num_cblocks = triton.cdiv(C, tiles["BLOCK_C"])
+        r = {"part": ws.region((1 + na if mode == 3 else 1) * B * split * C), "s": ws.region(B * C),
+             "a": ws.region(na * B * C)}
         sizes = {"s": (B, C), "a": (na, B, C)}
-        if mode == 2:
-            for k, shape in (("dv", (B, C)), ("gz2", (B, C)), ("h", (B, CR)), ("gz1", (B, CR)), ("bias", (B, C))):
+        if mode >= 2:
+            dv = (B, C) if mode == 2 else (na, B, C)
+            for k, shape in (("dv", dv), ("gz2", (B, C)), ("h", (B, CR)), ("gz1", (B, CR)), ("bias", (B, C))):
                 r[k] = ws.region(math.prod(shape))
                 sizes[k] = shape
         rows.append((start, B, C, CR, H * W, chunk, num_cblocks, split, na, *w1.stride(), *w2.stride(),
                      *mult.stride(), *(r.get(k, 0) for k in ("part", "s", "a", "dv", "gz2", "h", "gz1", "bias")),
-                     count))
+                     count, ng))
         regions.append((r, sizes))
-        start += B * num_cblocks * split
+        start += B * num_cblocks * split * ng
         count += B
     buf = torch.empty(ws.size, dtype=acc, device=device)
     views = [{k: buf[r[k]:r[k] + math.prod(shape)].view(shape) for k, shape in sizes.items()}
@@ -539,29 +545,33 @@ def _grouped_reduce_mlp(mode: int, xs, dys, w1s, w2s, mults, ss) -> tuple[Tensor
             _mimb_reduce_mlp_grouped_kernel, (start,),
             meta, buf, tickets,
             *_four(xs), *_four(dys if dys is not None else xs), *_four(w1s), *_four(w2s), *_four(mults),
-            G=len(xs), LAYOUT=layout, ALIGNED=aligned, MODE=mode,
+            G=len(xs), LAYOUT=layout, ALIGNED=aligned, MODE=mode, NB=nb,
             BLOCK_C=tiles["BLOCK_C"], BLOCK_P=tiles["BLOCK_P"], num_warps=tiles["num_warps"],
             enable_fp_fusion=False, **mlp,
         )
     return buf, views, (layout, tiles, aligned, [r for r, _ in regions])
 
 
-def _grouped_scale(ins, outs, buf: Tensor, group: tuple, has_bias: bool) -> None:
-    """One ``_mimb_scale_grouped_kernel`` launch: ``outs[i] = ins[i] * a_i (+ bias_i)``."""
+def _grouped_scale(ins, outs, buf: Tensor, group: tuple, has_bias: bool, gather: bool = False) -> None:
+    """One ``_mimb_scale_grouped_kernel`` launch: ``outs[i] = ins[i] * a_i (+ bias_i)``; or
+    (``gather``) one ``_mimb_gather_grouped_kernel`` launch: ``outs[i] = sum_n ins[i]_n * a_i[n]
+    + bias_i``."""
     layout, tiles, aligned, regions = group
     rows, start = [], 0
     for inp, out, r in zip(ins, outs, regions):
-        B, C, H, W = inp.shape
+        C, H, W = inp.shape[1:]
+        B, NB = (out.shape[0], inp.shape[0]) if gather else (inp.shape[0], out.shape[0])
         num_pblocks = triton.cdiv(H * W, tiles["BLOCK_P"])
         num_cblocks = triton.cdiv(C, tiles["BLOCK_C"])
-        rows.append((start, B, C, H * W, out.shape[0] // B, num_pblocks, num_cblocks, r["a"], r.get("bias", 0)))
+        rows.append((start, B, C, H * W, NB // B, num_pblocks, num_cblocks, r["a"], r.get("bias", 0)))
         start += B * num_cblocks * num_pblocks
     meta = _meta(rows, buf.device)
+    flags = {} if gather else dict(HAS_BIAS=has_bias)
     with _device_guard(ins[0]):
         launch(
-            _mimb_scale_grouped_kernel, (start,),
+            _mimb_gather_grouped_kernel if gather else _mimb_scale_grouped_kernel, (start,),
             meta, buf, *_four(ins), *_four(outs),
-            G=len(ins), LAYOUT=layout, ALIGNED=aligned, HAS_BIAS=has_bias,
+            G=len(ins), LAYOUT=layout, ALIGNED=aligned, **flags,
             BLOCK_C=tiles["BLOCK_C"], BLOCK_P=tiles["BLOCK_P"], num_warps=tiles["num_warps"],
             enable_fp_fusion=False,
         )
@@ -653,8 +663,44 @@ def mimb_instances_grouped_triton(xs, w1s, w2s, tables) -> list[Tensor]:
     return _by_groups(len(xs), live, groups, run, lambda i: single(xs[i], w1s[i], w2s[i], tables[i]))
 
 
+def mimb_instances_grouped_bwd_triton(dys, xs, w1s, w2s, tables):
+    """``mimb_instances_bwd_triton`` over branch lists: ``(dxs, dw1s, dw2s, dtables)``, two
+    launches per launch group (plus the two weight-gradient launches per branch)."""
+    xs = [_dense(x) for x in xs]
+    t3s = [_table3(t, x.shape[0]) for t, x in zip(tables, xs)]
+    for i, (dy, x, t) in enumerate(zip(dys, xs, t3s)):
+        want = (t.shape[0] * x.shape[0], *x.shape[1:])
+        if tuple(dy.shape) != want:
+            raise ValueError(f"dys[{i}] must have shape [N*B, C, H, W] = {list(want)}, got {list(dy.shape)}")
+    dys = [dy.contiguous(memory_format=out_memory_format(x)) for dy, x in zip(dys, xs)]
+    live = [i for i, x in enumerate(xs) if x.numel() > 0 and t3s[i].shape[0] > 0]
+    for i in live:
+        _check_sizes(xs[i])
+
+    def run(idx):
+        gx, gdy = [xs[i] for i in idx], [dys[i] for i in idx]
+        buf, views, group = _grouped_reduce_mlp(3, gx, gdy, [w1s[i] for i in idx], [w2s[i] for i in idx],
+                                                [t3s[i] for i in idx], None)
+        dxs = [torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_memory_format(x)) for x in gx]
+        # the apply pass streams one dy tile per step: the full-size tiles, not the reduction's
+        _grouped_scale(gdy, dxs, buf, (*_group_tiles(gx), group[3]), True, gather=True)
+        out = []
+        for dx, r, i in zip(dxs, views, idx):
+            dw1, dw2 = _weight_grads(r)
+            dv = r["dv"] if tables[i].dim() == 3 else r["dv"].sum(dim=1)
+            out.append((dx, dw1.to(w1s[i].dtype), dw2.to(w2s[i].dtype), dv.to(tables[i].dtype, copy=True)))
+        return out
+
+    groups = _groups([xs[i] for i in live], [dys[i] for i in live], [w1s[i] for i in live],
+                     [w2s[i] for i in live], [tables[i] for i in live])
+    res = _by_groups(len(xs), live, groups, run,
+                     lambda i: mimb_instances_bwd_triton(dys[i], xs[i], w1s[i], w2s[i], tables[i]))
+    return tuple([r[k] for r in res] for k in range(4))
+
+
 __all__ = [
     "mimb_instances_bwd_triton",
+    "mimb_instances_grouped_bwd_triton",
     "mimb_instances_grouped_triton",
     "mimb_instances_triton",
     "mimb_scale_bwd_triton",

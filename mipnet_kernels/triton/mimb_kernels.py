@@ -264,7 +264,8 @@ def _scale_program(
 
 
 @triton.jit
-def _mimb_gather_kernel(
+def _gather_program(
+    pid,  # program id within this launch (within the branch for grouped launches)
     in_ptr,  # input dy, shape (N*B, C, H, W), instance-major, NCHW or NHWC (strides below)
     a_ptr,  # per-channel scales, shape (N, B, C), contiguous, accumulation dtype
     bias_ptr,  # per-channel additive term, shape (B, C), a's dtype
@@ -277,7 +278,6 @@ def _mimb_gather_kernel(
     (sum in instance order, then the bias; rounded once): each ``dy_n`` tile read once, ``dx``
     written once."""
     ACC = a_ptr.dtype.element_ty
-    pid = tl.program_id(0)
     pblk = pid % num_pblocks
     bc = pid // num_pblocks
     b = bc // num_cblocks
@@ -295,6 +295,15 @@ def _mimb_gather_kernel(
         y += v * a[:, None]
     bias = tl.load(bias_ptr + b * C + cs, mask=cmask, other=0.0)
     _store_rounded(out_ptr + b.to(tl.int64) * C * HW + offs, y + bias[:, None], m)
+
+
+@triton.jit
+def _mimb_gather_kernel(
+    in_ptr, a_ptr, bias_ptr, out_ptr, B, C, HW, N, stride_c, stride_p, num_pblocks, num_cblocks,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    _gather_program(tl.program_id(0), in_ptr, a_ptr, bias_ptr, out_ptr, B, C, HW, N, stride_c, stride_p,
+                    num_pblocks, num_cblocks, BLOCK_C, BLOCK_P)
 
 
 # Single-op kernels: the programs above with every size a kernel argument (Triton
@@ -404,23 +413,28 @@ def _pick(g, p0, p1, p2, p3, G: tl.constexpr):
 
 _RM_COLS = ("start", "B", "C", "CR", "HW", "chunk", "num_cblocks", "split", "na", "sw1_r", "sw1_c",
             "sw2_c", "sw2_r", "smult_n", "smult_b", "smult_c", "part", "s", "a", "dv", "gz2", "h", "gz1",
-            "bias", "count")
+            "bias", "count", "ng")
 _SC_COLS = ("start", "B", "C", "HW", "N", "num_pblocks", "num_cblocks", "a", "bias")
 
 
 @triton.jit
 def _mimb_reduce_mlp_grouped_kernel(
-    meta_ptr,  # int32 (G, 25): the _RM_COLS of each branch
+    meta_ptr,  # int32 (G, 26): the _RM_COLS of each branch
     ws_ptr,  # accumulation-dtype workspace: every branch's part, s, a, dv, gz2, h, gz1, bias
     count_ptr,  # int32 tickets, zero on entry
     x0, x1, x2, x3, dy0, dy1, dy2, dy3, w1_0, w1_1, w1_2, w1_3, w2_0, w2_1, w2_2, w2_3, m0, m1, m2, m3,
     G: tl.constexpr, LAYOUT: tl.constexpr, ALIGNED: tl.constexpr, MODE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, MLP_C: tl.constexpr, CR_PAD: tl.constexpr,
+    NB: tl.constexpr,  # MODE 3: instances per program (common to the group); else 1
 ):
-    NCOL: tl.constexpr = 25
+    NCOL: tl.constexpr = 26
     pid = tl.program_id(0)
     g = _branch_of(pid, meta_ptr, G, NCOL)
     row = meta_ptr + g * NCOL
+    if MODE == 3:
+        NG = tl.load(row + 25)
+    else:
+        NG = 1
     C = tl.load(row + 2)
     HW = tl.load(row + 4)
     # The unit stride a literal and, when ALIGNED, the contiguous extent marked a multiple
@@ -445,10 +459,10 @@ def _mimb_reduce_mlp_grouped_kernel(
         ws_ptr + tl.load(row + 20), ws_ptr + tl.load(row + 21), ws_ptr + tl.load(row + 22),
         ws_ptr + tl.load(row + 23),
         tl.load(row + 1), C, tl.load(row + 3), HW, stride_c, stride_p,
-        tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), 1,
+        tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), NG,
         tl.load(row + 9), tl.load(row + 10), tl.load(row + 11), tl.load(row + 12),
         tl.load(row + 13), tl.load(row + 14), tl.load(row + 15),
-        MODE, BLOCK_C, BLOCK_P, MLP_C, CR_PAD, 1,
+        MODE, BLOCK_C, BLOCK_P, MLP_C, CR_PAD, NB,
     )
 
 
@@ -485,4 +499,39 @@ def _mimb_scale_grouped_kernel(
         _pick(g, out0, out1, out2, out3, G),
         tl.load(row + 1), C, HW, tl.load(row + 4), stride_c, stride_p,
         tl.load(row + 5), tl.load(row + 6), HAS_BIAS, BLOCK_C, BLOCK_P,
+    )
+
+
+@triton.jit
+def _mimb_gather_grouped_kernel(
+    meta_ptr,  # int32 (G, 9): the _SC_COLS of each branch
+    ws_ptr,  # the reduction's workspace (a and bias of every branch)
+    in0, in1, in2, in3, out0, out1, out2, out3,
+    G: tl.constexpr, LAYOUT: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """``_mimb_gather_kernel`` over the branches of a grouped instances backward."""
+    NCOL: tl.constexpr = 9
+    pid = tl.program_id(0)
+    g = _branch_of(pid, meta_ptr, G, NCOL)
+    row = meta_ptr + g * NCOL
+    C = tl.load(row + 2)
+    HW = tl.load(row + 3)
+    # (the hints as in _mimb_scale_grouped_kernel)
+    if LAYOUT == 0:
+        if ALIGNED:
+            HW = tl.multiple_of(HW, 16)
+        stride_c = HW
+        stride_p = 1
+    else:
+        if ALIGNED:
+            C = tl.multiple_of(C, 16)
+        stride_c = 1
+        stride_p = C
+    _gather_program(
+        pid - tl.load(row + 0), _pick(g, in0, in1, in2, in3, G),
+        ws_ptr + tl.multiple_of(tl.load(row + 7), 16), ws_ptr + tl.multiple_of(tl.load(row + 8), 16),
+        _pick(g, out0, out1, out2, out3, G),
+        tl.load(row + 1), C, HW, tl.load(row + 4), stride_c, stride_p,
+        tl.load(row + 5), tl.load(row + 6), BLOCK_C, BLOCK_P,
     )
