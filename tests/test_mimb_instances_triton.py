@@ -290,3 +290,17 @@ def test_instances_grouped_backward(dev, dtype, layout, small):
         assert dx.shape == xs[k].shape and dt.shape == tables[k].shape
         for t in (dx, dw1, dw2, dt):
             assert not t.any()
+
+
+def test_instances_backward_other_strides(dev):
+    """Any strides (the op layer passes them through): a sliced x and dy, transposed weight
+    views, a permuted [N, B, C] table."""
+    tm = _tm()
+    x, w1, w2, table = _inputs((2, 8, 4, 3, 2), 3, F32, "contiguous", dev, True, 11)
+    dy = torch.randn(6, 8, 4, 3, generator=torch.Generator().manual_seed(2)).to(dev)
+    xs, dys = relayout(x, "sliced"), relayout(dy, "sliced")
+    w1t, w2t = w1.T.contiguous().T, w2.T.contiguous().T
+    tt = table.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    assert not any(t.is_contiguous() for t in (xs, dys, w1t, w2t, tt))
+    got = tm.mimb_instances_bwd_triton(dys, xs, w1t, w2t, tt)
+    _check_bwd(got, dy, x, w1, w2, table)

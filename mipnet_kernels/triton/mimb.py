@@ -194,11 +194,14 @@ def _check_sizes(x: Tensor) -> None:
         raise ValueError(f"x samples of {C}x{H}x{W} elements exceed the kernels' int32 offsets")
 
 
-def _mlp_settings(C: int, CR: int, warps: int) -> dict:
+def _mlp_settings(C: int, CR: int, warps: int, mode: int = 0, acc: torch.dtype = torch.float32) -> dict:
     """``MLP_C, CR_PAD``: the MLP steps over ``[CR_PAD, MLP_C]`` weight tiles of at most
-    ``1024 * warps`` elements (32 per thread) and at least 16 channels."""
+    ``1024 * warps`` elements (32 per thread) and at least 16 channels; half that for the
+    float64 instances backward (mode 3), whose step also carries ``g_e`` and the instance
+    loop: float64 takes two registers per value (it spilled ~190 bytes at full size)."""
     cr_pad = triton.next_power_of_2(max(CR, 1))
-    mlp_c = max(16, min(triton.next_power_of_2(C), min(4096, 1024 * warps) // cr_pad))
+    budget = min(4096, 1024 * warps) // (2 if mode == 3 and acc == torch.float64 else 1)
+    mlp_c = max(16, min(triton.next_power_of_2(C), budget // cr_pad))
     return dict(MLP_C=mlp_c, CR_PAD=cr_pad)
 
 
@@ -232,7 +235,7 @@ def _reduce_mlp(mode: int, x: Tensor, dy: Tensor | None, w1: Tensor, w2: Tensor,
     ng = triton.cdiv(na, nb) if mode == 3 else 1
     settings = _reduce_settings(B, C, HW, cl, nb, ng)
     split, chunk = settings.pop("SPLIT"), settings.pop("CHUNK")
-    settings.update(_mlp_settings(C, CR, settings["num_warps"]))
+    settings.update(_mlp_settings(C, CR, settings["num_warps"], mode, acc))
     num_cblocks = triton.cdiv(C, settings["BLOCK_C"])
 
     def buf(*shape):
@@ -508,7 +511,7 @@ def _grouped_reduce_mlp(mode: int, xs, dys, w1s, w2s, mults, ss) -> tuple[Tensor
     device = xs[0].device
     nb = min(triton.next_power_of_2(max(m.shape[0] for m in mults)), _MAX_NB) if mode == 3 else 1
     layout, tiles, aligned = _group_tiles(xs, nb)
-    mlp = _mlp_settings(max(x.shape[1] for x in xs), max(w.shape[0] for w in w1s), tiles["num_warps"])
+    mlp = _mlp_settings(max(x.shape[1] for x in xs), max(w.shape[0] for w in w1s), tiles["num_warps"], mode, acc)
     ws, rows, regions = _Workspace(), [], []
     start = count = 0
     for x, w1, w2, mult in zip(xs, w1s, w2s, mults):
