@@ -77,7 +77,11 @@ def _mimb(record) -> None:
                 x, w1, w2, v = inputs(B, C, H, W, r, dtype, cl)
                 y, s = tm.mimb_scale_fwd_triton(x, w1, w2, v)
                 tm.mimb_scale_bwd_triton(torch.zeros_like(y), x, w1, w2, v, s)
-                tm.mimb_instances_triton(x, w1, w2, torch.zeros(3, C, dtype=dtype))
+                for table in (torch.zeros(3, C, dtype=dtype), torch.zeros(3, B, C, dtype=dtype)):
+                    tm.mimb_instances_triton(x, w1, w2, table)
+                    tm.mimb_instances_bwd_triton(torch.zeros((3 * B, C, H, W), dtype=dtype), x, w1, w2, table)
+                tm.mimb_instances_bwd_triton(torch.zeros((9 * B, C, H, W), dtype=dtype), x, w1, w2,
+                                             torch.zeros(9, C, dtype=dtype))  # two instance groups
     # grouped: HRNet-W32's four branches (and three), both layouts, one and two dtypes
     branches = [(2, 32, 64, 48), (2, 64, 32, 24), (2, 128, 16, 12), (2, 256, 8, 6)]
     for dtype in (F32, BF16, F64):
@@ -87,6 +91,13 @@ def _mimb(record) -> None:
                 ys, ss = tm.mimb_scale_grouped_fwd_triton(xs, w1s, w2s, vs)
                 tm.mimb_scale_grouped_bwd_triton([torch.zeros_like(y) for y in ys], xs, w1s, w2s, vs, ss)
                 tm.mimb_instances_grouped_triton(xs, w1s, w2s, [torch.zeros(2, x.shape[1], dtype=dtype) for x in xs])
+                tm.mimb_instances_grouped_triton(  # per-sample tables [N, B, C]
+                    xs, w1s, w2s, [torch.zeros(2, x.shape[0], x.shape[1], dtype=dtype) for x in xs])
+                tables = [torch.zeros((2, x.shape[0], x.shape[1]) if k % 2 else (2 + 7 * (k == 0), x.shape[1]),
+                                      dtype=dtype) for k, x in enumerate(xs)]  # mixed forms, N = 9 and 2
+                tm.mimb_instances_grouped_bwd_triton(
+                    [torch.zeros((t.shape[0] * x.shape[0], *x.shape[1:]), dtype=dtype) for t, x in zip(tables, xs)],
+                    xs, w1s, w2s, tables)
 
 
 def _nms(record) -> None:

@@ -154,7 +154,8 @@ struct Branch : mimb::Tiling {
   int vec;         // vector access (else single elements)
   int block0, nblocks;  // this branch's blocks: [block0, block0 + nblocks)
   Mat w1, w2;  // [Cr, C], [C, Cr]
-  Mat v;       // v [B, C] (fwd, bwd) or table [N, C] (instances)
+  Mat v;       // v [B, C] (fwd, bwd) or table (instances): t[n, b, c] at n*s0 + b*v_sb + c*s1
+  int64_t v_sb;  // instances: the table's stride over b ([N, B, C]); 0 for a [N, C] table
   Mat s_in;    // backward: the forward's s [B, C]
   int embed, Ke, Nl;           // mimb_fwd: v from the embedding MLP (K hidden, N inputs)
   Mat lam, e1, b1, e2, b2;     // [B, Nl], [Ke, Nl], [Ke], [C, Ke], [C]
@@ -195,8 +196,8 @@ __device__ __forceinline__ float ld_raw(const void* p, int64_t o) {
   return T::to_float(__ldg(static_cast<const typename T::raw_t*>(p) + o));
 }
 
-__device__ __forceinline__ float mat_at(const Mat& m, int64_t i, int64_t j) {
-  const int64_t o = i * m.s0 + j * m.s1;
+__device__ __forceinline__ float mat_at(const Mat& m, int64_t i, int64_t j, int64_t o0 = 0) {
+  const int64_t o = o0 + i * m.s0 + j * m.s1;
   switch (m.dt) {
     case kDtF16: return ld_raw<F16>(m.p, o);
     case kDtBF16: return ld_raw<BF16>(m.p, o);
@@ -299,7 +300,7 @@ __device__ void mlp_sample(const Branch& br, int b) {
       br.a[bC + c] = e * v;
     } else if (MODE == kInst) {
       for (int n = 0; n < br.N; ++n)
-        br.a[(static_cast<int64_t>(n) * B + b) * C + c] = e * mat_at(br.v, n, c);
+        br.a[(static_cast<int64_t>(n) * B + b) * C + c] = e * mat_at(br.v, n, c, b * br.v_sb);
     } else {
       const float v = mat_at(br.v, b, c);
       const float ga = sample_sum(br, b, c);
@@ -1077,14 +1078,18 @@ std::vector<Tensor> instances(const std::vector<Tensor>& xs, const std::vector<T
     const bool cl = setup_x(br, x, op, "x" + p, dev);
     setup_excite(br, x, w1s[i], w2s[i], op, p, dev);
     const Tensor& table = tables[i];
-    check_float(table, op, "table" + p, 2, "[N, C]", dev);
-    check_size(table, op, "table" + p, 1, x.size(1), "C (x.size(1))");
+    const bool per_sample = table.dim() == 3;  // [N, B, C]: one row per output sample
+    check_float(table, op, "table" + p, per_sample ? 3 : 2, "[N, C] or [N, B, C]", dev);
+    if (per_sample) check_size(table, op, "table" + p, 1, x.size(0), "B (x.size(0))");
+    check_size(table, op, "table" + p, table.dim() - 1, x.size(1), "C (x.size(1))");
     const int64_t N = table.size(0);
     STD_TORCH_CHECK(N * x.size(0) <= INT_MAX, "mipnet_cuda::", op, ": table", p,
                     " has too many instances");
     Tensor y = alloc_4d(x, N * x.size(0), cl);
     br.N = static_cast<int>(N);
-    br.v = as_mat(table);
+    br.v = Mat{table.data_ptr(), table.stride(0), table.stride(table.dim() - 1),
+               dt_code(table.scalar_type())};
+    br.v_sb = per_sample ? table.stride(1) : 0;
     br.out = y.data_ptr();
     if (N * br.B * br.C > 0) {
       run.push_back(br);

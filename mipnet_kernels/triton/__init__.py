@@ -20,9 +20,11 @@ _LAZY = {
     "mimb_scale_fwd_triton": "mimb",
     "mimb_scale_bwd_triton": "mimb",
     "mimb_instances_triton": "mimb",
+    "mimb_instances_bwd_triton": "mimb",
     "mimb_scale_grouped_fwd_triton": "mimb",
     "mimb_scale_grouped_bwd_triton": "mimb",
     "mimb_instances_grouped_triton": "mimb",
+    "mimb_instances_grouped_bwd_triton": "mimb",
     "oks_nms_sorted_triton": "nms",
     "soft_oks_nms_sorted_triton": "nms",
 }

@@ -2,7 +2,9 @@
 ``@triton.jit`` kernels are in :mod:`.mimb_kernels`.
 
 The specification is the PyTorch reference in :mod:`mipnet_kernels.ops.mimb.reference`
-(``mimb_scale_fwd_reference``, ``mimb_scale_bwd_reference``, ``mimb_instances_reference``).
+(``mimb_scale_fwd_reference``, ``mimb_scale_bwd_reference``, ``mimb_instances_reference``);
+the fused instances backward's is the sum over the instances of ``mimb_scale_bwd_reference``
+(``csrc/schemas.h``, ``mimb_instances_bwd``).
 
 Layouts.  The op layer hands these launchers ``x`` NCHW-contiguous or channels_last (NHWC).
 Both are addressed the same way: sample ``b``, channel ``c``, pixel ``p = h*W + w`` sits at
@@ -26,7 +28,8 @@ kernel is not written for Triton):
    from a per-sample atomic counter; the last program of a sample to arrive sums the
    partials in a fixed order (deterministic, no float atomics) and runs the tiny
    per-sample MLP (``O(C * C/r)``) over ``[C/r, MLP_C]`` weight tiles: forward the scale
-   ``a = sigmoid(W2 relu(W1 s)) * v`` (or ``* table[n]`` for every instance ``n``);
+   ``a = sigmoid(W2 relu(W1 s)) * v`` (or ``* t[n, b]`` for every instance ``n``: the table
+   is addressed as ``t [N, B, C]``, a ``[N, C]`` table with stride 0 over ``b``);
    backward also ``dv``, ``g_s / HW`` and the per-sample vectors ``g_z2, h, g_z1`` whose
    batch sums ``g_z2.T @ h`` and ``g_z1.T @ s`` are ``dw2`` and ``dw1`` (backward only:
    ``_batch_outer_kernel``, two small launches, float32 FMA -- not torch matmuls, whose
@@ -35,7 +38,18 @@ kernel is not written for Triton):
 2. ``_mimb_scale_kernel``: ``out[n*B + b] = in[b] * a[n, b, :] (+ bias[b, :])`` over
    ``[BLOCK_C, BLOCK_P]`` tiles, the input tile loaded once and ``N`` outputs written
    (forward: ``N = 1``, ``in = x``; backward: ``in = dy``, ``bias = g_s / HW``; instances:
-   ``a[n, b] = e[b] * table[n]``).
+   ``a[n, b] = e[b] * t[n, b]``).
+
+The fused instances backward (``mimb_instances_bwd_triton``, reduction mode 3) has the same
+two launches.  Its reduction programs each take a group of up to ``_MAX_NB`` instances: the
+``x`` tile is loaded once and multiplied into the group's ``dy_n`` tiles (one
+``[NB, BLOCK_C, BLOCK_P]`` load; the tile is ``NB`` times smaller), giving the partials of
+``g_a[n] = sum_hw(dy_n * x)`` and of ``sum_hw(x)`` (so ``s`` is not an input).  The MLP
+backward runs once per sample: the instances share the excite, whose gradient is ``g_e =
+sum_n g_a[n] * t[n, b]`` (in instance order), and ``dv[n] = g_a[n] * e``.  The apply pass
+(``_mimb_gather_kernel``) writes ``dx = sum_n dy_n * a[n] + g_s / HW``, each ``dy_n`` tile read
+once.  Bytes: ``x`` once per instance group, each ``dy_n`` twice, ``dx`` once (N separate
+scale backwards: ``x`` N times, each ``dy_n`` twice, N ``dx`` writes and their sum).
 
 Arithmetic is float32 (float64 for float64 inputs, so gradcheck can run through these
 kernels) and every output is rounded once to its dtype.  The sigmoid and the means use
@@ -72,8 +86,11 @@ from ..ops.mimb.contract import (
 )
 from ._launch import launch, num_warps
 from .mimb_kernels import (
+    META_MAX,
     _batch_outer_kernel,
     _meta_row_kernel,
+    _mimb_gather_grouped_kernel,
+    _mimb_gather_kernel,
     _mimb_reduce_mlp_grouped_kernel,
     _mimb_reduce_mlp_kernel,
     _mimb_scale_grouped_kernel,
@@ -88,6 +105,9 @@ _MAX_BLOCK_C = 256
 _MAX_BLOCK_P = 1024
 #: The reduction splits HW until it has about this many programs (~8 per SM on an H100).
 _TARGET_PROGRAMS = 1024
+#: Instances per program of the instances backward's reduction (its x tile is read once per
+#: group of this many instances; the tile shrinks so that ``NB`` dy tiles fit).
+_MAX_NB = 8
 _INT32_MAX = 2**31 - 1
 
 
@@ -119,32 +139,35 @@ def _fit_block(n: int, block: int, floor: int) -> int:
     return block
 
 
-def _tile_settings(C: int, HW: int, channels_last: bool) -> dict:
+def _tile_settings(C: int, HW: int, channels_last: bool, nb: int = 1) -> dict:
     """``BLOCK_C, BLOCK_P, num_warps`` of a ``[BLOCK_C, BLOCK_P]`` tile (channels x pixels).
 
     The contiguous axis gets the long side (NCHW: pixels, up to 1024; NHWC: channels, up to
     256; halved by ``_fit_block`` while that leaves a large masked tail) and the other axis
-    fills the tile to at most ``_TILE_ELEMS`` elements; neither side
-    exceeds the tensor's extent rounded up to a power of two.
+    fills the tile to at most ``_TILE_ELEMS / nb`` elements (``nb`` tiles per step: the
+    instances backward's reduction); neither side exceeds the tensor's extent rounded up to
+    a power of two.
     """
     c2, p2 = triton.next_power_of_2(C), triton.next_power_of_2(HW)
+    elems = _TILE_ELEMS // nb
     if channels_last:
-        block_c = _fit_block(C, min(c2, _MAX_BLOCK_C), 32)
-        block_p = min(p2, max(_TILE_ELEMS // block_c, 1))
+        block_c = _fit_block(C, min(c2, _MAX_BLOCK_C, elems), min(32, elems))
+        block_p = min(p2, max(elems // block_c, 1))
     else:
-        block_p = _fit_block(HW, min(p2, _MAX_BLOCK_P), 128)
-        block_c = min(c2, max(_TILE_ELEMS // block_p, 1))
-    return dict(BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps(block_c * block_p))
+        block_p = _fit_block(HW, min(p2, _MAX_BLOCK_P, elems), min(128, elems))
+        block_c = min(c2, max(elems // block_p, 1))
+    return dict(BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps(nb * block_c * block_p))
 
 
-def _reduce_settings(B: int, C: int, HW: int, channels_last: bool) -> dict:
+def _reduce_settings(B: int, C: int, HW: int, channels_last: bool, nb: int = 1, groups: int = 1) -> dict:
     """Tile settings of the reduction plus ``SPLIT`` (HW chunks) and ``CHUNK`` (pixels each).
 
     ``CHUNK`` is a multiple of ``BLOCK_P``; ``SPLIT`` grows until there are about
-    ``_TARGET_PROGRAMS`` programs or every chunk is a single tile.
+    ``_TARGET_PROGRAMS`` programs (``groups`` instance groups per sample) or every chunk is
+    a single tile.
     """
-    t = _tile_settings(C, HW, channels_last)
-    split, chunk = _split(B, C, HW, t["BLOCK_C"], t["BLOCK_P"])
+    t = _tile_settings(C, HW, channels_last, nb)
+    split, chunk = _split(B * groups, C, HW, t["BLOCK_C"], t["BLOCK_P"])
     return dict(t, SPLIT=split, CHUNK=chunk)
 
 
@@ -171,52 +194,69 @@ def _check_sizes(x: Tensor) -> None:
         raise ValueError(f"x samples of {C}x{H}x{W} elements exceed the kernels' int32 offsets")
 
 
-def _mlp_settings(C: int, CR: int, warps: int) -> dict:
+def _mlp_settings(C: int, CR: int, warps: int, mode: int = 0, acc: torch.dtype = torch.float32) -> dict:
     """``MLP_C, CR_PAD``: the MLP steps over ``[CR_PAD, MLP_C]`` weight tiles of at most
-    ``1024 * warps`` elements (32 per thread) and at least 16 channels."""
+    ``1024 * warps`` elements (32 per thread) and at least 16 channels; half that for the
+    float64 instances backward (mode 3), whose step also carries ``g_e`` and the instance
+    loop: float64 takes two registers per value (it spilled ~190 bytes at full size)."""
     cr_pad = triton.next_power_of_2(max(CR, 1))
-    mlp_c = max(16, min(triton.next_power_of_2(C), min(4096, 1024 * warps) // cr_pad))
+    budget = min(4096, 1024 * warps) // (2 if mode == 3 and acc == torch.float64 else 1)
+    mlp_c = max(16, min(triton.next_power_of_2(C), budget // cr_pad))
     return dict(MLP_C=mlp_c, CR_PAD=cr_pad)
+
+
+def _table3(table: Tensor, B: int) -> Tensor:
+    """The instance table as ``t [N, B, C]``: a ``[N, C]`` table expanded over the batch
+    (stride 0, no copy), a ``[N, B, C]`` one as is."""
+    if table.dim() == 2:
+        return table[:, None, :].expand(table.shape[0], B, table.shape[1])
+    if table.dim() != 3 or table.shape[1] != B:
+        raise ValueError(f"table must have shape [N, C] or [N, B, C] with B = x.shape[0] = {B}, "
+                         f"got {list(table.shape)}")
+    return table
 
 
 def _reduce_mlp(mode: int, x: Tensor, dy: Tensor | None, w1: Tensor, w2: Tensor, mult: Tensor,
                 s: Tensor | None) -> dict:
     """Launch ``_mimb_reduce_mlp_kernel``; returns its outputs by name (see the kernel).
 
-    mode 0: ``s, a [1, B, C]``; mode 1 (``mult = table``): ``s, a [N, B, C]``;
-    mode 2 (``s`` given): ``a, dv, gz2, h, gz1, bias``.
+    ``mult [NA, B, C]``: ``v[None]`` (modes 0, 2) or the table as ``t [N, B, C]`` (modes 1, 3).
+    mode 0: ``s, a [1, B, C]``; mode 1: ``s, a [N, B, C]``;
+    mode 2 (``s`` given): ``a, dv, gz2, h, gz1, bias``;
+    mode 3 (``dy [N*B, C, H, W]``): ``s``, ``a`` and ``dv [N, B, C]``, ``gz2, h, gz1, bias``.
     """
     B, C, H, W = x.shape
     HW = H * W
     CR = w1.shape[0]
     acc = compute_dtype(x)
     stride_c, stride_p, cl = _strides(x)
-    settings = _reduce_settings(B, C, HW, cl)
+    na = mult.shape[0]
+    nb = min(triton.next_power_of_2(na), _MAX_NB) if mode == 3 else 1
+    ng = triton.cdiv(na, nb) if mode == 3 else 1
+    settings = _reduce_settings(B, C, HW, cl, nb, ng)
     split, chunk = settings.pop("SPLIT"), settings.pop("CHUNK")
-    settings.update(_mlp_settings(C, CR, settings["num_warps"]))
+    settings.update(_mlp_settings(C, CR, settings["num_warps"], mode, acc))
     num_cblocks = triton.cdiv(C, settings["BLOCK_C"])
-    na = mult.shape[0] if mode == 1 else 1
 
     def buf(*shape):
         return torch.empty(shape, dtype=acc, device=x.device)
 
     out = {"a": buf(na, B, C)}
-    if mode == 2:
-        out.update(dv=buf(B, C), gz2=buf(B, C), h=buf(B, CR), gz1=buf(B, CR), bias=buf(B, C))
-        out["s"] = s.to(acc).contiguous()
-    else:
-        out["s"] = buf(B, C)
-    part = buf(B, split, C)
+    if mode >= 2:
+        out.update(dv=buf(B, C) if mode == 2 else buf(na, B, C), gz2=buf(B, C), h=buf(B, CR), gz1=buf(B, CR), bias=buf(B, C))
+    out["s"] = s.to(acc).contiguous() if mode == 2 else buf(B, C)
+    # mode 3: the sums of x, then those of dy_n * x per instance
+    part = buf((1 + na if mode == 3 else 1) * B * split * C)
     count = torch.zeros(B, dtype=torch.int32, device=x.device)
     o = lambda k: out.get(k, part)  # noqa: E731  (unused outputs point at scratch)
     with _device_guard(x):
         launch(
-            _mimb_reduce_mlp_kernel, (B * num_cblocks * split,),
+            _mimb_reduce_mlp_kernel, (B * num_cblocks * split * ng,),
             x, x if dy is None else dy, part, count, w1, w2, mult,
             out["s"], out["a"], o("dv"), o("gz2"), o("h"), o("gz1"), o("bias"),
-            B, C, CR, HW, stride_c, stride_p, chunk, num_cblocks, split, na,
-            w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1), mult.stride(0), mult.stride(1),
-            MODE=mode,
+            B, C, CR, HW, stride_c, stride_p, chunk, num_cblocks, split, na, ng,
+            w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1), *mult.stride(),
+            MODE=mode, NB=nb,
             enable_fp_fusion=False,
             **settings,
         )
@@ -238,6 +278,24 @@ def _scale(inp: Tensor, a: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
             inp, a, a if bias is None else bias, out,
             B, C, HW, N, stride_c, stride_p, num_pblocks, num_cblocks,
             HAS_BIAS=bias is not None,
+            enable_fp_fusion=False,
+            **settings,
+        )
+    return out
+
+
+def _gather(dy: Tensor, a: Tensor, bias: Tensor, out: Tensor) -> Tensor:
+    """``out[b] = sum_n dy[n*B + b] * a[n, b] + bias[b]`` with ``a [N, B, C]`` contiguous."""
+    B, C, H, W = out.shape
+    HW = H * W
+    stride_c, stride_p, cl = _strides(out)
+    settings = _tile_settings(C, HW, cl)
+    num_pblocks = triton.cdiv(HW, settings["BLOCK_P"])
+    num_cblocks = triton.cdiv(C, settings["BLOCK_C"])
+    with _device_guard(dy):
+        launch(
+            _mimb_gather_kernel, (B * num_cblocks * num_pblocks,),
+            dy, a, bias, out, B, C, HW, a.shape[0], stride_c, stride_p, num_pblocks, num_cblocks,
             enable_fp_fusion=False,
             **settings,
         )
@@ -277,7 +335,7 @@ def mimb_scale_fwd_triton(x: Tensor, w1: Tensor, w2: Tensor, v: Tensor) -> tuple
     """Forward: ``(y, s)``, ``y`` in ``x``'s dtype and layout, ``s [B, C]`` in the compute dtype."""
     x = _dense(x)
     _check_sizes(x)
-    r = _reduce_mlp(0, x, None, w1, w2, v, None)
+    r = _reduce_mlp(0, x, None, w1, w2, v[None], None)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_memory_format(x))
     _scale(x, r["a"], None, y)
     return y, r["s"]
@@ -295,7 +353,7 @@ def mimb_scale_bwd_triton(
     _check_sizes(x)
     fmt = out_memory_format(x)
     dy = dy.contiguous(memory_format=fmt)  # no copy when dy already has x's layout
-    r = _reduce_mlp(2, x, dy, w1, w2, v, s)
+    r = _reduce_mlp(2, x, dy, w1, w2, v[None], s)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     _scale(dy, r["a"], r["bias"], dx)
     dw1, dw2 = _weight_grads(r)
@@ -308,17 +366,58 @@ def mimb_scale_bwd_triton(
 
 
 def mimb_instances_triton(x: Tensor, w1: Tensor, w2: Tensor, table: Tensor) -> Tensor:
-    """All instances from one read of ``x``: ``y[n*B + b] = x[b] * (e[b] * table[n])``."""
+    """All instances from one read of ``x``: ``y[n*B + b] = x[b] * (e[b] * t[n, b])`` with
+    ``t[n, b] = table[n]`` (``[N, C]``) or ``table[n, b]`` (``[N, B, C]``)."""
     x = _dense(x)
     _check_sizes(x)
     B, C, H, W = x.shape
-    N = table.shape[0]
+    t = _table3(table, B)
+    N = t.shape[0]
     y = torch.empty((N * B, C, H, W), dtype=x.dtype, device=x.device, memory_format=out_memory_format(x))
     if N == 0:
         return y
-    r = _reduce_mlp(1, x, None, w1, w2, table, None)
+    r = _reduce_mlp(1, x, None, w1, w2, t, None)
     _scale(x, r["a"], None, y)
     return y
+
+
+def mimb_instances_bwd_triton(
+    dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, table: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused instances backward: ``(dx, dw1, dw2, dtable)``, the sum over ``n`` of
+    ``mimb_scale_bwd(dy[n*B:(n+1)*B], x, w1, w2, v=t[n])`` (``csrc/schemas.h``).
+
+    Two launches plus the weight gradients', as the scale backward: the reduction reads
+    ``x`` once per group of up to ``_MAX_NB`` instances and each ``dy_n`` once, and its last
+    program per sample runs the MLP backward once (the excite is shared: its gradient is
+    ``g_e = sum_n g_a[n] * t[n]``); the apply pass reads each ``dy_n`` once and writes
+    ``dx = sum_n dy_n * (e * t[n]) + g_s / HW`` once.
+    """
+    x = _dense(x)
+    B, C, H, W = x.shape
+    t = _table3(table, B)
+    N = t.shape[0]
+    if tuple(dy.shape) != (N * B, C, H, W):
+        raise ValueError(f"dy must have shape [N*B, C, H, W] = {[N * B, C, H, W]}, got {list(dy.shape)}")
+    fmt = out_memory_format(x)
+    if N == 0 or x.numel() == 0:  # nothing reaches x, the weights or the table: zeros
+        return (torch.zeros_like(x, memory_format=fmt),
+                torch.zeros(w1.shape, dtype=w1.dtype, device=x.device),
+                torch.zeros(w2.shape, dtype=w2.dtype, device=x.device),
+                torch.zeros(table.shape, dtype=table.dtype, device=x.device))
+    _check_sizes(x)
+    dy = dy.contiguous(memory_format=fmt)  # no copy when dy already has x's layout
+    r = _reduce_mlp(3, x, dy, w1, w2, t, None)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    _gather(dy, r["a"], r["bias"], dx)
+    dw1, dw2 = _weight_grads(r)
+    dv = r["dv"] if table.dim() == 3 else r["dv"].sum(dim=1)  # sum over b: a fixed-order reduction
+    return (
+        dx,
+        dw1.to(w1.dtype).contiguous(),
+        dw2.to(w2.dtype).contiguous(),
+        dv.to(table.dtype).contiguous(),
+    )
 
 
 # --------------------------------------------------------------------------- grouped launches
@@ -351,7 +450,7 @@ def _meta(rows: list[tuple[int, ...]], device: torch.device) -> Tensor:
         table = torch.empty((len(rows), ncol), dtype=torch.int32, device=device)
         with _device_guard(table):
             for i, row in enumerate(rows):
-                launch(_meta_row_kernel, (1,), table[i], *row, *([0] * (24 - ncol)), NCOL=ncol,
+                launch(_meta_row_kernel, (1,), table[i], *row, *([0] * (META_MAX - ncol)), NCOL=ncol,
                        num_warps=1, enable_fp_fusion=False)
         if not capturing:
             if len(_META_CACHE) >= _META_CACHE_MAX:
@@ -379,12 +478,13 @@ def _four(ts: Sequence[Tensor]) -> list[Tensor]:
     return list(ts) + [ts[0]] * (_GROUP - len(ts))
 
 
-def _group_tiles(xs: Sequence[Tensor]) -> tuple[int, dict, bool]:
-    """``(LAYOUT, tile settings of the largest branch, ALIGNED)`` of a launch group."""
+def _group_tiles(xs: Sequence[Tensor], nb: int = 1) -> tuple[int, dict, bool]:
+    """``(LAYOUT, tile settings of the largest branch, ALIGNED)`` of a launch group (``nb``:
+    as ``_tile_settings``)."""
     layout = _layout_class(xs[0])
     big = max(xs, key=lambda t: t.numel())
     B, C, H, W = big.shape
-    tiles = _tile_settings(C, H * W, layout == 1)
+    tiles = _tile_settings(C, H * W, layout == 1, nb)
     aligned = all((x.shape[2] * x.shape[3] if layout == 0 else x.shape[1]) % 16 == 0 for x in xs)
     return layout, tiles, aligned
 
@@ -409,27 +509,31 @@ def _grouped_reduce_mlp(mode: int, xs, dys, w1s, w2s, mults, ss) -> tuple[Tensor
     """
     acc = compute_dtype(xs[0])
     device = xs[0].device
-    layout, tiles, aligned = _group_tiles(xs)
-    mlp = _mlp_settings(max(x.shape[1] for x in xs), max(w.shape[0] for w in w1s), tiles["num_warps"])
+    nb = min(triton.next_power_of_2(max(m.shape[0] for m in mults)), _MAX_NB) if mode == 3 else 1
+    layout, tiles, aligned = _group_tiles(xs, nb)
+    mlp = _mlp_settings(max(x.shape[1] for x in xs), max(w.shape[0] for w in w1s), tiles["num_warps"], mode, acc)
     ws, rows, regions = _Workspace(), [], []
     start = count = 0
     for x, w1, w2, mult in zip(xs, w1s, w2s, mults):
         B, C, H, W = x.shape
         CR = w1.shape[0]
-        split, chunk = _split(B, C, H * W, tiles["BLOCK_C"], tiles["BLOCK_P"])
+        na = mult.shape[0]
+        ng = triton.cdiv(na, nb) if mode == 3 else 1
+        split, chunk = _split(B * ng, C, H * W, tiles["BLOCK_C"], tiles["BLOCK_P"])
         num_cblocks = triton.cdiv(C, tiles["BLOCK_C"])
-        na = mult.shape[0] if mode == 1 else 1
-        r = {"part": ws.region(B * split * C), "s": ws.region(B * C), "a": ws.region(na * B * C)}
+        r = {"part": ws.region((1 + na if mode == 3 else 1) * B * split * C), "s": ws.region(B * C),
+             "a": ws.region(na * B * C)}
         sizes = {"s": (B, C), "a": (na, B, C)}
-        if mode == 2:
-            for k, shape in (("dv", (B, C)), ("gz2", (B, C)), ("h", (B, CR)), ("gz1", (B, CR)), ("bias", (B, C))):
+        if mode >= 2:
+            dv = (B, C) if mode == 2 else (na, B, C)
+            for k, shape in (("dv", dv), ("gz2", (B, C)), ("h", (B, CR)), ("gz1", (B, CR)), ("bias", (B, C))):
                 r[k] = ws.region(math.prod(shape))
                 sizes[k] = shape
         rows.append((start, B, C, CR, H * W, chunk, num_cblocks, split, na, *w1.stride(), *w2.stride(),
                      *mult.stride(), *(r.get(k, 0) for k in ("part", "s", "a", "dv", "gz2", "h", "gz1", "bias")),
-                     count))
+                     count, ng))
         regions.append((r, sizes))
-        start += B * num_cblocks * split
+        start += B * num_cblocks * split * ng
         count += B
     buf = torch.empty(ws.size, dtype=acc, device=device)
     views = [{k: buf[r[k]:r[k] + math.prod(shape)].view(shape) for k, shape in sizes.items()}
@@ -444,29 +548,33 @@ def _grouped_reduce_mlp(mode: int, xs, dys, w1s, w2s, mults, ss) -> tuple[Tensor
             _mimb_reduce_mlp_grouped_kernel, (start,),
             meta, buf, tickets,
             *_four(xs), *_four(dys if dys is not None else xs), *_four(w1s), *_four(w2s), *_four(mults),
-            G=len(xs), LAYOUT=layout, ALIGNED=aligned, MODE=mode,
+            G=len(xs), LAYOUT=layout, ALIGNED=aligned, MODE=mode, NB=nb,
             BLOCK_C=tiles["BLOCK_C"], BLOCK_P=tiles["BLOCK_P"], num_warps=tiles["num_warps"],
             enable_fp_fusion=False, **mlp,
         )
     return buf, views, (layout, tiles, aligned, [r for r, _ in regions])
 
 
-def _grouped_scale(ins, outs, buf: Tensor, group: tuple, has_bias: bool) -> None:
-    """One ``_mimb_scale_grouped_kernel`` launch: ``outs[i] = ins[i] * a_i (+ bias_i)``."""
+def _grouped_scale(ins, outs, buf: Tensor, group: tuple, has_bias: bool, gather: bool = False) -> None:
+    """One ``_mimb_scale_grouped_kernel`` launch: ``outs[i] = ins[i] * a_i (+ bias_i)``; or
+    (``gather``) one ``_mimb_gather_grouped_kernel`` launch: ``outs[i] = sum_n ins[i]_n * a_i[n]
+    + bias_i``."""
     layout, tiles, aligned, regions = group
     rows, start = [], 0
     for inp, out, r in zip(ins, outs, regions):
-        B, C, H, W = inp.shape
+        C, H, W = inp.shape[1:]
+        B, NB = (out.shape[0], inp.shape[0]) if gather else (inp.shape[0], out.shape[0])
         num_pblocks = triton.cdiv(H * W, tiles["BLOCK_P"])
         num_cblocks = triton.cdiv(C, tiles["BLOCK_C"])
-        rows.append((start, B, C, H * W, out.shape[0] // B, num_pblocks, num_cblocks, r["a"], r.get("bias", 0)))
+        rows.append((start, B, C, H * W, NB // B, num_pblocks, num_cblocks, r["a"], r.get("bias", 0)))
         start += B * num_cblocks * num_pblocks
     meta = _meta(rows, buf.device)
+    flags = {} if gather else dict(HAS_BIAS=has_bias)
     with _device_guard(ins[0]):
         launch(
-            _mimb_scale_grouped_kernel, (start,),
+            _mimb_gather_grouped_kernel if gather else _mimb_scale_grouped_kernel, (start,),
             meta, buf, *_four(ins), *_four(outs),
-            G=len(ins), LAYOUT=layout, ALIGNED=aligned, HAS_BIAS=has_bias,
+            G=len(ins), LAYOUT=layout, ALIGNED=aligned, **flags,
             BLOCK_C=tiles["BLOCK_C"], BLOCK_P=tiles["BLOCK_P"], num_warps=tiles["num_warps"],
             enable_fp_fusion=False,
         )
@@ -495,7 +603,7 @@ def mimb_scale_grouped_fwd_triton(xs, w1s, w2s, vs) -> tuple[list[Tensor], list[
     def run(idx):
         gx = [xs[i] for i in idx]
         buf, views, group = _grouped_reduce_mlp(0, gx, None, [w1s[i] for i in idx], [w2s[i] for i in idx],
-                                                [vs[i] for i in idx], None)
+                                                [vs[i][None] for i in idx], None)
         ys = [torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_memory_format(x)) for x in gx]
         _grouped_scale(gx, ys, buf, group, False)
         return [(y, v["s"].clone()) for y, v in zip(ys, views)]  # own storage: outputs must not alias
@@ -519,7 +627,7 @@ def mimb_scale_grouped_bwd_triton(dys, xs, w1s, w2s, vs, ss):
     def run(idx):
         gx, gdy = [xs[i] for i in idx], [dys[i] for i in idx]
         buf, views, group = _grouped_reduce_mlp(2, gx, gdy, [w1s[i] for i in idx], [w2s[i] for i in idx],
-                                                [vs[i] for i in idx], [ss[i] for i in idx])
+                                                [vs[i][None] for i in idx], [ss[i] for i in idx])
         dxs = [torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_memory_format(x)) for x in gx]
         _grouped_scale(gdy, dxs, buf, group, True)
         out = []
@@ -545,7 +653,7 @@ def mimb_instances_grouped_triton(xs, w1s, w2s, tables) -> list[Tensor]:
 
     def run(idx):
         gx = [xs[i] for i in idx]
-        gt = [tables[i] for i in idx]
+        gt = [_table3(tables[i], xs[i].shape[0]) for i in idx]
         buf, _, group = _grouped_reduce_mlp(1, gx, None, [w1s[i] for i in idx], [w2s[i] for i in idx], gt, None)
         ys = [torch.empty((t.shape[0] * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device,
                           memory_format=out_memory_format(x)) for x, t in zip(gx, gt)]
@@ -558,7 +666,44 @@ def mimb_instances_grouped_triton(xs, w1s, w2s, tables) -> list[Tensor]:
     return _by_groups(len(xs), live, groups, run, lambda i: single(xs[i], w1s[i], w2s[i], tables[i]))
 
 
+def mimb_instances_grouped_bwd_triton(dys, xs, w1s, w2s, tables):
+    """``mimb_instances_bwd_triton`` over branch lists: ``(dxs, dw1s, dw2s, dtables)``, two
+    launches per launch group (plus the two weight-gradient launches per branch)."""
+    xs = [_dense(x) for x in xs]
+    t3s = [_table3(t, x.shape[0]) for t, x in zip(tables, xs)]
+    for i, (dy, x, t) in enumerate(zip(dys, xs, t3s)):
+        want = (t.shape[0] * x.shape[0], *x.shape[1:])
+        if tuple(dy.shape) != want:
+            raise ValueError(f"dys[{i}] must have shape [N*B, C, H, W] = {list(want)}, got {list(dy.shape)}")
+    dys = [dy.contiguous(memory_format=out_memory_format(x)) for dy, x in zip(dys, xs)]
+    live = [i for i, x in enumerate(xs) if x.numel() > 0 and t3s[i].shape[0] > 0]
+    for i in live:
+        _check_sizes(xs[i])
+
+    def run(idx):
+        gx, gdy = [xs[i] for i in idx], [dys[i] for i in idx]
+        buf, views, group = _grouped_reduce_mlp(3, gx, gdy, [w1s[i] for i in idx], [w2s[i] for i in idx],
+                                                [t3s[i] for i in idx], None)
+        dxs = [torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_memory_format(x)) for x in gx]
+        # the apply pass streams one dy tile per step: the full-size tiles, not the reduction's
+        _grouped_scale(gdy, dxs, buf, (*_group_tiles(gx), group[3]), True, gather=True)
+        out = []
+        for dx, r, i in zip(dxs, views, idx):
+            dw1, dw2 = _weight_grads(r)
+            dv = r["dv"] if tables[i].dim() == 3 else r["dv"].sum(dim=1)
+            out.append((dx, dw1.to(w1s[i].dtype), dw2.to(w2s[i].dtype), dv.to(tables[i].dtype, copy=True)))
+        return out
+
+    groups = _groups([xs[i] for i in live], [dys[i] for i in live], [w1s[i] for i in live],
+                     [w2s[i] for i in live], [tables[i] for i in live])
+    res = _by_groups(len(xs), live, groups, run,
+                     lambda i: mimb_instances_bwd_triton(dys[i], xs[i], w1s[i], w2s[i], tables[i]))
+    return tuple([r[k] for r in res] for k in range(4))
+
+
 __all__ = [
+    "mimb_instances_bwd_triton",
+    "mimb_instances_grouped_bwd_triton",
     "mimb_instances_grouped_triton",
     "mimb_instances_triton",
     "mimb_scale_bwd_triton",
