@@ -225,7 +225,9 @@ def _instances_bwd_column(backend: str, fused: str | None) -> Kernel:
                   reasons=_block_reasons("mimb_scale_bwd", backend, _scale_bwd_pick))
 
 
-def _instances_grouped_bwd_column(backend: str, fused: str | None) -> Kernel:
+def _instances_grouped_bwd_column(backend: str, fused: str | None, grouped: str | None) -> Kernel:
+    if grouped is not None:  # a one-launch grouped kernel
+        return Kernel(symbol=grouped, finish=_listed)
     if fused is None:  # one grouped scale backward over every (branch, instance)
         return Kernel(fn=_instances_bwd_composite(backend), reasons=_per_branch(
             _block_reasons("mimb_scale_bwd", backend, _scale_bwd_pick)))
@@ -234,16 +236,22 @@ def _instances_grouped_bwd_column(backend: str, fused: str | None) -> Kernel:
                   reasons=_per_branch(lambda *a: table("mimb_instances_bwd").reasons(backend, a[1].device, *a)))
 
 
-#: each backend's fused instances backward (None: the composite)
-_FUSED_INSTANCES_BWD = {"cpu": "mimb_instances_bwd", "cuda": None, "triton": None, "reference": None}
+#: each backend's fused instances backward: (single kernel, one-launch grouped kernel); None:
+#: the composite (single), or the loop over the single kernel / the composite (grouped)
+_FUSED_INSTANCES_BWD = {
+    "cpu": ("mimb_instances_bwd", None),
+    "cuda": (None, None),
+    "triton": ("mimb_instances_bwd_triton", "mimb_instances_grouped_bwd_triton"),
+    "reference": (None, None),
+}
 INSTANCES_BWD = define_kernels(
     "mimb_instances_bwd", _INSTANCES_BWD_ARGS, tensor_args=_INSTANCES_BWD_ARGS,
     example_inputs=_example_instances_bwd,
-    **{b: _instances_bwd_column(b, f) for b, f in _FUSED_INSTANCES_BWD.items()})
+    **{b: _instances_bwd_column(b, f) for b, (f, _) in _FUSED_INSTANCES_BWD.items()})
 INSTANCES_GROUPED_BWD = define_kernels(
     "mimb_instances_grouped_bwd", _INSTANCES_GROUPED_BWD_ARGS, tensor_args=_INSTANCES_GROUPED_BWD_ARGS,
     example_inputs=lambda d: tuple([t] for t in _example_instances_bwd(d)),
-    **{b: _instances_grouped_bwd_column(b, f) for b, f in _FUSED_INSTANCES_BWD.items()})
+    **{b: _instances_grouped_bwd_column(b, f, g) for b, (f, g) in _FUSED_INSTANCES_BWD.items()})
 
 
 # --------------------------------------------------------------------------- embed + scale
