@@ -625,10 +625,12 @@ def _instances_block(x, w1, w2, table, x2, w1b, w2b, t2):
 
 @pytest.mark.parametrize("backend, device", backend_device_params())
 def test_torch_compile_fullgraph_instances(backend, device):
-    """``mimb_instances`` (and grouped) forward + backward under ``torch.compile(fullgraph=True)``."""
+    """``mimb_instances`` (and grouped) forward + backward under ``torch.compile(fullgraph=True)``;
+    the second branch has a per-sample table."""
     dev = skip_unless_runs(backend, device)
     c = make_case(2, 16, 6, 5, 4, N=2, seed=22)
     c2 = make_case(2, 8, 3, 3, 4, N=2, seed=23)
+    c2["table"] = per_sample_table(c2, 2, seed=23)
     base = [c[k] for k in ("x", "w1", "w2", "table")] + [c2[k] for k in ("x", "w1", "w2", "table")]
     require_op(backend, "mimb_instances", *on(dev, *base[:4]))
     fn = _compiled.setdefault("inst", torch.compile(_instances_block, fullgraph=True, backend="aot_eager"))

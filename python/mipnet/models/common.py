@@ -422,8 +422,9 @@ class PoseNet(nn.Module):
         * Training mode (differentiable): ``out`` equals, up to float32 summation order,
           ``forward(images.repeat(N, 1, 1, 1), lam)`` with ``lam[n*B + b] = n`` (the official
           multi-instance step) reshaped to ``[N, B, ...]``, and so do the parameter
-          gradients and, with :attr:`official_trunk_bn_stats`, the BatchNorm running
-          statistics; at a fraction of the cost (the trunk runs on ``B`` samples, not ``N*B``).
+          gradients and, with :attr:`official_trunk_bn_stats` (eager only; not under
+          ``torch.compile``), the BatchNorm running statistics; at a fraction of the cost
+          (the trunk runs on ``B`` samples, not ``N*B``).
 
         A baseline model (N = 1) returns ``forward(images)[None]``.
         """
@@ -432,7 +433,10 @@ class PoseNet(nn.Module):
         if self.training:
             if N == 1:
                 return self._tail(self._trunk(images), None).unsqueeze(0)
-            if self.official_trunk_bn_stats:
+            # Under torch.compile the correction (module hooks, buffer swaps) is not traced:
+            # the compiled step updates the trunk's running variance from the B crops, as
+            # official_trunk_bn_stats = False does (a relative difference below 1/n of each update).
+            if self.official_trunk_bn_stats and not _is_compiling():
                 stats = self.__dict__.get("_repeated_bn_stats")
                 if stats is None or stats.copies != N:
                     stats = self.__dict__["_repeated_bn_stats"] = RepeatedBatchNormStats(N)
