@@ -117,6 +117,7 @@ TEST_SELECTION = {
         f"{_GPU} and {_NOSLOW} and not 133-",
     "tests/test_nms_kernels.py":
         f"{_GPU}",
+    "tests/test_mimb_instances_triton.py": _NOSLOW,  # the per-sample table, the fused backward
 }
 
 #: compute-sanitizer: small cuda-backend kernel tests (no Triton: its JIT under the sanitizer

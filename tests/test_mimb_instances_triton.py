@@ -28,7 +28,8 @@ from utils import HAS_CUDA, check_flash, make_case, relayout, seed_of, skip_unle
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 LAYOUTS = ("contiguous", "channels_last")
 
-pytestmark = pytest.mark.triton
+# on a GPU machine these run on CUDA tensors (compiled), and are part of `make gpu-smoke`'s -m cuda
+pytestmark = [pytest.mark.triton] + ([pytest.mark.cuda] if HAS_CUDA else [])
 
 
 @pytest.fixture
