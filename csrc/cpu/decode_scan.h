@@ -209,10 +209,11 @@ void joints_argmax(const T* img, int64_t nk, int64_t H, int64_t W, int64_t sy, i
 // is written twice with the same values).  No scalar tail and no software prefetch: GCC
 // unrolled and vectorised a scalar tail loop into ~150 instructions of set-up kept live
 // across the rows (spilled), and this loop is memory-bound -- the fewer instructions it
-// executes per cache line, the more misses the core keeps in flight.  That, not the jumps
-// of the flipped maps' order (COCO: 0, 2, 1, 4, 3, ...), was what a prefetch of the next
-// flipped map had been hiding; once the loop is tight the prefetch only costs (48x17x64x48
-// fp32, 1 thread: 1.47x -> 1.35x torch.add with the old prefetch, 1.67x without it).
+// executes per cache line, the more misses the core keeps in flight.  That is most of what
+// a software prefetch of the next flipped map (read in the flip index's order, COCO: 0, 2,
+// 1, 4, 3, ...) had been hiding; once the loop is tight the prefetch only costs.  48x17x64x48
+// fp32, 1 thread, one process, t / torch.add: old loop 1.47x with the prefetch, 1.64x
+// without; this loop 1.35x without, 1.42x with.
 template <class T>
 void flip_rows(const T* a, int64_t say, const T* f, int64_t sfy, T* o, int64_t rows, int64_t W,
                bool shifted) {
