@@ -21,9 +21,12 @@
 // uses a plain strided scan.  The two vector scans (decode_scan.h) are compiled for the
 // baseline ISA and, on x86-64, for AVX2, picked at run time like the MIMB
 // kernels (isa.h: the process-wide path, MIPNET_KERNELS_CPU_ISA); all give identical
-// results.  Arithmetic is float32 after loading (fp16/bf16 converted
-// on load, bit-exactly like c10).  No -ffast-math: the NaN tracking relies on IEEE
-// comparisons; -ffp-contract=off: no FMA, so rounding matches the reference's.
+// results.  The avx512 path runs the AVX2 code: flip_merge's rows are memory-bound, and a
+// 16-lane build of them measured no faster (48x17x64x48 / 96x72 fp32, 1 thread: 1.12x /
+// 1.15x torch.add against 1.07x / 1.09x with 8 lanes, same process, Zen 5).  Arithmetic
+// is float32 after loading (fp16/bf16 converted on load, bit-exactly like c10).  No
+// -ffast-math: the NaN tracking relies on IEEE comparisons; -ffp-contract=off: no FMA, so
+// rounding matches the reference's.
 //
 // Parallelism: OpenMP over maps (or images, channels-last) once there is enough work,
 // with torch's intra-op thread count (torch.set_num_threads).  Each map is computed by
@@ -114,7 +117,7 @@ struct ScanKern {
                  float* best, int32_t* idx, int32_t* bad);
   // flip_merge over rows of contiguous values (see flip_rows)
   void (*flip_rows)(const T* a, int64_t say, const T* f, int64_t sfy, T* o, int64_t rows,
-                    int64_t W, bool shifted, const T* f_next);
+                    int64_t W, bool shifted);
 };
 
 #if !MIPNET_ISA_NATIVE_AVX2
@@ -530,15 +533,7 @@ void flip_impl(const T* a, const T* fl, T* out, const int64_t* fidx, int64_t fid
     const T* fm = fl + b * sf[0] + fidx[j * fidx_stride] * sf[1] + y0 * sf[2];
     T* om = out + (m * H + y0) * W;
     if (rows_contig && !std::is_same<T, c10::Half>::value) {
-      // The flipped map of the next map (the next in this thread's static range, usually),
-      // prefetched while this one streams when it is not simply the next in memory.
-      const T* fn = nullptr;
-      if (m + 1 < maps && y0 == 0) {
-        const int64_t b1 = (m + 1) / K, j1 = (m + 1) % K;
-        if (fidx[j1 * fidx_stride] != fidx[j * fidx_stride] + 1 || b1 != b)
-          fn = fl + b1 * sf[0] + fidx[j1 * fidx_stride] * sf[1];
-      }
-      vk.flip_rows(am, sa[2], fm, sf[2], om, y1 - y0, W, shifted, fn);
+      vk.flip_rows(am, sa[2], fm, sf[2], om, y1 - y0, W, shifted);
       return;
     }
     for (int64_t y = 0; y < y1 - y0; ++y) {
@@ -550,7 +545,7 @@ void flip_impl(const T* a, const T* fl, T* out, const int64_t* fidx, int64_t fid
         continue;
       }
       if (rows_contig) {
-        vk.flip_rows(ar, 0, fr, 0, o, 1, W, shifted, nullptr);
+        vk.flip_rows(ar, 0, fr, 0, o, 1, W, shifted);
         continue;
       }
       if (shifted) o[0] = T((ld(ar[0]) + ld(fr[(W - 1) * sf[3]])) * 0.5f);

@@ -199,46 +199,51 @@ void joints_argmax(const T* img, int64_t nk, int64_t H, int64_t W, int64_t sy, i
 
 // flip_merge over `rows` contiguous rows of W values (row y at a + y * say, f + y * sfy,
 // o + y * W): o[x] = (a[x] + f[W-1-xs]) / 2, xs = x-1 for x >= 1 when shifted, else x;
-// each value rounded once to T.  The mirrored read is a lane reversal.  Whole maps per
-// call (a call per row cost as much as the row's 6 vectors at W = 48); vector stores start
-// where the output is kW-aligned when rows are (unaligned stores across cache lines cost
-// ~1.6x in the shifted case, whose run starts at x = 1).
+// each value rounded once to T.  The mirrored read is a lane reversal.  Whole maps per call
+// (a call per row cost as much as the row's 6 vectors at W = 48).
 //
-// f_next (may be null): the flipped map the caller reads next, prefetched a row per row.
-// flip_merge reads the flipped maps in the order of the flip index (COCO: 0, 2, 1, 4, 3,
-// ...), and the hardware prefetcher restarts at each jump: 1.3x slower than in order at
-// 48x17x64x48 fp32 without this.
+// A row of kW values or more past x0 is whole vectors only: one at x0 (unaligned in the
+// shifted case, whose run starts at x = 1), the next from the first multiple of kW when W
+// keeps rows kW-aligned (unaligned stores across cache lines cost ~1.6x), and the last one
+// ending at W, overlapping its predecessor when W - x0 is not a multiple of kW (the overlap
+// is written twice with the same values).  No scalar tail and no software prefetch: GCC
+// unrolled and vectorised a scalar tail loop into ~150 instructions of set-up kept live
+// across the rows (spilled), and this loop is memory-bound -- the fewer instructions it
+// executes per cache line, the more misses the core keeps in flight.  That is most of what
+// a software prefetch of the next flipped map (read in the flip index's order, COCO: 0, 2,
+// 1, 4, 3, ...) had been hiding; once the loop is tight the prefetch only costs.  48x17x64x48
+// fp32, 1 thread, one process, t / torch.add: old loop 1.47x with the prefetch, 1.64x
+// without; this loop 1.35x without, 1.42x with.
 template <class T>
 void flip_rows(const T* a, int64_t say, const T* f, int64_t sfy, T* o, int64_t rows, int64_t W,
-               bool shifted, const T* f_next) {
+               bool shifted) {
   using namespace vec;
-  const vf half = splat(0.5f);
   const int64_t x0 = shifted ? 1 : 0;       // first x of the mirrored run
   const int64_t off = shifted ? W : W - 1;  // out[x] reads f[off - x] for x >= x0
-  // Vector stores from the first kW-aligned x when W keeps rows aligned.
-  const int64_t xv = (W % kW == 0 && x0 > 0) ? kW : x0;
-  for (int64_t y = 0; y < rows; ++y) {
-    const T* ar = a + y * say;
-    const T* fr = f + y * sfy;
-    T* orow = o + y * W;
-    if (f_next != nullptr) {
-      const char* pn = reinterpret_cast<const char*>(f_next + y * sfy);
-      for (int64_t bytes = 0; bytes < W * static_cast<int64_t>(sizeof(T)); bytes += 64)
-        __builtin_prefetch(pn + bytes);
+  if (W - x0 < kW) {  // narrow maps
+    for (int64_t y = 0; y < rows; ++y) {
+      const T* ar = a + y * say;
+      const T* fr = f + y * sfy;
+      T* orow = o + y * W;
+      if (shifted) orow[0] = T((ld(ar[0]) + ld(fr[W - 1])) * 0.5f);
+      for (int64_t x = x0; x < W; ++x) orow[x] = T((ld(ar[x]) + ld(fr[off - x])) * 0.5f);
     }
+    return;
+  }
+  const vf half = splat(0.5f);
+  const int64_t xa = (x0 > 0 && W % kW == 0) ? kW : x0 + kW;  // the second vector
+  const int64_t xl = W - kW;                                  // the last one
+  const T* ar = a;
+  const T* fr = f;
+  T* orow = o;
+  for (int64_t y = 0; y < rows; ++y, ar += say, fr += sfy, orow += W) {
+    // out[x .. x+kW) reads f[off-x-kW+1 .. off-x] = fe[-x .. -x+kW), reversed.
+    const T* fe = fr + (off - (kW - 1));
     if (shifted) orow[0] = T((ld(ar[0]) + ld(fr[W - 1])) * 0.5f);
-    int64_t x = x0;
-    if (xv > x0 && x0 + kW <= W) {
-      // One unaligned vector for the head [x0, x0 + kW), then aligned ones from xv: the
-      // overlap [xv, x0 + kW) is written twice with the same values.
-      store8(orow + x0, (load8(ar + x0) + reverse(load8(fr + (off - x0 - (kW - 1))))) * half);
-      x = xv;
-    }
-    for (const int64_t e = std::min(xv, W); x < e; ++x) orow[x] = T((ld(ar[x]) + ld(fr[off - x])) * 0.5f);
-    // out[x .. x+kW-1] reads f[off-x-kW+1 .. off-x] reversed.
-    for (; x + kW <= W; x += kW)
-      store8(orow + x, (load8(ar + x) + reverse(load8(fr + (off - x - (kW - 1))))) * half);
-    for (; x < W; ++x) orow[x] = T((ld(ar[x]) + ld(fr[off - x])) * 0.5f);
+    store8(orow + x0, (load8(ar + x0) + reverse(load8(fe - x0))) * half);
+    for (int64_t x = xa; x < xl; x += kW)
+      store8(orow + x, (load8(ar + x) + reverse(load8(fe - x))) * half);
+    store8(orow + xl, (load8(ar + xl) + reverse(load8(fe - xl))) * half);
   }
 }
 
