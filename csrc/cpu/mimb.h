@@ -342,9 +342,48 @@ void planes_axpb_n(const T* dy, int64_t dstride, int64_t N, T* dx, int64_t hw, i
   }
 }
 // y[j * ostride + p] = x[p] * a[j * astride + p] for j < N: x read once, N outputs.
+// NJ > 0: N known at compile time, the N factors splat once per plane (the stores may
+// alias a, so the compiler reloads them per store otherwise) and 16 values per step.
+template <int NJ, class T>
+MIPNET_AI void planes_multi_nj(const T* x, T* y, int64_t hw, int64_t np, int64_t ostride,
+                               const float* a, int64_t astride) {
+  for (int64_t p = 0; p < np; ++p) {
+    const T* xp = x + p * hw;
+    T* yp = y + p * hw;
+    V av[NJ];
+#pragma GCC unroll 4
+    for (int j = 0; j < NJ; ++j) av[j] = vsplat(a[j * astride + p]);
+    int64_t i = 0;
+    for (; i + 16 <= hw; i += 16) {
+      const V x0 = vload(xp + i), x1 = vload(xp + i + 8);
+#pragma GCC unroll 4
+      for (int j = 0; j < NJ; ++j) {
+        vstore(yp + j * ostride + i, x0 * av[j]);
+        vstore(yp + j * ostride + i + 8, x1 * av[j]);
+      }
+    }
+    for (; i + 8 <= hw; i += 8) {
+      const V xv = vload(xp + i);
+#pragma GCC unroll 4
+      for (int j = 0; j < NJ; ++j) vstore(yp + j * ostride + i, xv * av[j]);
+    }
+    for (; i < hw; ++i) {
+      const float xv = ld1(xp[i]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NJ; ++j) yp[j * ostride + i] = T(xv * a[j * astride + p]);
+    }
+  }
+}
 template <class T>
 void planes_multi(const T* x, T* y, int64_t hw, int64_t np, int64_t N, int64_t ostride,
                   const float* a, int64_t astride) {
+  switch (N) {
+    case 1: return planes_multi_nj<1>(x, y, hw, np, ostride, a, astride);
+    case 2: return planes_multi_nj<2>(x, y, hw, np, ostride, a, astride);
+    case 3: return planes_multi_nj<3>(x, y, hw, np, ostride, a, astride);
+    case 4: return planes_multi_nj<4>(x, y, hw, np, ostride, a, astride);
+    default: break;
+  }
   for (int64_t p = 0; p < np; ++p) {
     const T* xp = x + p * hw;
     T* yp = y + p * hw;
