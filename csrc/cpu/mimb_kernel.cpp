@@ -801,23 +801,31 @@ std::tuple<Tensor, Tensor> mimb_fwd_cpu(Tensor x, Tensor lam, Tensor w1, Tensor 
   const float* pl = as_float_2d(lam, bl);
   const float *pb1 = as_float_1d(b1, bb1), *pb2 = as_float_1d(b2, bb2);
   // v depends on lam[b] alone, and lam usually has few distinct rows (one-hot instance
-  // selectors: N of them).  With at most B / 2 distinct rows (bitwise), v is computed once
-  // per distinct row before the phases (the same bits: EmbedV's mat-vecs do not depend on
-  // the grouping) and phase 2 copies each sample's row.
+  // selectors: N of them).  With at most min(B / 2, kMaxDistinctLam) distinct rows
+  // (bitwise; the search costs B * that * N compares at most), v is computed once per
+  // distinct row before the phases (the same bits: EmbedV's mat-vecs do not depend on the
+  // grouping) and phase 2 copies each sample's row.
+  constexpr int64_t kMaxDistinctLam = 32;
+  const int64_t max_u = std::min<int64_t>(B / 2, kMaxDistinctLam);
   std::vector<int64_t> first(static_cast<size_t>(B));  // the distinct row of sample b
   std::vector<int64_t> uniq;                           // the first sample of each
-  for (int64_t b = 0; b < B && static_cast<int64_t>(uniq.size()) * 2 <= B; ++b) {
+  bool few = true;
+  for (int64_t b = 0; b < B && few; ++b) {
     int64_t u = 0;
     const int64_t nu = static_cast<int64_t>(uniq.size());
     while (u < nu && std::memcmp(pl + uniq[u] * N, pl + b * N, sizeof(float) * N) != 0) ++u;
-    if (u == nu) uniq.push_back(b);
+    if (u == nu) {
+      few = nu < max_u;
+      uniq.push_back(b);
+    }
     first[b] = u;
   }
   const int64_t U = static_cast<int64_t>(uniq.size());
-  if (U * 2 <= B) {
+  if (few) {
     std::vector<float> lu(static_cast<size_t>(U * N)), vu(static_cast<size_t>(U * C)),
         z(static_cast<size_t>(U * C)), h(static_cast<size_t>(U * K));
-    for (int64_t u = 0; u < U; ++u) std::copy(pl + uniq[u] * N, pl + (uniq[u] + 1) * N, lu.data() + u * N);
+    for (int64_t u = 0; u < U; ++u)
+      std::copy(pl + uniq[u] * N, pl + (uniq[u] + 1) * N, lu.data() + u * N);
     const EmbedV ev{lu.data(), pb1, pb2, &m1, &m2, sigmoid_fn(), h.data(), z.data(), vu.data(),
                     C, K, N};
     for (int64_t u0 = 0; u0 < U; u0 += 4) ev(u0, std::min<int64_t>(4, U - u0));
