@@ -795,7 +795,8 @@ std::tuple<Tensor, Tensor> mimb_fwd_cpu(Tensor x, Tensor lam, Tensor w1, Tensor 
   const ScaleFwd o = scale_fwd_alloc(x, op);
   if (B * C == 0) return std::make_tuple(o.y, o.s);
 
-  // The embedding, B * (K * N + C * K) multiply-adds, runs in phase 2 (EmbedV).
+  // The embedding, B * (K * N + C * K) multiply-adds, runs in phase 2 (EmbedV), or once per
+  // distinct lam row before the phases (DistinctV).
   std::vector<float> bl, bb1, bb2, be1, be2;
   const Mat m1 = as_mat(e1, be1), m2 = as_mat(e2, be2);
   const float* pl = as_float_2d(lam, bl);
