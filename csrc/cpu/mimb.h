@@ -187,9 +187,10 @@ MIPNET_AI float ld1(const T& v) {
 }
 
 // ================================================================== contiguous spans
-// sum of n values: four accumulators, then lanes, then the tail.
+// sum of n values: four accumulators, then lanes, then the tail.  sum_lanes: the first
+// two steps (the vector to reduce; the tail starts at n - n % 8).
 template <class T>
-MIPNET_AI float sum_body(const T* p, int64_t n) {
+MIPNET_AI V sum_lanes(const T* p, int64_t n) {
   V a0 = vsplat(0.f), a1 = a0, a2 = a0, a3 = a0;
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
@@ -199,8 +200,12 @@ MIPNET_AI float sum_body(const T* p, int64_t n) {
     a3 += vload(p + i + 24);
   }
   for (; i + 8 <= n; i += 8) a0 += vload(p + i);
-  float s = vhsum((a0 + a1) + (a2 + a3));
-  for (; i < n; ++i) s += ld1(p[i]);
+  return (a0 + a1) + (a2 + a3);
+}
+template <class T>
+MIPNET_AI float sum_body(const T* p, int64_t n) {
+  float s = vhsum(sum_lanes(p, n));
+  for (int64_t i = n - n % 8; i < n; ++i) s += ld1(p[i]);
   return s;
 }
 
@@ -250,9 +255,28 @@ MIPNET_AI void axpb_body(const T* dy, T* dx, int64_t n, float a, float k) {
 }
 
 // ================================================================== NCHW: np planes of hw
+// Small planes (hw < kSmallPlane, e.g. 8 x 6 at C = 256) eight at a time: the per-plane
+// horizontal sum, as long as the plane's loads, goes through vhsum_many (the same bits).
+constexpr int64_t kSmallPlane = 256;
 template <class T>
 void planes_sum(const T* x, int64_t hw, int64_t np, float* out) {
-  for (int64_t p = 0; p < np; ++p) out[p] = sum_body(x + p * hw, hw);
+  int64_t p = 0;
+  if (hw < kSmallPlane) {
+    for (; p + 8 <= np; p += 8) {
+      V t[8];
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) t[j] = sum_lanes(x + (p + j) * hw, hw);
+      vhsum_many<8>(t, out + p);
+      if (hw % 8)
+        for (int j = 0; j < 8; ++j) {
+          const T* xp = x + (p + j) * hw;
+          float s = out[p + j];
+          for (int64_t i = hw - hw % 8; i < hw; ++i) s += ld1(xp[i]);
+          out[p + j] = s;
+        }
+    }
+  }
+  for (; p < np; ++p) out[p] = sum_body(x + p * hw, hw);
 }
 template <class T>
 void planes_dot(const T* dy, const T* x, int64_t hw, int64_t np, float* out) {
@@ -318,9 +342,48 @@ void planes_axpb_n(const T* dy, int64_t dstride, int64_t N, T* dx, int64_t hw, i
   }
 }
 // y[j * ostride + p] = x[p] * a[j * astride + p] for j < N: x read once, N outputs.
+// NJ > 0: N known at compile time, the N factors splat once per plane (the stores may
+// alias a, so the compiler reloads them per store otherwise) and 16 values per step.
+template <int NJ, class T>
+MIPNET_AI void planes_multi_nj(const T* x, T* y, int64_t hw, int64_t np, int64_t ostride,
+                               const float* a, int64_t astride) {
+  for (int64_t p = 0; p < np; ++p) {
+    const T* xp = x + p * hw;
+    T* yp = y + p * hw;
+    V av[NJ];
+#pragma GCC unroll 4
+    for (int j = 0; j < NJ; ++j) av[j] = vsplat(a[j * astride + p]);
+    int64_t i = 0;
+    for (; i + 16 <= hw; i += 16) {
+      const V x0 = vload(xp + i), x1 = vload(xp + i + 8);
+#pragma GCC unroll 4
+      for (int j = 0; j < NJ; ++j) {
+        vstore(yp + j * ostride + i, x0 * av[j]);
+        vstore(yp + j * ostride + i + 8, x1 * av[j]);
+      }
+    }
+    for (; i + 8 <= hw; i += 8) {
+      const V xv = vload(xp + i);
+#pragma GCC unroll 4
+      for (int j = 0; j < NJ; ++j) vstore(yp + j * ostride + i, xv * av[j]);
+    }
+    for (; i < hw; ++i) {
+      const float xv = ld1(xp[i]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NJ; ++j) yp[j * ostride + i] = T(xv * a[j * astride + p]);
+    }
+  }
+}
 template <class T>
 void planes_multi(const T* x, T* y, int64_t hw, int64_t np, int64_t N, int64_t ostride,
                   const float* a, int64_t astride) {
+  switch (N) {
+    case 1: return planes_multi_nj<1>(x, y, hw, np, ostride, a, astride);
+    case 2: return planes_multi_nj<2>(x, y, hw, np, ostride, a, astride);
+    case 3: return planes_multi_nj<3>(x, y, hw, np, ostride, a, astride);
+    case 4: return planes_multi_nj<4>(x, y, hw, np, ostride, a, astride);
+    default: break;
+  }
   for (int64_t p = 0; p < np; ++p) {
     const T* xp = x + p * hw;
     T* yp = y + p * hw;
@@ -797,6 +860,20 @@ void mattvec(const TW* M, int64_t ld, const float* v, int64_t vs, float* out, in
 // Non-finite z as torch.sigmoid: NaN -> NaN, -inf -> 0, +inf -> 1.  The Cephes range clamp
 // in vexp (max/min) would turn a NaN into a finite value (a diverged sample, NaN or
 // overflowing x, would look healthy) and -inf into 2.9e-39 (so inf * e is not NaN).
+inline void sigmoid_fixup(const float* z, float* e, int64_t n);
+// Whether any lane has d != 0 (NaN included: z not finite) or z < -80.
+MIPNET_AI bool vany_special(V d, V z) {
+#if MIPNET_MIMB_AVX2
+  const __m256 bad = _mm256_or_ps(_mm256_cmp_ps((__m256)d, _mm256_setzero_ps(), _CMP_NEQ_UQ),
+                                  _mm256_cmp_ps((__m256)z, _mm256_set1_ps(-80.f), _CMP_LT_OQ));
+  return _mm256_movemask_ps(bad) != 0;
+#else
+  const v4i bad_lo = (d.lo != 0.f) | (d.lo != d.lo) | (z.lo < -80.f);
+  const v4i bad_hi = (d.hi != 0.f) | (d.hi != d.hi) | (z.hi < -80.f);
+  const v4i b = bad_lo | bad_hi;
+  return (b[0] | b[1] | b[2] | b[3]) != 0;
+#endif
+}
 inline void sigmoid(const float* z, float* e, int64_t n) {
   const V one = vsplat(1.f);
   int64_t i = 0;
@@ -807,6 +884,21 @@ inline void sigmoid(const float* z, float* e, int64_t n) {
     vstore(te, one / (one + vexp(-vload(tz))));
     for (int64_t j = i; j < n; ++j) e[j] = te[j - i];
   }
+  // The fix-ups below, only for blocks of 8 that hold a non-finite z or one below -80 (one
+  // vector test per block: a scalar test per value cost as much as the vector math).
+  for (int64_t i0 = 0; i0 < n; i0 += 8) {
+    const int64_t m = std::min<int64_t>(8, n - i0);
+    if (m == 8) {
+      const V zv = vload(z + i0);
+      const V d = zv - zv;  // 0 when finite, NaN otherwise
+      if (!vany_special(d, zv)) continue;
+    }
+    sigmoid_fixup(z + i0, e + i0, m);
+  }
+}
+
+// The non-finite / far-left-tail values of n <= 8 consecutive z (see sigmoid).
+inline void sigmoid_fixup(const float* z, float* e, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     const float zj = z[j];
     if (!(zj - zj == 0.f)) {

@@ -63,6 +63,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -759,6 +760,21 @@ struct EmbedV {
   }
 };
 
+// v[b0 .. b0 + nb) copied from the rows computed per distinct lam row (mimb_fwd).
+struct DistinctV {
+  const float* vu;       // [U, C]
+  const int64_t* first;  // [B]: sample b's row of vu
+  float* v;              // [B, C]
+  int64_t C;
+  const float* operator()(int64_t b0, int64_t nb) const {
+    for (int64_t b = b0; b < b0 + nb; ++b) {
+      const float* src = vu + first[b] * C;
+      std::copy(src, src + C, v + b * C);
+    }
+    return v + b0 * C;
+  }
+};
+
 // mimb_scale_fwd with v = sigmoid(e2 @ relu(e1 @ lam[b] + b1) + b2) computed here (float32).
 std::tuple<Tensor, Tensor> mimb_fwd_cpu(Tensor x, Tensor lam, Tensor w1, Tensor w2, Tensor e1,
                                         Tensor b1, Tensor e2, Tensor b2) {
@@ -779,13 +795,50 @@ std::tuple<Tensor, Tensor> mimb_fwd_cpu(Tensor x, Tensor lam, Tensor w1, Tensor 
   const ScaleFwd o = scale_fwd_alloc(x, op);
   if (B * C == 0) return std::make_tuple(o.y, o.s);
 
-  // The embedding, B * (K * N + C * K) multiply-adds, runs in phase 2 (EmbedV).
+  // The embedding, B * (K * N + C * K) multiply-adds, runs in phase 2 (EmbedV), or once per
+  // distinct lam row before the phases (DistinctV).
   std::vector<float> bl, bb1, bb2, be1, be2;
   const Mat m1 = as_mat(e1, be1), m2 = as_mat(e2, be2);
+  const float* pl = as_float_2d(lam, bl);
+  const float *pb1 = as_float_1d(b1, bb1), *pb2 = as_float_1d(b2, bb2);
+  // v depends on lam[b] alone, and lam usually has few distinct rows (one-hot instance
+  // selectors: N of them).  With at most min(B / 2, kMaxDistinctLam) distinct rows
+  // (bitwise; the search costs B * that * N compares at most), v is computed once per
+  // distinct row before the phases (the same bits: EmbedV's mat-vecs do not depend on the
+  // grouping) and phase 2 copies each sample's row.
+  constexpr int64_t kMaxDistinctLam = 32;
+  const int64_t max_u = std::min<int64_t>(B / 2, kMaxDistinctLam);
+  std::vector<int64_t> first(static_cast<size_t>(B));  // the distinct row of sample b
+  std::vector<int64_t> uniq;                           // the first sample of each
+  bool few = true;
+  for (int64_t b = 0; b < B && few; ++b) {
+    int64_t u = 0;
+    const int64_t nu = static_cast<int64_t>(uniq.size());
+    while (u < nu && std::memcmp(pl + uniq[u] * N, pl + b * N, sizeof(float) * N) != 0) ++u;
+    if (u == nu) {
+      few = nu < max_u;
+      uniq.push_back(b);
+    }
+    first[b] = u;
+  }
+  const int64_t U = static_cast<int64_t>(uniq.size());
+  if (few) {
+    std::vector<float> lu(static_cast<size_t>(U * N)), vu(static_cast<size_t>(U * C)),
+        z(static_cast<size_t>(U * C)), h(static_cast<size_t>(U * K));
+    for (int64_t u = 0; u < U; ++u)
+      std::copy(pl + uniq[u] * N, pl + (uniq[u] + 1) * N, lu.data() + u * N);
+    const EmbedV ev{lu.data(), pb1, pb2, &m1, &m2, sigmoid_fn(), h.data(), z.data(), vu.data(),
+                    C, K, N};
+    for (int64_t u0 = 0; u0 < U; u0 += 4) ev(u0, std::min<int64_t>(4, U - u0));
+    std::vector<float> v(static_cast<size_t>(B * C));
+    const DistinctV vrow{vu.data(), first.data(), v.data(), C};
+    scale_fwd_run(o, x, w1, w2, FwdExtras<DistinctV>{vrow},
+                  static_cast<float*>(o.s.data_ptr()));
+    return std::make_tuple(o.y, o.s);
+  }
   std::vector<float> v(static_cast<size_t>(B * C)), z(static_cast<size_t>(B * C)),
       h(static_cast<size_t>(B * K));
-  const EmbedV vrow{as_float_2d(lam, bl), as_float_1d(b1, bb1), as_float_1d(b2, bb2), &m1,
-                    &m2, sigmoid_fn(), h.data(), z.data(), v.data(), C, K, N};
+  const EmbedV vrow{pl, pb1, pb2, &m1, &m2, sigmoid_fn(), h.data(), z.data(), v.data(), C, K, N};
   scale_fwd_run(o, x, w1, w2, FwdExtras<EmbedV>{vrow},
                 static_cast<float*>(o.s.data_ptr()));
   return std::make_tuple(o.y, o.s);
