@@ -730,6 +730,29 @@ def test_cpu_fused_mimb_fwd_routing(monkeypatch):
     assert calls == ["fused", "fused"] and xg.grad is not None
 
 
+@pytest.mark.parametrize("lam_kind", ["one_hot", "repeated_soft", "distinct", "mostly_distinct", "last_column"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cpu_fused_mimb_fwd_embedding_per_distinct_row(lam_kind, layout):
+    """The cpu kernel computes the embedding once per distinct lam row (when rows repeat):
+    bit-identical to computing it per sample (one-sample calls)."""
+    _cpu_mimb_fwd_or_skip()
+    B, N = 12, 3
+    c = make_case(B, 16, 5, 4, 4, N=N, seed=31)
+    g = torch.Generator().manual_seed(32)
+    lam = {"one_hot": torch.eye(N)[torch.randint(0, N, (B,), generator=g)],
+           "repeated_soft": torch.softmax(torch.randn(3, N, generator=g), 1)[torch.arange(B) % 3],
+           "distinct": torch.softmax(torch.randn(B, N, generator=g), 1),
+           "mostly_distinct": torch.softmax(torch.randn(B, N, generator=g), 1)[torch.tensor([0, 0] + list(range(2, B)))],
+           # rows that differ in their last element only (every element must be compared)
+           "last_column": torch.cat([torch.full((B, N - 1), 0.25), (torch.arange(B) % 4)[:, None] / 4.0], 1)}[lam_kind]
+    x = relayout(c["x"], layout)
+    rest = [c[k] for k in MIMB_KEYS[2:]]
+    y, s = torch.ops.mipnet_cpu.mimb_fwd(x, lam, *rest)
+    for b in range(B):
+        yb, sb = torch.ops.mipnet_cpu.mimb_fwd(x[b:b + 1], lam[b:b + 1], *rest)
+        assert torch.equal(y[b:b + 1], yb) and torch.equal(s[b:b + 1], sb), b
+
+
 def test_cpu_fused_mimb_fwd_bad_input():
     """The private op checks its own inputs (it is reachable as torch.ops.mipnet_cpu.mimb_fwd)."""
     _cpu_mimb_fwd_or_skip()
