@@ -379,6 +379,15 @@ struct Mlp {
     w2.matvec_multi(h, Cr, z2, C, C, Cr, nb);
     for (int64_t j = 0; j < nb; ++j) sigmoid(z2 + j * C, e + j * C, C);
   }
+
+  // The backward from g_z2 (one sample) to the dx bias: g_h = w2^T g_z2, g_z1 = g_h *
+  // (z1 > 0) (into gz1), g_s = w1^T g_z1, bias = g_s / n (into bias, C values).
+  void backward_to_bias(const float* gz2, const float* z1, float* gz1, float* bias, float n) const {
+    w2.mattvec(gz2, gz1, C, Cr);
+    for (int64_t r = 0; r < Cr; ++r) gz1[r] = z1[r] > 0.f ? gz1[r] : 0.f;
+    w1.mattvec(gz1, bias, Cr, C);
+    for (int64_t c = 0; c < C; ++c) bias[c] = bias[c] / n;
+  }
 };
 
 // A small 2-D operand as contiguous float32: the tensor's own data when it already is,
@@ -923,12 +932,7 @@ void scale_bwd_impl(const Geometry& g, const T* dy, const T* x, T* dx, const Mlp
     }
     store_floats(ga, out.dv, out.tv, b * C, C);
     hook.sample(b, ga);
-    // g_h = w2^T g_z2, g_z1 = g_h * (z1 > 0)
-    mlp.w2.mattvec(gz2b, gz1b, C, Cr);
-    for (int64_t r = 0; r < Cr; ++r) gz1b[r] = z1b[r] > 0.f ? gz1b[r] : 0.f;
-    // g_s = w1^T g_z1;  the dx bias g_s / HW
-    mlp.w1.mattvec(gz1b, kb, Cr, C);
-    for (int64_t c = 0; c < C; ++c) kb[c] = kb[c] / n_f;
+    mlp.backward_to_bias(gz2b, z1b, gz1b, kb, n_f);  // the dx bias g_s / HW
   };
   const float* pa = a.data();
   const float* pk = kk.data();
@@ -1651,12 +1655,7 @@ void instances_bwd_impl(const Geometry& g, const T* dy, const T* x, T* dx, const
     if (t.per_sample)
       for (int64_t n = 0; n < N; ++n)
         store_floats(ga.data() + (n * B + b) * C, out.dtable, out.tt, (n * B + b) * C, C);
-    // g_h = w2^T g_z2, g_z1 = g_h * (z1 > 0)
-    mlp.w2.mattvec(gz2b, gz1b, C, Cr);
-    for (int64_t r = 0; r < Cr; ++r) gz1b[r] = z1b[r] > 0.f ? gz1b[r] : 0.f;
-    // g_s = w1^T g_z1;  the dx bias g_s / HW
-    mlp.w1.mattvec(gz1b, kb, Cr, C);
-    for (int64_t c = 0; c < C; ++c) kb[c] = kb[c] / n_f;
+    mlp.backward_to_bias(gz2b, z1b, gz1b, kb, n_f);  // the dx bias g_s / HW
   };
   const float* pa = a.data();
   const float* pk = kk.data();
