@@ -299,7 +299,6 @@ def instances_vs_scale_calls(backend: str = "cpu", rounds: int = 15, reps: int =
     ``mimb_instances`` forward + backward vs two ``mimb_scale`` forward + backward calls
     (``x``, ``w1``, ``w2`` gradients accumulated by autograd), CPU fp32, W32 branches,
     batch 4, N = 2.  ``OMP_NUM_THREADS=1 python -m benchmarks.test_mimb_bench``."""
-    import time
 
     B, N = 4, NUM_INSTANCES
     g = torch.Generator().manual_seed(0)
@@ -324,21 +323,30 @@ def instances_vs_scale_calls(backend: str = "cpu", rounds: int = 15, reps: int =
             for n in range(N):
                 mipnet_kernels.mimb_scale(leaves[0], leaves[1], leaves[2], vs[n]).backward(dys[n])
 
-        best = [float("inf"), float("inf")]
         with use_backend(backend):
-            for fn in (instances, scale_calls) * 3:
-                fn()
-            for _ in range(rounds):
-                for i, fn in enumerate((instances, scale_calls)):
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        fn()
-                    best[i] = min(best[i], (time.perf_counter() - t0) / reps)
+            best = _interleaved_best((instances, scale_calls), rounds, reps)
         total = [a + b for a, b in zip(total, best)]
         print(f"{B}x{C}x{H}x{W}: instances fwd+bwd {best[0] * 1e6:7.1f} us | {N} x mimb_scale "
               f"fwd+bwd {best[1] * 1e6:7.1f} us | speed-up {best[1] / best[0]:.2f}x")
     print(f"all four branches: {total[0] * 1e6:.1f} us vs {total[1] * 1e6:.1f} us, "
           f"speed-up {total[1] / total[0]:.2f}x")
+
+
+def _interleaved_best(fns, rounds: int, reps: int) -> list[float]:
+    """Seconds per call of each of ``fns``: three warm-up calls each, then ``rounds`` rounds
+    that time ``reps`` calls of each in turn; the best round of each."""
+    import time
+
+    for fn in tuple(fns) * 3:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            best[i] = min(best[i], (time.perf_counter() - t0) / reps)
+    return best
 
 
 def instances_kernels_vs_scale_kernels(rounds: int = 15, reps: int = 20, layout: str = "contiguous") -> None:
@@ -347,7 +355,6 @@ def instances_kernels_vs_scale_kernels(rounds: int = 15, reps: int = 20, layout:
     (``mimb_scale_fwd`` + ``mimb_scale_bwd``), CPU fp32, W32 branches, batch 4, N = 2
     (interleaved, best of ``rounds`` x ``reps`` calls).
     ``OMP_NUM_THREADS=1 python -m benchmarks.test_mimb_bench --kernels [channels_last]``."""
-    import time
 
     ops = torch.ops.mipnet_cpu
     B, N = 4, NUM_INSTANCES
@@ -372,15 +379,7 @@ def instances_kernels_vs_scale_kernels(rounds: int = 15, reps: int = 20, layout:
                 _, s = ops.mimb_scale_fwd(x, w1, w2, vs[n])
                 ops.mimb_scale_bwd(dys[n], x, w1, w2, vs[n], s)
 
-        best = [float("inf"), float("inf")]
-        for fn in (instances, scale_calls) * 3:
-            fn()
-        for _ in range(rounds):
-            for i, fn in enumerate((instances, scale_calls)):
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    fn()
-                best[i] = min(best[i], (time.perf_counter() - t0) / reps)
+        best = _interleaved_best((instances, scale_calls), rounds, reps)
         total = [a + b for a, b in zip(total, best)]
         print(f"{B}x{C}x{H}x{W} {layout}: instances fwd+bwd kernels {best[0] * 1e6:7.1f} us | {N} x scale "
               f"fwd+bwd kernels {best[1] * 1e6:7.1f} us | speed-up {best[1] / best[0]:.2f}x")
