@@ -125,6 +125,10 @@
   "mimb_instances_grouped(Tensor[] xs, Tensor[] w1s, Tensor[] w2s, Tensor[] tables) -> "   \
   "Tensor[]"
 
+#define MIPNET_MIMB_INSTANCES_GROUPED_BWD_SCHEMA                                            \
+  "mimb_instances_grouped_bwd(Tensor[] dys, Tensor[] xs, Tensor[] w1s, Tensor[] w2s, "     \
+  "Tensor[] tables) -> (Tensor[] dxs, Tensor[] dw1s, Tensor[] dw2s, Tensor[] dtables)"
+
 // ------------------------------------------------------------------------------ OKS-NMS
 // Greedy OKS-NMS over many images at once (mipnet_kernels/ops/nms.py; ARCHITECTURE.md
 // "OKS").  The public op validates, sorts and segments; the kernels see candidates already

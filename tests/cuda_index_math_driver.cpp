@@ -121,8 +121,11 @@ void check_mimb_tiling(int B, int C, int HW, int nhwc, int kvec) {
   const int64_t sample = static_cast<int64_t>(C) * HW;
   std::vector<uint8_t> reads(static_cast<size_t>(B * sample), 0);
   std::vector<uint8_t> tile_seen(static_cast<size_t>(B) * g.nct * g.nsp, 0);
-  // partials written per (b, sp, c): the [B, nsp, C] workspace
-  std::vector<uint8_t> part(static_cast<size_t>(B) * g.nsp * C, 0);
+  // partials written per (plane, b, sp, c): the instances backward's [planes, B, nsp, C]
+  // workspace (plane 0 alone: the other kernels' [B, nsp, C])
+  const int planes = 3;  // N = 2 instances: s and g_a[0], g_a[1]
+  const int64_t plane_size = static_cast<int64_t>(B) * g.nsp * C;
+  std::vector<uint8_t> part(static_cast<size_t>(planes * plane_size), 0);
   std::vector<int> red_writer(static_cast<size_t>(smem_floats));
   const int nblocks = B * g.nct * g.nsp;
   for (int local = 0; local < nblocks && g_case_failures < 30; ++local) {
@@ -201,16 +204,18 @@ void check_mimb_tiling(int B, int C, int HW, int nhwc, int kvec) {
       expect(tile_part[i] == 1,
              "partial of channel %d in tile (b=%d, ct=%d, sp=%d) written %d times, expected 1",
              c_lo + i, tl.b, tl.ct, tl.sp, tile_part[i]);
-      const int64_t w = mm::partial_index(g, tl, c_lo + i);
-      if (expect(w >= 0 && w < static_cast<int64_t>(part.size()), "partial index %lld out of the workspace",
-                 static_cast<long long>(w)))
-        part[static_cast<size_t>(w)] += static_cast<uint8_t>(tile_part[i]);
+      for (int j = 0; j < planes; ++j) {
+        const int64_t w = mm::partial_plane(g, B, j) + mm::partial_index(g, tl, c_lo + i);
+        if (expect(w >= j * plane_size && w < (j + 1) * plane_size,
+                   "partial index %lld outside plane %d of the workspace", static_cast<long long>(w), j))
+          part[static_cast<size_t>(w)] += static_cast<uint8_t>(tile_part[i]);
+      }
     }
   }
   for (size_t i = 0; i < tile_seen.size() && g_case_failures < 30; ++i)
     expect(tile_seen[i] == 1, "tile %zu taken by %d blocks", i, tile_seen[i]);
   for (size_t i = 0; i < part.size() && g_case_failures < 30; ++i)
-    expect(part[i] == 1, "workspace partial (b, sp, c) #%zu written %d times", i, part[i]);
+    expect(part[i] == 1, "workspace partial (plane, b, sp, c) #%zu written %d times", i, part[i]);
   for (size_t i = 0; i < reads.size() && g_case_failures < 30; ++i)
     expect(reads[i] == 1, "element %zu of x read %d times, expected 1", i, reads[i]);
 }

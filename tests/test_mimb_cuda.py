@@ -9,7 +9,11 @@
 * the per-stream counters across calls, shapes, paths and streams; determinism;
 * channels-last tiles wider than a block (C = 264 .. 2048), and a cooperative launch the
   driver refuses (auto falls back to two phases, forced single pass raises, no error left);
-* the fused ``mimb_fwd`` kernel and the private ops' own input checks.
+* the fused ``mimb_fwd`` kernel and the private ops' own input checks;
+* the fused instances backward (``mimb_instances_bwd`` / ``_grouped_bwd``, two phases only):
+  against the official layer in float64 for both table forms, wide channels-last tiles,
+  large maps, unaligned operands; grouped in two launches and bit-identical to single calls;
+  deterministic; not affected by MIPNET_MIMB_CUDA_PATH; empty sums; its input checks.
 
 Every test id contains ``cuda-cuda`` (the Makefile's ``sanitize`` target selects them).
 Skipped without a GPU or without the CUDA extension.
@@ -446,3 +450,144 @@ def test_private_ops_check_their_inputs(dev):
         op.mimb_scale_grouped_fwd([x, x.cpu()], [w1, w1], [w2, w2], [v, v])
     with pytest.raises(RuntimeError, match=r"the lists must have the same length"):
         op.mimb_scale_grouped_fwd([x, x], [w1], [w2, w2], [v, v])
+
+
+# --------------------------------------------------------------------------- instances backward
+def _instances_bwd_inputs(shape, dtype, layout, dev, N, rows, seed):
+    """(cpu operands, cuda operands) of ``mimb_instances_bwd``: dy [N*B, C, H, W] in x's
+    layout, a table of one row per instance [N, C] or per sample [N, B, C]."""
+    c = make_case(*shape, N=N, seed=seed)
+    B, C = shape[:2]
+    table = c["table"] if rows == "instance" else \
+        0.1 + 0.8 * torch.rand(N, B, C, generator=torch.Generator().manual_seed(seed + 2))
+    x, w1, w2, table = (t.to(dtype) for t in (c["x"], c["w1"], c["w2"], table))
+    dy = torch.randn((N * B, *shape[1:4]), generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    on = (relayout(dy.to(dev), layout), relayout(x.to(dev), layout), w1.to(dev), w2.to(dev), table.to(dev))
+    return (dy, x, w1, w2, table), on
+
+
+def _check_instances_bwd(cpu, got, dtype):
+    """Every output of the instances backward against the official layer (flash rule, float64
+    truth): ``official_instances`` differentiated w.r.t. x, w1, w2 and the table."""
+    dy, x, w1, w2, table = cpu
+    _, truth_g = eager_with_grads(official_instances, dy.double(), x.double(), w1.double(), w2.double(), table.double())
+    _, eager_g = eager_with_grads(official_instances, dy, x, w1, w2, table)
+    for name, g, e, t, like in zip(("dx", "dw1", "dw2", "dtable"), got, eager_g, truth_g, (x, w1, w2, table)):
+        assert g.shape == like.shape and g.dtype == like.dtype, name
+        check_flash(g, e, t, dtype, name)
+
+
+# (B, C, H, W, r): vectors and single elements, C = 1 / 3 / 384 and channels-last tiles wider
+# than a block (264, 2048), H*W = 1 .. 64x48.
+INST_BWD_SHAPES = [(1, 1, 33, 17, 1), (2, 3, 7, 5, 1), (3, 48, 16, 12, 4), (2, 384, 12, 9, 4),
+                   (2, 264, 3, 5, 4), (2, 2048, 1, 1, 4), (2, 32, 64, 48, 4)]
+INST_BWD_CASES = [(s, d, lay, N, rows) for s in INST_BWD_SHAPES for d in (F32, F16, BF16)
+                  for lay in ("contiguous", "channels_last") for N, rows in ((3, "instance"), (2, "sample"))]
+
+
+@pytest.mark.parametrize("shape, dtype, layout, N, rows", _params(INST_BWD_CASES))
+def test_instances_bwd_against_official(dev, shape, dtype, layout, N, rows):
+    cpu, on = _instances_bwd_inputs(shape, dtype, layout, dev, N, rows, seed=_seed("inst-bwd", shape) % 1000)
+    got = torch.ops.mipnet_cuda.mimb_instances_bwd(*on)
+    assert got[0].is_contiguous(memory_format=expected_format(on[1])), "dx must have x's memory format"
+    for g in got[1:]:
+        assert g.is_contiguous()
+    _check_instances_bwd(cpu, got, dtype)
+
+
+def test_instances_bwd_large_maps_and_unaligned(dev):
+    """A 256x192 map (several pixel splits per plane), and x / dy at an odd element offset
+    (no vector access) with a transposed w1 and a strided table."""
+    cpu, on = _instances_bwd_inputs((2, 32, 256, 192, 4), F16, "contiguous", dev, 2, "instance", seed=5)
+    _check_instances_bwd(cpu, torch.ops.mipnet_cuda.mimb_instances_bwd(*on), F16)
+    cpu, on = _instances_bwd_inputs((3, 24, 9, 7, 4), F32, "contiguous", dev, 3, "sample", seed=6)
+    dy, x, w1, w2, table = on
+
+    def odd(t):
+        flat = torch.empty(t.numel() + 1, device=dev, dtype=t.dtype)
+        out = flat[1:].view(t.shape)
+        out.copy_(t)
+        return out
+    args = (odd(dy), odd(x), w1.T.contiguous().T, w2, torch.stack([table, table], 3)[..., 0])
+    assert args[1].data_ptr() % 16 != 0 and not args[4].is_contiguous()
+    _check_instances_bwd(cpu, torch.ops.mipnet_cuda.mimb_instances_bwd(*args), F32)
+
+
+def test_instances_bwd_equals_scale_backwards(dev):
+    """The sum over the instances of the cuda scale backward (v = t[n]), within float32
+    reassociation: the contract of csrc/schemas.h."""
+    _, (dy, x, w1, w2, table) = _instances_bwd_inputs((4, 64, 16, 12, 4), F32, "channels_last", dev, 3, "sample", seed=8)
+    B, C = x.shape[:2]
+    s = x.mean((2, 3))
+    parts = [torch.ops.mipnet_cuda.mimb_scale_bwd(dy[n * B:(n + 1) * B], x, w1, w2, table[n], s) for n in range(3)]
+    got = torch.ops.mipnet_cuda.mimb_instances_bwd(dy, x, w1, w2, table)
+    for i, name in enumerate(("dx", "dw1", "dw2")):
+        want = sum(p[i] for p in parts)
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5 * float(want.abs().max()), msg=name)
+    torch.testing.assert_close(got[3], torch.stack([p[3] for p in parts]), rtol=1e-5, atol=1e-6, msg="dtable")
+
+
+@pytest.mark.parametrize("path", _params([(p,) for p in ("auto", *PATHS)]))
+def test_instances_bwd_is_two_launches_and_grouped_equals_single(dev, monkeypatch, path):
+    """Five branches (4 + 1 per launch), float16 with and without vector access, mixed layouts
+    and table forms: two kernel launches per group whatever MIPNET_MIMB_CUDA_PATH says, and
+    every output equal to one call per branch, bit for bit, and to the two-phase run."""
+    monkeypatch.setenv(ENV, path)
+    shapes = [*HRNET_W48, (3, 3, 7, 5)]
+    b = _branches(shapes, F16, dev, N=3)
+    b["x"][1] = b["x"][1].contiguous(memory_format=torch.channels_last)
+    b["table"][2] = torch.rand(3, *b["x"][2].shape[:2], device=dev, dtype=F16)
+    dys = [relayout(torch.randn(3 * x.shape[0], *x.shape[1:], device=dev, dtype=F16),
+                    "channels_last" if i == 1 else "contiguous") for i, x in enumerate(b["x"])]
+    args = (dys, b["x"], b["w1"], b["w2"], b["table"])
+    launches = _kernel_launches(lambda: torch.ops.mipnet_cuda.mimb_instances_grouped_bwd(*[a[:4] for a in args]))
+    assert len(launches) == 2 and "mimb_reduce_kernel" in launches[0] and "mimb_apply_kernel" in launches[1], launches
+    got = torch.ops.mipnet_cuda.mimb_instances_grouped_bwd(*args)
+    for i in range(len(shapes)):
+        single = torch.ops.mipnet_cuda.mimb_instances_bwd(*(a[i] for a in args))
+        for j, (g, s1) in enumerate(zip(got, single)):
+            assert torch.equal(g[i], s1), f"backward output {j} of branch {i}"
+    monkeypatch.setenv(ENV, "two_phase")
+    again = torch.ops.mipnet_cuda.mimb_instances_grouped_bwd(*args)
+    for j, (g, a) in enumerate(zip(got, again)):
+        for i in range(len(shapes)):
+            assert torch.equal(g[i], a[i]), f"output {j} of branch {i} depends on the path variable"
+
+
+def test_instances_bwd_deterministic_and_dy_layout(dev):
+    _, (dy, x, w1, w2, table) = _instances_bwd_inputs((8, 96, 24, 18, 4), BF16, "channels_last", dev, 2, "instance", seed=9)
+    a = torch.ops.mipnet_cuda.mimb_instances_bwd(dy, x, w1, w2, table)
+    b = torch.ops.mipnet_cuda.mimb_instances_bwd(dy, x, w1, w2, table)
+    for i, (p, q) in enumerate(zip(a, b)):
+        assert torch.equal(p, q), f"output {i} differs between two runs"
+    other = dy.contiguous()  # NCHW dy for a channels-last x: brought to x's layout first
+    for i, (p, q) in enumerate(zip(a, torch.ops.mipnet_cuda.mimb_instances_bwd(other, x, w1, w2, table))):
+        assert torch.equal(p, q), f"output {i} depends on dy's layout"
+
+
+def test_instances_bwd_empty_sums(dev):
+    """No instance (N = 0): dx, dw1, dw2 are zero and dtable empty; no sample (B = 0): dx
+    empty, dw1, dw2 and an [N, C] dtable zero."""
+    c = make_case(2, 8, 5, 4, 4, N=2)
+    x, w1, w2, table = (c[k].to(dev) for k in ("x", "w1", "w2", "table"))
+    dx, dw1, dw2, dt = torch.ops.mipnet_cuda.mimb_instances_bwd(x[:0], x, w1, w2, table[:0])
+    assert dx.shape == x.shape and not dx.any() and not dw1.any() and not dw2.any() and dt.shape == (0, 8)
+    dx, dw1, dw2, dt = torch.ops.mipnet_cuda.mimb_instances_bwd(x[:0], x[:0], w1, w2, table)
+    assert dx.shape == (0, 8, 5, 4) and not dw1.any() and not dw2.any() and dt.shape == (2, 8) and not dt.any()
+
+
+def test_instances_bwd_checks_its_inputs(dev):
+    c = make_case(2, 8, 5, 4, 4, N=3)
+    x, w1, w2, table = (c[k].to(dev) for k in ("x", "w1", "w2", "table"))
+    dy = torch.randn(6, 8, 5, 4, device=dev)
+    op = torch.ops.mipnet_cuda
+    with pytest.raises(RuntimeError, match=r"dy must have N \* B rows and the C, H, W of x; size 4 != 6 at dim 0"):
+        op.mimb_instances_bwd(dy[:4], x, w1, w2, table)
+    with pytest.raises(RuntimeError, match=r"dy is float16 but x is float32"):
+        op.mimb_instances_bwd(dy.half(), x, w1, w2, table)
+    with pytest.raises(RuntimeError, match=r"table.size\(1\) must be C"):
+        op.mimb_instances_bwd(dy, x, w1, w2, table[:, :3])
+    with pytest.raises(RuntimeError, match=r"table.size\(1\) must be B"):
+        op.mimb_instances_bwd(dy, x, w1, w2, torch.rand(3, 5, 8, device=dev))
+    with pytest.raises(RuntimeError, match=r"dys\[1\] must be a CUDA tensor"):
+        op.mimb_instances_grouped_bwd([dy, dy.cpu()], [x, x], [w1, w1], [w2, w2], [table, table])

@@ -4,8 +4,10 @@
 //   mimb_fwd(x, lam, w1, w2, e1, b1, e2, b2) -> (y, s)       (v = the embedding MLP, in here)
 //   mimb_scale_bwd(dy, x, w1, w2, v, s) -> (dx, dw1, dw2, dv)
 //   mimb_instances(x, w1, w2, table) -> y
-//   mimb_scale_grouped_fwd / mimb_scale_grouped_bwd / mimb_instances_grouped: the same on
-//   lists of branch tensors, up to kMaxBranches branches per launch.
+//   mimb_instances_bwd(dy, x, w1, w2, table) -> (dx, dw1, dw2, dtable)
+//   mimb_scale_grouped_fwd / mimb_scale_grouped_bwd / mimb_instances_grouped /
+//   mimb_instances_grouped_bwd: the same on lists of branch tensors, up to kMaxBranches
+//   branches per launch.
 //
 // Schemas and contracts: csrc/schemas.h (registered in csrc/register_cuda.cpp).
 // Specification: the PyTorch references in mipnet_kernels/ops/mimb.py:
@@ -13,6 +15,11 @@
 //   y = x * a[:, :, None, None];  backward (per sample, g_a = sum_hw(dy * x)):
 //   dv = g_a * e;  g_z2 = g_a * v * e * (1 - e);  g_z1 = (w2^T g_z2) * (z1 > 0);
 //   dx = dy * a + (w1^T g_z1) / HW;  dw2 = sum_b g_z2 h^T;  dw1 = sum_b g_z1 s^T.
+// Instances (t[n, b] the table's row of output sample n*B + b, a[n, b] = e[b] * t[n, b]):
+//   y[n*B + b] = x[b] * a[n, b];  backward, g_a[n, b] = sum_hw(dy[n*B + b] * x[b]):
+//   dtable[n, b] = g_a[n, b] * e[b] (summed over b for an [N, C] table);
+//   g_z2 = (sum_n g_a[n, b] * t[n, b]) * e * (1 - e);  g_z1, dw1, dw2 as above;
+//   dx[b] = sum_n dy[n*B + b] * a[n, b] + (w1^T g_z1) / HW.
 //
 // ------------------------------------------------------------------ tiles
 // A sample's map is cut into tiles (channel tile ct, pixel split sp); one block of 256
@@ -53,6 +60,13 @@
 // and, in the last block of each sample (the ticket), runs the MLP; kernel 2 re-reads x
 // (backward: dy) and scales, and its blocks also sum the slices of dw1 / dw2.  x is read
 // twice (the second read mostly from L2 when the tensor fits there).
+//
+// The instances backward (mimb_instances_bwd) always takes the two phases: its second pass
+// needs all N instances' dy, which no tile's registers hold.  Kernel 1 loads the x tile
+// into registers once and streams each instance's dy tile past it, writing N + 1 partial
+// sums per channel (s and every g_a[n]: N + 1 planes of the workspace, partial_plane in
+// mimb_tiling.h); kernel 2 reads each dy_n tile again and writes dx once, summing the
+// instances in order.  MIPNET_MIMB_CUDA_PATH does not apply to it.
 //
 // MIPNET_MIMB_CUDA_PATH = auto (default) | two_phase | single_pass forces a path (tests,
 // benchmarks); single_pass raises when the launch does not fit.  The driver may still refuse
@@ -133,7 +147,10 @@ constexpr int kWarps = kThreads / kWarp;
 constexpr int kMaxBranches = 4;           // branches per grouped launch
 constexpr int64_t kMaxSampleElems = int64_t{1} << 30;  // C * H * W (int32 offsets)
 
-enum Mode : int { kFwd = 0, kInst = 1, kBwd = 2 };
+// kFwd: mimb_scale_fwd / mimb_fwd; kInst: mimb_instances; kBwd: mimb_scale_bwd;
+// kInstBwd: mimb_instances_bwd (two-phase only).
+enum Mode : int { kFwd = 0, kInst = 1, kBwd = 2, kInstBwd = 3 };
+constexpr bool is_backward(int mode) { return mode == kBwd || mode == kInstBwd; }
 enum DtCode : int { kDtF32 = 0, kDtF16 = 1, kDtBF16 = 2 };
 
 // ==================================================================== device structs
@@ -148,7 +165,7 @@ struct Mat {
 // tile geometry, mimb_tiling.h) is the base class, so the index math reads it directly.
 struct Branch : mimb::Tiling {
   const void* x;   // [B, C, H, W], NCHW or NHWC dense
-  const void* dy;  // backward: [B, C, H, W], x's layout
+  const void* dy;  // backward: [B, C, H, W] ([N*B, C, H, W] instances), x's layout
   void* out;       // y [N*B, C, H, W] (instances) / y / dx, x's layout
   int B, Cr, N;    // N: outputs per sample (instances; 1 otherwise)
   int vec;         // vector access (else single elements)
@@ -160,18 +177,21 @@ struct Branch : mimb::Tiling {
   int embed, Ke, Nl;           // mimb_fwd: v from the embedding MLP (K hidden, N inputs)
   Mat lam, e1, b1, e2, b2;     // [B, Nl], [Ke, Nl], [Ke], [C, Ke], [C]
   float* s;      // [B, C]: the forward's output s, or workspace (instances, backward)
-  float* part;   // [B, nsp, C] partial sums
+  float* part;   // [B, nsp, C] partial sums ([N + 1, B, nsp, C]: instances backward)
   float* a;      // [N, B, C] scales
   float* k;      // backward: [B, C] dx bias g_s / HW
   float* h;      // [B, Cr] relu(z1)
   float* gz1;    // backward: [B, Cr]
   float* gz2;    // backward: [B, C]
+  float* gt;     // instances backward: [N, B, C] g_a * e (dtable before the sum over b)
   float* hv;     // mimb_fwd: [B, Ke] embedding hidden
   float* vb;     // mimb_fwd: [B, C] embedding output
   void* dv;      // backward outputs, contiguous, dtypes dv_dt / dw1_dt / dw2_dt
   void* dw1;
   void* dw2;
   int dv_dt, dw1_dt, dw2_dt;
+  void* dtable;  // instances backward: contiguous [N, B, C] (dtable_ps) or [N, C]
+  int dtable_dt, dtable_ps;
   unsigned* ticket;  // [B] arrival counters (zero between launches)
   unsigned* flag;    // [B] single pass: "scales published" flags (zero between launches)
 };
@@ -252,10 +272,12 @@ __device__ __forceinline__ void matvec(const Mat& M, int R, int K, const Vec& ve
 
 __device__ __forceinline__ Mat transposed(const Mat& m) { return Mat{m.p, m.s1, m.s0, m.dt}; }
 
-// The per-sample channel sum: the nsp partials of (b, c) in order.  __ldcg: written by
-// other blocks of this launch (or this block) -- read from L2, never a stale L1 line.
-__device__ __forceinline__ float sample_sum(const Branch& br, int b, int c) {
-  const float* p = br.part + static_cast<int64_t>(b) * br.nsp * br.C + c;
+// The per-sample channel sum: the nsp partials of (b, c) in order (workspace plane j: the
+// instances backward's g_a[j - 1]).  __ldcg: written by other blocks of this launch (or
+// this block) -- read from L2, never a stale L1 line.
+__device__ __forceinline__ float sample_sum(const Branch& br, int b, int c, int j = 0) {
+  const float* p = br.part + mimb::partial_plane(br, br.B, j) +
+                   static_cast<int64_t>(b) * br.nsp * br.C + c;
   float s = 0.f;
   for (int sp = 0; sp < br.nsp; ++sp) s += __ldcg(p + static_cast<int64_t>(sp) * br.C);
   return s;
@@ -301,6 +323,17 @@ __device__ void mlp_sample(const Branch& br, int b) {
     } else if (MODE == kInst) {
       for (int n = 0; n < br.N; ++n)
         br.a[(static_cast<int64_t>(n) * B + b) * C + c] = e * mat_at(br.v, n, c, b * br.v_sb);
+    } else if (MODE == kInstBwd) {
+      float ge = 0.f;  // g_e = sum_n g_a[n] * t[n], n in order
+      for (int n = 0; n < br.N; ++n) {
+        const int64_t i = (static_cast<int64_t>(n) * B + b) * C + c;
+        const float t = mat_at(br.v, n, c, b * br.v_sb);
+        const float ga = sample_sum(br, b, c, 1 + n);
+        br.a[i] = e * t;
+        br.gt[i] = ga * e;
+        ge += ga * t;
+      }
+      br.gz2[bC + c] = ge * e * (1.f - e);
     } else {
       const float v = mat_at(br.v, b, c);
       const float ga = sample_sum(br, b, c);
@@ -310,7 +343,7 @@ __device__ void mlp_sample(const Branch& br, int b) {
     }
   });
   __syncthreads();
-  if (MODE != kBwd) return;
+  if (!is_backward(MODE)) return;
   // 4. g_z1 = (w2^T g_z2) * (z1 > 0)   (z1 > 0 <=> h > 0, NaN included)
   float* gz1 = br.gz1 + static_cast<int64_t>(b) * Cr;
   const float* gz2 = br.gz2 + bC;
@@ -324,14 +357,28 @@ __device__ void mlp_sample(const Branch& br, int b) {
 }
 
 // dw2[c, r] = sum_b g_z2[b, c] h[b, r];  dw1[r, c] = sum_b g_z1[b, r] s[b, c]; b in order.
-// Block blk of nblk of the branch takes a grid-stride share of the 2 * C * Cr elements.
+// Instances backward, also dtable: [N, B, C] = gt, or [N, C] = sum_b gt[n, b], b in order.
+// Block blk of nblk of the branch takes a grid-stride share of the 2 * C * Cr (+ dtable)
+// elements.
+template <int MODE>
 __device__ void weight_grads(const Branch& br, int blk, int nblk) {
   const int C = br.C, Cr = br.Cr, B = br.B;
   const int64_t n2 = static_cast<int64_t>(C) * Cr;
-  for (int64_t e = static_cast<int64_t>(blk) * kThreads + threadIdx.x; e < 2 * n2;
+  const int64_t nt =
+      MODE == kInstBwd ? static_cast<int64_t>(br.N) * (br.dtable_ps ? B : 1) * C : 0;
+  for (int64_t e = static_cast<int64_t>(blk) * kThreads + threadIdx.x; e < 2 * n2 + nt;
        e += static_cast<int64_t>(nblk) * kThreads) {
     float acc = 0.f;
-    if (e < n2) {
+    if (MODE == kInstBwd && e >= 2 * n2) {
+      const int64_t f = e - 2 * n2;
+      if (br.dtable_ps) {
+        acc = __ldcg(br.gt + f);
+      } else {
+        const int64_t n = f / C, c = f - n * C;
+        for (int b = 0; b < B; ++b) acc += __ldcg(br.gt + (n * B + b) * C + c);
+      }
+      store_as(br.dtable, f, br.dtable_dt, acc);
+    } else if (e < n2) {
       const int c = static_cast<int>(e / Cr), r = static_cast<int>(e - static_cast<int64_t>(c) * Cr);
       for (int b = 0; b < B; ++b)
         acc += __ldcg(br.gz2 + static_cast<int64_t>(b) * C + c) *
@@ -387,38 +434,16 @@ __device__ __forceinline__ int branch_index(const Group& g) {
   return bi;
 }
 
-// Loads this thread's vectors (backward: dy, after adding dy * x), accumulates the
-// per-channel sums and writes the tile's partial sums (NCHW: a shuffle tree over the lanes
-// of a plane; NHWC: the rows in order through shared memory).  All threads call it.
-template <class D, int V, int MODE>
-__device__ __forceinline__ void reduce_tile(const Branch& br, const Tile& tl,
-                                            const ThreadMap& m, Pack<D, V> (&keep)[kRegVecs],
-                                            float* red) {
-  using raw_t = typename D::raw_t;
-  const int64_t sbase = static_cast<int64_t>(tl.b) * br.C * br.HW;
-  const raw_t* x = static_cast<const raw_t*>(br.x) + sbase;
-  float acc[V];
-#pragma unroll
-  for (int j = 0; j < V; ++j) acc[j] = 0.f;
-#pragma unroll
-  for (int k = 0; k < kRegVecs; ++k) {
-    if (k < m.n) {
-      const int64_t off = m.base + k * m.step;
-      const Pack<D, V> px = load_pack<D, V>(x + off);
-      if (MODE == kBwd) {
-        const Pack<D, V> pd = load_pack<D, V>(static_cast<const raw_t*>(br.dy) + sbase + off);
-#pragma unroll
-        for (int j = 0; j < V; ++j) acc[j] += D::to_float(pd.v[j]) * D::to_float(px.v[j]);
-        keep[k] = pd;
-      } else {
-#pragma unroll
-        for (int j = 0; j < V; ++j) acc[j] += D::to_float(px.v[j]);
-        keep[k] = px;
-      }
-    }
-  }
+// Writes the tile's partial sums of the thread's per-vector-lane sums acc into workspace
+// plane j (NCHW: a shuffle tree over the lanes of a plane; NHWC: the rows in order through
+// shared memory; ends with the readers of red done only at the next barrier).  All threads
+// call it.
+template <int V>
+__device__ __forceinline__ void write_partials(const Branch& br, const Tile& tl,
+                                               const ThreadMap& m, const float (&acc)[V],
+                                               float* red, int plane) {
   // Who writes which partial: mimb_tiling.h (checked on the host by test_cuda_index_math).
-  float* part = br.part + mimb::partial_index(br, tl, 0);
+  float* part = br.part + mimb::partial_plane(br, br.B, plane) + mimb::partial_index(br, tl, 0);
   if (!br.nhwc) {
     float s = 0.f;
 #pragma unroll
@@ -446,6 +471,38 @@ __device__ __forceinline__ void reduce_tile(const Branch& br, const Tile& tl,
   }
 }
 
+// Loads this thread's vectors (backward: dy, after adding dy * x), accumulates the
+// per-channel sums and writes the tile's partial sums.  All threads call it.
+template <class D, int V, int MODE>
+__device__ __forceinline__ void reduce_tile(const Branch& br, const Tile& tl,
+                                            const ThreadMap& m, Pack<D, V> (&keep)[kRegVecs],
+                                            float* red) {
+  using raw_t = typename D::raw_t;
+  const int64_t sbase = static_cast<int64_t>(tl.b) * br.C * br.HW;
+  const raw_t* x = static_cast<const raw_t*>(br.x) + sbase;
+  float acc[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) acc[j] = 0.f;
+#pragma unroll
+  for (int k = 0; k < kRegVecs; ++k) {
+    if (k < m.n) {
+      const int64_t off = m.base + k * m.step;
+      const Pack<D, V> px = load_pack<D, V>(x + off);
+      if (MODE == kBwd) {
+        const Pack<D, V> pd = load_pack<D, V>(static_cast<const raw_t*>(br.dy) + sbase + off);
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[j] += D::to_float(pd.v[j]) * D::to_float(px.v[j]);
+        keep[k] = pd;
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[j] += D::to_float(px.v[j]);
+        keep[k] = px;
+      }
+    }
+  }
+  write_partials<V>(br, tl, m, acc, red, 0);
+}
+
 // Loads the thread's vectors of src (the two-phase apply kernel).
 template <class D, int V>
 __device__ __forceinline__ void load_tile(const typename D::raw_t* src, const ThreadMap& m,
@@ -468,6 +525,43 @@ __device__ __forceinline__ void load_tile_all(const typename D::raw_t* src, cons
 #pragma unroll
       for (int j = 0; j < V; ++j) keep[k].v[j] = 0;
     }
+  }
+}
+
+// The instances backward's reduction: the x tile into registers once, its sums into plane
+// 0; then each instance's dy tile streamed past it, sum(dy_n * x) into plane 1 + n.
+template <class D, int V>
+__device__ __forceinline__ void reduce_tile_instances(const Branch& br, const Tile& tl,
+                                                      const ThreadMap& m, float* red) {
+  using raw_t = typename D::raw_t;
+  const int64_t sample = static_cast<int64_t>(br.C) * br.HW;
+  Pack<D, V> px[kRegVecs];
+  load_tile_all<D, V>(static_cast<const raw_t*>(br.x) + tl.b * sample, m, px);
+  float acc[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) acc[j] = 0.f;
+#pragma unroll
+  for (int k = 0; k < kRegVecs; ++k)
+    if (k < m.n) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) acc[j] += D::to_float(px[k].v[j]);
+    }
+  write_partials<V>(br, tl, m, acc, red, 0);
+  for (int n = 0; n < br.N; ++n) {
+    const raw_t* dy = static_cast<const raw_t*>(br.dy) +
+                      (static_cast<int64_t>(n) * br.B + tl.b) * sample;
+#pragma unroll
+    for (int j = 0; j < V; ++j) acc[j] = 0.f;
+#pragma unroll
+    for (int k = 0; k < kRegVecs; ++k) {
+      if (k < m.n) {
+        const Pack<D, V> pd = load_pack<D, V>(dy + m.base + k * m.step);
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[j] += D::to_float(pd.v[j]) * D::to_float(px[k].v[j]);
+      }
+    }
+    if (br.nhwc) __syncthreads();  // the previous plane's readers of red are done
+    write_partials<V>(br, tl, m, acc, red, 1 + n);
   }
 }
 
@@ -506,6 +600,45 @@ __device__ __forceinline__ void apply_tile(const Branch& br, const Tile& tl, con
         }
         store_pack<D, V>(out + m.base + k * m.step, o);
       }
+    }
+  }
+}
+
+// The instances backward's dx for the thread's vectors: sum_n dy_n * a[n] in order, then
+// + k, each product and sum rounded once (as apply_tile).  Reads each dy_n tile once more
+// (kernel 1 read it for g_a); the scales through the read-only path (written by kernel 1).
+template <class D, int V>
+__device__ __forceinline__ void apply_tile_instances_bwd(const Branch& br, const Tile& tl,
+                                                         const ThreadMap& m) {
+  if (m.n == 0) return;
+  using raw_t = typename D::raw_t;
+  const int64_t sample = static_cast<int64_t>(br.C) * br.HW;
+  const int64_t bC = static_cast<int64_t>(tl.b) * br.C;
+  float kb[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) kb[j] = __ldg(br.k + bC + (br.nhwc ? m.c + j : m.c));
+  raw_t* dx = static_cast<raw_t*>(br.out) + tl.b * sample;
+#pragma unroll
+  for (int k = 0; k < kRegVecs; ++k) {
+    if (k < m.n) {
+      const int64_t off = m.base + k * m.step;
+      float acc[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) acc[j] = 0.f;
+      for (int n = 0; n < br.N; ++n) {
+        const int64_t row = static_cast<int64_t>(n) * br.B + tl.b;
+        const Pack<D, V> pd =
+            load_pack<D, V>(static_cast<const raw_t*>(br.dy) + row * sample + off);
+        const float* a = br.a + row * br.C;
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          acc[j] = __fadd_rn(acc[j],
+                             __fmul_rn(D::to_float(pd.v[j]), __ldg(a + (br.nhwc ? m.c + j : m.c))));
+      }
+      Pack<D, V> o;
+#pragma unroll
+      for (int j = 0; j < V; ++j) o.v[j] = D::from_float(__fadd_rn(acc[j], kb[j]));
+      store_pack<D, V>(dx + off, o);
     }
   }
 }
@@ -550,8 +683,12 @@ template <class D, int V, int MODE>
 __device__ __forceinline__ void reduce_body(const Branch& br, const Tile& tl, float* red,
                                             int* flag_sh) {
   const ThreadMap m = thread_map<V>(br, tl, threadIdx.x);
-  Pack<D, V> keep[kRegVecs];  // unused here: dead after inlining
-  reduce_tile<D, V, MODE>(br, tl, m, keep, red);
+  if constexpr (MODE == kInstBwd) {
+    reduce_tile_instances<D, V>(br, tl, m, red);
+  } else {
+    Pack<D, V> keep[kRegVecs];  // unused here: dead after inlining
+    reduce_tile<D, V, MODE>(br, tl, m, keep, red);
+  }
   if (arrive_last(br.ticket + tl.b, br.nct * br.nsp, flag_sh)) mlp_sample<MODE>(br, tl.b);
 }
 
@@ -571,14 +708,18 @@ __global__ void __launch_bounds__(kThreads, 2) mimb_reduce_kernel(const Group g)
 template <class D, int V, int MODE>
 __device__ __forceinline__ void apply_body(const Branch& br, const Tile& tl) {
   const ThreadMap m = thread_map<V>(br, tl, threadIdx.x);
-  Pack<D, V> keep[kRegVecs];
-  const int64_t sbase = static_cast<int64_t>(tl.b) * br.C * br.HW;
-  load_tile<D, V>(static_cast<const typename D::raw_t*>(MODE == kBwd ? br.dy : br.x) + sbase,
-                  m, keep);
-  apply_tile<D, V, MODE>(br, tl, m, keep);
+  if constexpr (MODE == kInstBwd) {
+    apply_tile_instances_bwd<D, V>(br, tl, m);
+  } else {
+    Pack<D, V> keep[kRegVecs];
+    const int64_t sbase = static_cast<int64_t>(tl.b) * br.C * br.HW;
+    load_tile<D, V>(static_cast<const typename D::raw_t*>(MODE == kBwd ? br.dy : br.x) + sbase,
+                    m, keep);
+    apply_tile<D, V, MODE>(br, tl, m, keep);
+  }
 }
 
-// Two-phase, kernel 2: scale the tile; backward: also a share of dw1 / dw2.
+// Two-phase, kernel 2: scale the tile; backward: also a share of dw1 / dw2 (and dtable).
 template <class D, int MODE>
 __global__ void __launch_bounds__(kThreads, 2) mimb_apply_kernel(const Group g) {
   const Branch& br = g.br[branch_index(g)];
@@ -588,7 +729,7 @@ __global__ void __launch_bounds__(kThreads, 2) mimb_apply_kernel(const Group g) 
     apply_body<D, D::kVec, MODE>(br, tl);
   else
     apply_body<D, 1, MODE>(br, tl);
-  if (MODE == kBwd) weight_grads(br, local, br.nblocks);
+  if (is_backward(MODE)) weight_grads<MODE>(br, local, br.nblocks);
 }
 
 template <class D, int V, int MODE>
@@ -628,7 +769,7 @@ __global__ void __launch_bounds__(kThreads, 2) mimb_single_pass_kernel(const Gro
     single_pass_body<D, 1, MODE>(br, tl, red, &flag_sh);
   if (MODE == kBwd) {
     cooperative_groups::this_grid().sync();  // every sample's MLP is done
-    weight_grads(br, local, br.nblocks);
+    weight_grads<MODE>(br, local, br.nblocks);
   }
 }
 
@@ -825,6 +966,54 @@ std::atomic<int>& refused_grid(int32_t dev) {
   return smallest[dev >= 0 && dev < kMaxDevices ? dev : kMaxDevices];
 }
 
+// The single-pass launch of launch_group when the path allows it and the grid fits: true
+// when it ran; false when the two phases must run (not chosen, or the driver refused the
+// cooperative launch under MIPNET_MIMB_CUDA_PATH=auto).
+template <class D, int MODE>
+bool try_single_pass(Group& g, unsigned grid, cudaStream_t stream, int32_t dev, const char* op) {
+  const int64_t blocks = grid;
+  const Path path = requested_path();
+  const int cap =
+      path == Path::kTwoPhase ? 0 : capacity_override(single_pass_capacity<D, MODE>(dev));
+  std::atomic<int>& refused = refused_grid<D, MODE>(dev);
+  // Forced single pass always asks the driver (whose answer the user then gets); the
+  // automatic choice skips grids the driver has refused before.
+  const int refused_at = refused.load(std::memory_order_relaxed);
+  const bool single = path != Path::kTwoPhase && blocks <= cap &&
+                      (path == Path::kSinglePass || refused_at == 0 || blocks < refused_at);
+  STD_TORCH_CHECK(single || path != Path::kSinglePass, "mipnet_cuda::", op,
+                  ": MIPNET_MIMB_CUDA_PATH=single_pass but the launch does not fit on the device (",
+                  blocks, " tiles, ", cap, " co-resident blocks",
+                  cap == 0 ? ", no cooperative launch" : "", ")");
+  if (!single) return false;
+  void* args[] = {&g};
+  const cudaError_t err = cudaLaunchCooperativeKernel(
+      reinterpret_cast<const void*>(&mimb_single_pass_kernel<D, MODE>), dim3(grid),
+      dim3(kThreads), args, 0, stream);
+  if (err == cudaSuccess) {
+    check_launch(op);
+    return true;
+  }
+  // The runtime also records the error as the thread's last error: clear it, or the next
+  // launch check anywhere in the process (ours, torch's) would report it as its own.
+  (void)cudaGetLastError();
+  STD_TORCH_CHECK(is_cooperative_refusal(err), "mipnet_cuda::", op,
+                  ": cooperative kernel launch failed: ", cudaGetErrorString(err));
+  STD_TORCH_CHECK(path == Path::kAuto, "mipnet_cuda::", op,
+                  ": MIPNET_MIMB_CUDA_PATH=single_pass but the driver refused the cooperative "
+                  "launch of ", blocks, " blocks (", cudaGetErrorString(err),
+                  "): fewer blocks are co-resident in this context than the device's "
+                  "occupancy says (", cap, "), e.g. under MPS limits or in a green context; "
+                  "use MIPNET_MIMB_CUDA_PATH=auto or two_phase");
+  // Remember the refusal (the smallest refused grid) and take the two-phase path.
+  int seen = refused.load(std::memory_order_relaxed);
+  while ((seen == 0 || blocks < seen) &&
+         !refused.compare_exchange_weak(seen, static_cast<int>(blocks),
+                                        std::memory_order_relaxed)) {
+  }
+  return false;
+}
+
 // ==================================================================== host: launch
 // Plans, allocates the workspace and launches one group (<= kMaxBranches branches, one x
 // dtype, all non-empty).  `like`: a tensor on the device (allocation options).
@@ -836,7 +1025,8 @@ void launch_group(Group& g, const Tensor& like, int32_t dev, const char* op) {
     ws += cdiv(n, 4) * 4;
     return o;
   };
-  std::vector<int64_t> off(static_cast<size_t>(g.nbr) * 9, -1);
+  constexpr int kSlots = 10;  // workspace arrays per branch
+  std::vector<int64_t> off(static_cast<size_t>(g.nbr) * kSlots, -1);
   for (int i = 0; i < g.nbr; ++i) {
     Branch& br = g.br[i];
     br.vec = vectorizable(br, D::kVec) ? 1 : 0;
@@ -848,16 +1038,18 @@ void launch_group(Group& g, const Tensor& like, int32_t dev, const char* op) {
     br.nblocks = static_cast<int>(nblk);
     blocks += nblk;
     const int64_t BC = static_cast<int64_t>(br.B) * br.C, BCr = static_cast<int64_t>(br.B) * br.Cr;
-    int64_t* o = &off[static_cast<size_t>(i) * 9];
-    o[0] = take(BC * br.nsp);  // part
-    o[1] = take(BC * br.N);    // a
-    o[2] = take(BCr);          // h
+    int64_t* o = &off[static_cast<size_t>(i) * kSlots];
+    const int planes = MODE == kInstBwd ? br.N + 1 : 1;  // partial_plane (mimb_tiling.h)
+    o[0] = take(BC * br.nsp * planes);  // part
+    o[1] = take(BC * br.N);             // a
+    o[2] = take(BCr);                   // h
     if (MODE != kFwd) o[3] = take(BC);  // s (workspace copy)
-    if (MODE == kBwd) {
+    if (is_backward(MODE)) {
       o[4] = take(BC);   // k
       o[5] = take(BCr);  // gz1
       o[6] = take(BC);   // gz2
     }
+    if (MODE == kInstBwd) o[9] = take(BC * br.N);  // gt
     if (MODE == kFwd && br.embed) {
       o[7] = take(static_cast<int64_t>(br.B) * br.Ke);  // hv
       o[8] = take(BC);                                  // vb
@@ -889,7 +1081,7 @@ void launch_group(Group& g, const Tensor& like, int32_t dev, const char* op) {
   int64_t coff = 0;
   for (int i = 0; i < g.nbr; ++i) {
     Branch& br = g.br[i];
-    const int64_t* o = &off[static_cast<size_t>(i) * 9];
+    const int64_t* o = &off[static_cast<size_t>(i) * kSlots];
     auto at = [&](int j) { return o[j] < 0 ? nullptr : wp + o[j]; };
     br.part = at(0);
     br.a = at(1);
@@ -900,57 +1092,22 @@ void launch_group(Group& g, const Tensor& like, int32_t dev, const char* op) {
     br.gz2 = at(6);
     br.hv = at(7);
     br.vb = at(8);
+    br.gt = at(9);
     br.ticket = cnt + coff;
     br.flag = cnt + coff + br.B;
     coff += 2 * static_cast<int64_t>(br.B);
   }
 
-  const Path path = requested_path();
-  const int cap =
-      path == Path::kTwoPhase ? 0 : capacity_override(single_pass_capacity<D, MODE>(dev));
-  std::atomic<int>& refused = refused_grid<D, MODE>(dev);
-  // Forced single pass always asks the driver (whose answer the user then gets); the
-  // automatic choice skips grids the driver has refused before.
-  const int refused_at = refused.load(std::memory_order_relaxed);
-  const bool single = path != Path::kTwoPhase && blocks <= cap &&
-                      (path == Path::kSinglePass || refused_at == 0 || blocks < refused_at);
-  STD_TORCH_CHECK(single || path != Path::kSinglePass, "mipnet_cuda::", op,
-                  ": MIPNET_MIMB_CUDA_PATH=single_pass but the launch does not fit on the device (",
-                  blocks, " tiles, ", cap, " co-resident blocks",
-                  cap == 0 ? ", no cooperative launch" : "", ")");
   const unsigned grid = static_cast<unsigned>(blocks);
-  if (single) {
-    void* args[] = {&g};
-    const cudaError_t err = cudaLaunchCooperativeKernel(
-        reinterpret_cast<const void*>(&mimb_single_pass_kernel<D, MODE>), dim3(grid),
-        dim3(kThreads), args, 0, stream);
-    if (err == cudaSuccess) {
-      check_launch(op);
-      return;
-    }
-    // The runtime also records the error as the thread's last error: clear it, or the next
-    // launch check anywhere in the process (ours, torch's) would report it as its own.
-    (void)cudaGetLastError();
-    STD_TORCH_CHECK(is_cooperative_refusal(err), "mipnet_cuda::", op,
-                    ": cooperative kernel launch failed: ", cudaGetErrorString(err));
-    STD_TORCH_CHECK(path == Path::kAuto, "mipnet_cuda::", op,
-                    ": MIPNET_MIMB_CUDA_PATH=single_pass but the driver refused the cooperative "
-                    "launch of ", blocks, " blocks (", cudaGetErrorString(err),
-                    "): fewer blocks are co-resident in this context than the device's "
-                    "occupancy says (", cap, "), e.g. under MPS limits or in a green context; "
-                    "use MIPNET_MIMB_CUDA_PATH=auto or two_phase");
-    // Remember the refusal (the smallest refused grid) and take the two-phase path.
-    int seen = refused.load(std::memory_order_relaxed);
-    while ((seen == 0 || blocks < seen) &&
-           !refused.compare_exchange_weak(seen, static_cast<int>(blocks),
-                                          std::memory_order_relaxed)) {
-    }
+  if constexpr (MODE != kInstBwd) {  // the instances backward: two phases only (see the top)
+    if (try_single_pass<D, MODE>(g, grid, stream, dev, op)) return;
   }
   mimb_reduce_kernel<D, MODE><<<grid, kThreads, 0, stream>>>(g);
   check_launch(op);
   mimb_apply_kernel<D, MODE><<<grid, kThreads, 0, stream>>>(g);
   check_launch(op);
 }
+
 
 // Launches every non-empty branch of `all`, in groups of up to kMaxBranches consecutive
 // branches with the same x dtype.
@@ -1058,6 +1215,43 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> mimb_scale_grouped_fwd_cuda
   return std::make_tuple(o.y, o.s);
 }
 
+// The table's checks; fills br.N, br.v, br.v_sb and returns N.
+int64_t setup_table(Branch& br, const Tensor& table, const Tensor& x, const char* op,
+                    const std::string& p, int32_t dev) {
+  const bool per_sample = table.dim() == 3;  // [N, B, C]: one row per output sample
+  check_float(table, op, "table" + p, per_sample ? 3 : 2, "[N, C] or [N, B, C]", dev);
+  if (per_sample) check_size(table, op, "table" + p, 1, x.size(0), "B (x.size(0))");
+  check_size(table, op, "table" + p, table.dim() - 1, x.size(1), "C (x.size(1))");
+  const int64_t N = table.size(0);
+  STD_TORCH_CHECK(N * x.size(0) <= INT_MAX, "mipnet_cuda::", op, ": table", p,
+                  " has too many instances");
+  br.N = static_cast<int>(N);
+  br.v = Mat{table.data_ptr(), table.stride(0), table.stride(table.dim() - 1),
+             dt_code(table.scalar_type())};
+  br.v_sb = per_sample ? table.stride(1) : 0;
+  return N;
+}
+
+// dy's checks (shape [rows, C, H, W] of x's C, H, W and dtype); returns dy in the kernels'
+// layout of x (autograd may hand over another one).
+Tensor kernel_dy(const Tensor& dy_in, const Tensor& x, const Branch& br, int64_t rows,
+                 const char* op, const std::string& p, int32_t dev) {
+  check_float(dy_in, op, "dy" + p, 4, "[B, C, H, W]", dev);
+  for (int64_t d = 0; d < 4; ++d) {
+    const int64_t want = d == 0 ? rows : x.size(d);
+    STD_TORCH_CHECK(dy_in.size(d) == want, "mipnet_cuda::", op, ": dy", p, " must have ",
+                    rows == x.size(0) ? "the shape of x" + p : "N * B rows and the C, H, W of x" + p,
+                    "; size ", dy_in.size(d), " != ", want, " at dim ", d);
+  }
+  STD_TORCH_CHECK(dy_in.scalar_type() == x.scalar_type(), "mipnet_cuda::", op, ": dy", p, " is ",
+                  dtype_name(dy_in.scalar_type()), " but x", p, " is ",
+                  dtype_name(x.scalar_type()));
+  const bool ok = br.nhwc ? is_channels_last(dy_in) : dy_in.is_contiguous();
+  if (ok) return dy_in;
+  return torch::stable::contiguous(dy_in, br.nhwc ? MemoryFormat::ChannelsLast
+                                                  : MemoryFormat::Contiguous);
+}
+
 std::vector<Tensor> instances(const std::vector<Tensor>& xs, const std::vector<Tensor>& w1s,
                               const std::vector<Tensor>& w2s, const std::vector<Tensor>& tables,
                               const char* op, bool grouped) {
@@ -1077,19 +1271,8 @@ std::vector<Tensor> instances(const std::vector<Tensor>& xs, const std::vector<T
     Branch br{};
     const bool cl = setup_x(br, x, op, "x" + p, dev);
     setup_excite(br, x, w1s[i], w2s[i], op, p, dev);
-    const Tensor& table = tables[i];
-    const bool per_sample = table.dim() == 3;  // [N, B, C]: one row per output sample
-    check_float(table, op, "table" + p, per_sample ? 3 : 2, "[N, C] or [N, B, C]", dev);
-    if (per_sample) check_size(table, op, "table" + p, 1, x.size(0), "B (x.size(0))");
-    check_size(table, op, "table" + p, table.dim() - 1, x.size(1), "C (x.size(1))");
-    const int64_t N = table.size(0);
-    STD_TORCH_CHECK(N * x.size(0) <= INT_MAX, "mipnet_cuda::", op, ": table", p,
-                    " has too many instances");
+    const int64_t N = setup_table(br, tables[i], x, op, p, dev);
     Tensor y = alloc_4d(x, N * x.size(0), cl);
-    br.N = static_cast<int>(N);
-    br.v = Mat{table.data_ptr(), table.stride(0), table.stride(table.dim() - 1),
-               dt_code(table.scalar_type())};
-    br.v_sb = per_sample ? table.stride(1) : 0;
     br.out = y.data_ptr();
     if (N * br.B * br.C > 0) {
       run.push_back(br);
@@ -1112,7 +1295,7 @@ std::vector<Tensor> mimb_instances_grouped_cuda(std::vector<Tensor> xs, std::vec
 }
 
 struct BwdOut {
-  std::vector<Tensor> dx, dw1, dw2, dv;
+  std::vector<Tensor> dx, dw1, dw2, dv;  // dv: dtable for the instances backward
 };
 
 BwdOut scale_bwd(const std::vector<Tensor>& dys, const std::vector<Tensor>& xs,
@@ -1139,20 +1322,7 @@ BwdOut scale_bwd(const std::vector<Tensor>& dys, const std::vector<Tensor>& xs,
     setup_excite(br, x, w1s[i], w2s[i], op, p, dev);
     check_bc(vs[i], x, op, "v" + p, dev);
     check_bc(ss[i], x, op, "s" + p, dev);
-    Tensor dy = dys[i];
-    check_float(dy, op, "dy" + p, 4, "[B, C, H, W]", dev);
-    for (int64_t d = 0; d < 4; ++d)
-      STD_TORCH_CHECK(dy.size(d) == x.size(d), "mipnet_cuda::", op, ": dy", p,
-                      " must have the shape of x", p, "; size ", dy.size(d), " != ", x.size(d),
-                      " at dim ", d);
-    STD_TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "mipnet_cuda::", op, ": dy", p, " is ",
-                    dtype_name(dy.scalar_type()), " but x", p, " is ",
-                    dtype_name(x.scalar_type()));
-    // dy in the kernels' layout of x (autograd may hand over another one).
-    const bool dy_ok = br.nhwc ? is_channels_last(dy) : dy.is_contiguous();
-    if (!dy_ok)
-      dy = torch::stable::contiguous(dy, br.nhwc ? MemoryFormat::ChannelsLast
-                                                 : MemoryFormat::Contiguous);
+    const Tensor dy = kernel_dy(dys[i], x, br, x.size(0), op, p, dev);
     keep_dy.push_back(dy);
     const Tensor &w1 = w1s[i], &w2 = w2s[i];
     Tensor dx = alloc_4d(x, x.size(0), cl);
@@ -1199,6 +1369,79 @@ mimb_scale_grouped_bwd_cuda(std::vector<Tensor> dys, std::vector<Tensor> xs,
   return std::make_tuple(o.dx, o.dw1, o.dw2, o.dv);
 }
 
+// mimb_instances_bwd on lists of branches.
+BwdOut instances_bwd(const std::vector<Tensor>& dys, const std::vector<Tensor>& xs,
+                     const std::vector<Tensor>& w1s, const std::vector<Tensor>& w2s,
+                     const std::vector<Tensor>& tables, const char* op, bool grouped) {
+  STD_TORCH_CHECK(!xs.empty(), "mipnet_cuda::", op, ": xs must be a non-empty list");
+  const size_t n = xs.size();
+  STD_TORCH_CHECK(dys.size() == n && w1s.size() == n && w2s.size() == n && tables.size() == n,
+                  "mipnet_cuda::", op, ": the lists must have the same length");
+  STD_TORCH_CHECK(xs[0].is_cuda(), "mipnet_cuda::", op, ": x must be a CUDA tensor");
+  const int32_t dev = xs[0].get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(dev);
+  BwdOut out;
+  std::vector<Tensor> keep_dy;  // dy copies in x's layout, alive until the launch
+  std::vector<Branch> run;
+  std::vector<ScalarType> dts;
+  for (size_t i = 0; i < n; ++i) {
+    const std::string p = grouped ? "s[" + std::to_string(i) + "]" : "";
+    const Tensor& x = xs[i];
+    const Tensor& table = tables[i];
+    Branch br{};
+    const bool cl = setup_x(br, x, op, "x" + p, dev);
+    setup_excite(br, x, w1s[i], w2s[i], op, p, dev);
+    const int64_t N = setup_table(br, table, x, op, p, dev);
+    const Tensor dy = kernel_dy(dys[i], x, br, N * x.size(0), op, p, dev);
+    keep_dy.push_back(dy);
+    const Tensor &w1 = w1s[i], &w2 = w2s[i];
+    Tensor dx = alloc_4d(x, x.size(0), cl);
+    Tensor dw1 = torch::stable::new_empty(w1, {w1.size(0), w1.size(1)});
+    Tensor dw2 = torch::stable::new_empty(w2, {w2.size(0), w2.size(1)});
+    const bool per_sample = table.dim() == 3;
+    Tensor dtable = per_sample ? torch::stable::new_empty(table, {N, x.size(0), x.size(1)})
+                               : torch::stable::new_empty(table, {N, x.size(1)});
+    br.dy = dy.data_ptr();
+    br.out = dx.data_ptr();
+    br.dw1 = dw1.data_ptr();
+    br.dw2 = dw2.data_ptr();
+    br.dtable = dtable.data_ptr();
+    br.dw1_dt = dt_code(w1.scalar_type());
+    br.dw2_dt = dt_code(w2.scalar_type());
+    br.dtable_dt = dt_code(table.scalar_type());
+    br.dtable_ps = per_sample ? 1 : 0;
+    if (N * br.B * br.C > 0) {
+      run.push_back(br);
+      dts.push_back(x.scalar_type());
+    } else {  // no instance or no sample: the sums are empty
+      torch::stable::zero_(dx);
+      torch::stable::zero_(dw1);
+      torch::stable::zero_(dw2);
+      torch::stable::zero_(dtable);
+    }
+    out.dx.push_back(dx);
+    out.dw1.push_back(dw1);
+    out.dw2.push_back(dw2);
+    out.dv.push_back(dtable);
+  }
+  launch_all<kInstBwd>(run, dts, xs[0], dev, op);
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> mimb_instances_bwd_cuda(Tensor dy, Tensor x, Tensor w1,
+                                                                   Tensor w2, Tensor table) {
+  BwdOut o = instances_bwd({dy}, {x}, {w1}, {w2}, {table}, "mimb_instances_bwd", false);
+  return std::make_tuple(o.dx[0], o.dw1[0], o.dw2[0], o.dv[0]);
+}
+
+std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>
+mimb_instances_grouped_bwd_cuda(std::vector<Tensor> dys, std::vector<Tensor> xs,
+                                std::vector<Tensor> w1s, std::vector<Tensor> w2s,
+                                std::vector<Tensor> tables) {
+  BwdOut o = instances_bwd(dys, xs, w1s, w2s, tables, "mimb_instances_grouped_bwd", true);
+  return std::make_tuple(o.dx, o.dw1, o.dw2, o.dv);
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace mipnet
@@ -1211,4 +1454,7 @@ STABLE_TORCH_LIBRARY_IMPL(mipnet_cuda, CUDA, m) {
   m.impl("mimb_scale_grouped_fwd", TORCH_BOX(&mipnet::cuda::mimb_scale_grouped_fwd_cuda));
   m.impl("mimb_scale_grouped_bwd", TORCH_BOX(&mipnet::cuda::mimb_scale_grouped_bwd_cuda));
   m.impl("mimb_instances_grouped", TORCH_BOX(&mipnet::cuda::mimb_instances_grouped_cuda));
+  m.impl("mimb_instances_bwd", TORCH_BOX(&mipnet::cuda::mimb_instances_bwd_cuda));
+  m.impl("mimb_instances_grouped_bwd",
+         TORCH_BOX(&mipnet::cuda::mimb_instances_grouped_bwd_cuda));
 }

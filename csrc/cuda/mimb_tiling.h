@@ -138,6 +138,13 @@ MIPNET_HD int64_t partial_index(const Tiling& g, const Tile& tl, int c) {
   return (static_cast<int64_t>(tl.b) * g.nsp + tl.sp) * g.C + c;
 }
 
+// The instances backward reduces N + 1 sums per channel in one pass over a tile (x for s,
+// dy_n * x for each instance's g_a[n]): N + 1 planes of the [B, nsp, C] layout, plane j
+// ([(N + 1), B, nsp, C] in all) starting at partial_plane(g, B, j).
+MIPNET_HD int64_t partial_plane(const Tiling& g, int B, int j) {
+  return static_cast<int64_t>(j) * B * g.nsp * g.C;
+}
+
 // NCHW: the lanes of a plane reduce their sums with a shuffle tree; lane 0 writes the
 // plane's partial.  The channel thread m writes, or -1.
 MIPNET_HD int nchw_partial_channel(const ThreadMap& m) { return m.lane == 0 ? m.c : -1; }

@@ -192,11 +192,12 @@ _grouped_table("mimb_instances_grouped", "mimb_instances", ("xs", "w1s", "w2s", 
 
 
 # --------------------------------------------------------------------------- instances backward
-# A fused kernel (cpu: mimb_instances_bwd_cpu reads x and each dy_n once for the reductions
-# and once more for dx) where a backend has one; elsewhere the backend's grouped scale
-# backward on every (branch, instance) pair, summed (reference.mimb_instances_bwd_composite:
-# one launch, the work of N scale backwards).  The grouped entry: a loop over the fused
-# single kernel, or the composite over all branches at once.
+# A fused kernel where a backend has one -- cpu (mimb_instances_bwd_cpu), triton and cuda
+# (one-launch grouped forms) read x and each dy_n once for the reductions and each dy_n once
+# more for dx; elsewhere (reference) the backend's grouped scale backward on every (branch,
+# instance) pair, summed (reference.mimb_instances_bwd_composite: the work of N scale
+# backwards).  The grouped entry: the one-launch kernel, a loop over the fused single
+# kernel, or the composite over all branches at once.
 _INSTANCES_BWD_ARGS = ("dy", "x", "w1", "w2", "table")
 _INSTANCES_GROUPED_BWD_ARGS = ("dys", "xs", "w1s", "w2s", "tables")
 
@@ -227,7 +228,8 @@ def _instances_bwd_column(backend: str, fused: str | None) -> Kernel:
 
 def _instances_grouped_bwd_column(backend: str, fused: str | None, grouped: str | None) -> Kernel:
     if grouped is not None:  # a one-launch grouped kernel
-        return Kernel(symbol=grouped, finish=_listed)
+        return Kernel(symbol=grouped, finish=_listed,
+                      reasons=_per_branch(lambda *a: _cuda_x_reasons(a[1])) if backend == "cuda" else None)
     if fused is None:  # one grouped scale backward over every (branch, instance)
         return Kernel(fn=_instances_bwd_composite(backend), reasons=_per_branch(
             _block_reasons("mimb_scale_bwd", backend, _scale_bwd_pick)))
@@ -240,7 +242,7 @@ def _instances_grouped_bwd_column(backend: str, fused: str | None, grouped: str 
 #: the composite (single), or the loop over the single kernel / the composite (grouped)
 _FUSED_INSTANCES_BWD = {
     "cpu": ("mimb_instances_bwd", None),
-    "cuda": (None, None),
+    "cuda": ("mimb_instances_bwd", "mimb_instances_grouped_bwd"),
     "triton": ("mimb_instances_bwd_triton", "mimb_instances_grouped_bwd_triton"),
     "reference": (None, None),
 }
