@@ -333,20 +333,9 @@ def instances_vs_scale_calls(backend: str = "cpu", rounds: int = 15, reps: int =
 
 
 def _interleaved_best(fns, rounds: int, reps: int) -> list[float]:
-    """Seconds per call of each of ``fns``: three warm-up calls each, then ``rounds`` rounds
-    that time ``reps`` calls of each in turn; the best round of each."""
-    import time
-
-    for fn in tuple(fns) * 3:
-        fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            best[i] = min(best[i], (time.perf_counter() - t0) / reps)
-    return best
+    """Seconds per call of each of ``fns``: the best of ``rounds`` interleaved rounds of
+    ``reps`` calls each (``_timing.interleaved_rounds``)."""
+    return [min(t) for t in _timing.interleaved_rounds(fns, rounds, reps)]
 
 
 def instances_kernels_vs_scale_kernels(rounds: int = 15, reps: int = 20, layout: str = "contiguous") -> None:
