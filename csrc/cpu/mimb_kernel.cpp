@@ -436,6 +436,38 @@ void store_floats(const float* src, void* dst, ScalarType dt, int64_t offset, in
   }
 }
 
+// An output of n values computed in float32: the output's own data when its dtype is
+// float32, else a float32 scratch whose values store() / finish() round once into it.
+// Not copyable (f may point into buf).
+class F32Out {
+ public:
+  F32Out(void* dst, ScalarType dt, int64_t n) : dst_(dst), dt_(dt), n_(n) {
+    if (dt == ScalarType::Float) {
+      f = static_cast<float*>(dst);
+    } else {
+      buf_.resize(static_cast<size_t>(n));
+      f = buf_.data();
+    }
+  }
+  explicit F32Out(const Tensor& t) : F32Out(t.data_ptr(), t.scalar_type(), t.numel()) {}
+  F32Out(const F32Out&) = delete;
+  F32Out& operator=(const F32Out&) = delete;
+
+  // values [off, off + n) into the output (a no-op for float32 outputs)
+  void store(int64_t off, int64_t n) const {
+    if (dt_ != ScalarType::Float) store_floats(f + off, dst_, dt_, off, n);
+  }
+  void finish() const { store(0, n_); }
+
+  float* f;
+
+ private:
+  void* dst_;
+  ScalarType dt_;
+  int64_t n_;
+  std::vector<float> buf_;
+};
+
 // ==================================================================== geometry + driver
 // How a sample's work is split into parts, each a contiguous span of memory:
 //  NCHW: groups of `group` consecutive planes of about kPlaneBlock values in all (a plane
@@ -871,6 +903,25 @@ struct NoBwdHook {
   void post(int64_t) const {}
 };
 
+// Row i < C + Cr of the backward's weight gradients, summed over the batch (b in order):
+// dw2[i, :] = sum_b g_z2[b, i] h[b, :] (i < C), else dw1[r, :] = sum_b g_z1[b, r] s[b, :]
+// (r = i - C); rounded into the outputs.  Rows are independent (phase "post").
+struct WeightGradRows {
+  int64_t B, C, Cr;
+  const float *h, *gz2, *s, *gz1;  // [B, Cr], [B, C], [B, C], [B, Cr]
+  const F32Out *dw1, *dw2;
+  void operator()(int64_t i) const {
+    if (i < C) {
+      mat_kern<float>().mattvec(h, Cr, gz2 + i, C, dw2->f + i * Cr, B, Cr);
+      dw2->store(i * Cr, Cr);
+    } else {
+      const int64_t r = i - C;
+      mat_kern<float>().mattvec(s, C, gz1 + r, Cr, dw1->f + r * C, B, C);
+      dw1->store(r * C, C);
+    }
+  }
+};
+
 template <class T, class Hook = NoBwdHook>
 void scale_bwd_impl(const Geometry& g, const T* dy, const T* x, T* dx, const Mlp& mlp,
                     const float* v, const float* s, const BwdOut& out,
@@ -882,18 +933,7 @@ void scale_bwd_impl(const Geometry& g, const T* dy, const T* x, T* dx, const Mlp
   std::vector<float> gz2(static_cast<size_t>(B * C)), tmp(static_cast<size_t>(2 * B * C));
   std::vector<float> z1(static_cast<size_t>(B * Cr)), h(static_cast<size_t>(B * Cr));
   std::vector<float> gz1(static_cast<size_t>(B * Cr));
-  // Weight gradients in float32 (written straight into float32 outputs).
-  std::vector<float> dw1_buf, dw2_buf;
-  float* dw1f = static_cast<float*>(out.dw1);
-  float* dw2f = static_cast<float*>(out.dw2);
-  if (out.t1 != ScalarType::Float) {
-    dw1_buf.resize(static_cast<size_t>(Cr * C));
-    dw1f = dw1_buf.data();
-  }
-  if (out.t2 != ScalarType::Float) {
-    dw2_buf.resize(static_cast<size_t>(C * Cr));
-    dw2f = dw2_buf.data();
-  }
+  F32Out dw1(out.dw1, out.t1, Cr * C), dw2(out.dw2, out.t2, C * Cr);
   const float n_f = static_cast<float>(HW);
 
   const Kern<T>& K = kern<T>();
@@ -951,20 +991,12 @@ void scale_bwd_impl(const Geometry& g, const T* dy, const T* x, T* dx, const Mlp
       }
     }
   };
-  // dw2[c, :] = sum_b g_z2[b, c] h[b, :];  dw1[r, :] = sum_b g_z1[b, r] s[b, :]  (b in order)
+  const WeightGradRows rows{B, C, Cr, h.data(), gz2.data(), s, gz1.data(), &dw1, &dw2};
   auto post = [&](int64_t i) {
-    if (i < C) {
-      float* row = dw2f + i * Cr;
-      mat_kern<float>().mattvec(h.data(), Cr, gz2.data() + i, C, row, B, Cr);
-      if (out.t2 != ScalarType::Float) store_floats(row, out.dw2, out.t2, i * Cr, Cr);
-    } else if (i < C + Cr) {
-      const int64_t r = i - C;
-      float* row = dw1f + r * C;
-      mat_kern<float>().mattvec(s, C, gz1.data() + r, Cr, row, B, C);
-      if (out.t1 != ScalarType::Float) store_floats(row, out.dw1, out.t1, r * C, C);
-    } else {
+    if (i < C + Cr)
+      rows(i);
+    else
       hook.post(i - C - Cr);
-    }
   };
   // The backward's phase 2 stays one sample at a time (groups of 1).
   auto mid1 = [&](int64_t b0, int64_t nb) {
@@ -1297,18 +1329,6 @@ struct TrainBwdHook {
   }
 };
 
-// A float32 scratch for an output of dtype t, or the output's own data when it is float32.
-float* float_out(const Tensor& t, std::vector<float>& buf) {
-  if (t.scalar_type() == ScalarType::Float) return static_cast<float*>(t.data_ptr());
-  buf.resize(static_cast<size_t>(t.numel()));
-  return buf.data();
-}
-
-void finish_out(const float* f, const Tensor& t) {
-  if (t.scalar_type() != ScalarType::Float)
-    store_floats(f, t.data_ptr(), t.scalar_type(), 0, t.numel());
-}
-
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
 mimb_train_bwd_cpu(Tensor dy, Tensor x, Tensor lam, Tensor w1, Tensor w2, Tensor e1,
                    Tensor gamma, Tensor beta, Tensor e2, Tensor state, bool batch_norm) {
@@ -1346,22 +1366,21 @@ mimb_train_bwd_cpu(Tensor dy, Tensor x, Tensor lam, Tensor w1, Tensor w2, Tensor
   }
   const TrainState st(static_cast<float*>(state.data_ptr()), B, C, Cr, K);
 
-  std::vector<float> bl, be1, be2, bg, bbt, bde2, bdb2;
+  std::vector<float> bl, be1, be2, bg, bbt;
   const Mat m2 = as_mat(e2, be2);
   const float* pg = batch_norm ? as_float_1d(gamma, bg) : nullptr;
   const float* pbt = batch_norm ? as_float_1d(beta, bbt) : nullptr;
   std::vector<float> du(static_cast<size_t>(B * C)), h(static_cast<size_t>(B * K)),
       da(static_cast<size_t>(B * K));
-  float* de2f = float_out(de2, bde2);
-  float* db2f = float_out(db2, bdb2);
+  const F32Out de2o(de2), db2o(db2);
   const TrainBwdHook hook{C, B, C, K, batch_norm, st.v, st.zn, pg, pbt, &m2,
-                          du.data(), h.data(), da.data(), de2f, db2f};
+                          du.data(), h.data(), da.data(), de2o.f, db2o.f};
   // dv is written into du (float32), then turned into du by the hook, sample by sample.
   const BwdOut out{dw1.data_ptr(), dw2.data_ptr(), du.data(), w1.scalar_type(),
                    w2.scalar_type(), ScalarType::Float};
   scale_bwd_run(dy, x, dx, w1, w2, st.v, st.s, lay, out, st.e, st.z1, hook);
-  finish_out(de2f, de2);
-  finish_out(db2f, db2);
+  de2o.finish();
+  db2o.finish();
 
   // dz from da in float64 (serial, O(B * K * N); see "Precision" above): through the
   // BatchNorm when present,
@@ -1369,9 +1388,9 @@ mimb_train_bwd_cpu(Tensor dy, Tensor x, Tensor lam, Tensor w1, Tensor w2, Tensor
   //   dz = invstd * (g - mean_b(g) - zn * mean_b(g * zn))
   std::vector<double> dz(static_cast<size_t>(B * K));
   if (batch_norm) {
-    std::vector<float> bdg, bdbt;
-    float* dg = float_out(dgamma, bdg);
-    float* dbt = float_out(dbeta, bdbt);
+    const F32Out dgo(dgamma), dbto(dbeta);
+    float* dg = dgo.f;
+    float* dbt = dbto.f;
     const double inv_b = 1.0 / static_cast<double>(B);
     for (int64_t k = 0; k < K; ++k) {
       double sg = 0.0, sgz = 0.0;
@@ -1390,18 +1409,18 @@ mimb_train_bwd_cpu(Tensor dy, Tensor x, Tensor lam, Tensor w1, Tensor w2, Tensor
         dz[b * K + k] = is * (static_cast<double>(da[b * K + k]) * gam - mg - zk * mgz);
       }
     }
-    finish_out(dg, dgamma);
-    finish_out(dbt, dbeta);
+    dgo.finish();
+    dbto.finish();
   } else {
     for (int64_t i = 0; i < B * K; ++i) dz[i] = da[i];
   }
   // de1[k, :] = sum_b dz[b, k] lam[b, :];  db1[k] = sum_b dz[b, k];  dlam[b] = dz[b] @ e1
   const float* pl = as_float_2d(lam, bl);
   const float* pe1 = as_float_2d(e1, be1);
-  std::vector<float> bde1, bdb1, bdlam;
-  float* de1f = float_out(de1, bde1);
-  float* db1f = float_out(db1, bdb1);
-  float* dlamf = float_out(dlam, bdlam);
+  const F32Out de1o(de1), db1o(db1), dlamo(dlam);
+  float* de1f = de1o.f;
+  float* db1f = db1o.f;
+  float* dlamf = dlamo.f;
   for (int64_t k = 0; k < K; ++k) {
     double acc = 0.0;
     for (int64_t b = 0; b < B; ++b) acc += dz[b * K + k];
@@ -1418,9 +1437,9 @@ mimb_train_bwd_cpu(Tensor dy, Tensor x, Tensor lam, Tensor w1, Tensor w2, Tensor
       for (int64_t k = 0; k < K; ++k) g += dz[b * K + k] * static_cast<double>(pe1[k * N + n]);
       dlamf[b * N + n] = static_cast<float>(g);
     }
-  finish_out(de1f, de1);
-  finish_out(db1f, db1);
-  finish_out(dlamf, dlam);
+  de1o.finish();
+  db1o.finish();
+  dlamo.finish();
   return result();
 }
 
@@ -1587,23 +1606,8 @@ void instances_bwd_impl(const Geometry& g, const T* dy, const T* x, T* dx, const
   std::vector<float> a(static_cast<size_t>(N * B * C));   // a[(n * B + b) * C + c]
   std::vector<float> z1(static_cast<size_t>(B * Cr)), h(static_cast<size_t>(B * Cr));
   std::vector<float> gz1(static_cast<size_t>(B * Cr));
-  // Weight gradients (and dtable [N, C]) in float32, written straight into float32 outputs.
-  std::vector<float> dw1_buf, dw2_buf, dt_buf;
-  float* dw1f = static_cast<float*>(out.dw1);
-  float* dw2f = static_cast<float*>(out.dw2);
-  float* dtf = static_cast<float*>(out.dtable);
-  if (out.t1 != ScalarType::Float) {
-    dw1_buf.resize(static_cast<size_t>(Cr * C));
-    dw1f = dw1_buf.data();
-  }
-  if (out.t2 != ScalarType::Float) {
-    dw2_buf.resize(static_cast<size_t>(C * Cr));
-    dw2f = dw2_buf.data();
-  }
-  if (!t.per_sample && out.tt != ScalarType::Float) {
-    dt_buf.resize(static_cast<size_t>(N * C));
-    dtf = dt_buf.data();
-  }
+  F32Out dw1(out.dw1, out.t1, Cr * C), dw2(out.dw2, out.t2, C * Cr);
+  F32Out dtab(out.dtable, t.per_sample ? ScalarType::Float : out.tt, t.per_sample ? 0 : N * C);
   const float n_f = static_cast<float>(HW);
 
   const Kern<T>& K = kern<T>();
@@ -1674,27 +1678,20 @@ void instances_bwd_impl(const Geometry& g, const T* dy, const T* x, T* dx, const
       }
     }
   };
-  // dw2[c, :] = sum_b g_z2[b, c] h[b, :];  dw1[r, :] = sum_b g_z1[b, r] s[b, :];
-  // dtable[n, :] = sum_b dv[n, b, :] ([N, C] table)   (b in order)
+  // the weight-gradient rows, then dtable[n, :] = sum_b dv[n, b, :] ([N, C] table; b in order)
+  const WeightGradRows rows{B, C, Cr, h.data(), gz2.data(), s.data(), gz1.data(), &dw1, &dw2};
   auto post = [&](int64_t i) {
-    if (i < C) {
-      float* row = dw2f + i * Cr;
-      mat_kern<float>().mattvec(h.data(), Cr, gz2.data() + i, C, row, B, Cr);
-      if (out.t2 != ScalarType::Float) store_floats(row, out.dw2, out.t2, i * Cr, Cr);
-    } else if (i < C + Cr) {
-      const int64_t r = i - C;
-      float* row = dw1f + r * C;
-      mat_kern<float>().mattvec(s.data(), C, gz1.data() + r, Cr, row, B, C);
-      if (out.t1 != ScalarType::Float) store_floats(row, out.dw1, out.t1, r * C, C);
-    } else {
-      const int64_t n = i - C - Cr;
-      float* row = dtf + n * C;
-      const float* dv = ga.data() + n * B * C;
-      std::copy(dv, dv + C, row);
-      for (int64_t b = 1; b < B; ++b)
-        for (int64_t c = 0; c < C; ++c) row[c] += dv[b * C + c];
-      if (out.tt != ScalarType::Float) store_floats(row, out.dtable, out.tt, n * C, C);
+    if (i < C + Cr) {
+      rows(i);
+      return;
     }
+    const int64_t n = i - C - Cr;
+    float* row = dtab.f + n * C;
+    const float* dv = ga.data() + n * B * C;
+    std::copy(dv, dv + C, row);
+    for (int64_t b = 1; b < B; ++b)
+      for (int64_t c = 0; c < C; ++c) row[c] += dv[b * C + c];
+    dtab.store(n * C, C);
   };
   auto mid1 = [&](int64_t b0, int64_t nb) {
     for (int64_t b = b0; b < b0 + nb; ++b) mid(b);
