@@ -513,6 +513,37 @@ def test_instances_bwd_large_maps_and_unaligned(dev):
     _check_instances_bwd(cpu, torch.ops.mipnet_cuda.mimb_instances_bwd(*args), F32)
 
 
+def test_instances_bwd_mixed_dtypes_one_instance_expanded_table(dev):
+    """AMP's operands (x, dy bfloat16 / float16; w1, w2, table float32: dtable float32), one
+    instance (N = 1: mimb_scale_bwd's results), an expanded [N, C] table (stride 0 over C's
+    rows' copies)."""
+    for dtype in (BF16, F16):
+        # (the rule of test_mimb.py's test_mimb_scale_mixed_dtypes: dx to the rounding of its
+        # dtype, the float32 gradients to float32 accuracy given the rounded x and dy)
+        cpu, on = _instances_bwd_inputs((3, 40, 7, 6, 4), dtype, "channels_last", dev, 2, "instance", seed=10)
+        dy, x, w1, w2, table = on
+        got = torch.ops.mipnet_cuda.mimb_instances_bwd(dy, x, w1.float(), w2.float(), table.float())
+        assert [g.dtype for g in got] == [dtype, F32, F32, F32]
+        _, truth_g = eager_with_grads(official_instances, cpu[0].double(), *(t.double() for t in cpu[1:]))
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(got[0].cpu().double(), truth_g[0], rtol=eps, atol=eps * float(truth_g[0].abs().max()))
+        for name, g, want in zip(("dw1", "dw2", "dtable"), got[1:], truth_g[1:]):
+            torch.testing.assert_close(g.cpu().double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()), msg=name)
+    cpu, (dy, x, w1, w2, table) = _instances_bwd_inputs((4, 24, 9, 5, 4), F32, "contiguous", dev, 1, "instance", seed=11)
+    got = torch.ops.mipnet_cuda.mimb_instances_bwd(dy, x, w1, w2, table)
+    _check_instances_bwd(cpu, got, F32)
+    one = torch.ops.mipnet_cuda.mimb_scale_bwd(dy, x, w1, w2, table[0].expand(4, -1), x.mean((2, 3)))
+    for name, g, w in zip(("dx", "dw1", "dw2"), got, one):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * float(w.abs().max()), msg=name)
+    torch.testing.assert_close(got[3][0], one[3].sum(0), rtol=1e-5, atol=1e-5, msg="dtable")
+    row = table[:1].expand(3, -1)  # [3, C], stride 0 over the instances
+    dy3 = torch.cat([dy] * 3)
+    got = torch.ops.mipnet_cuda.mimb_instances_bwd(dy3, x, w1, w2, row)
+    want = torch.ops.mipnet_cuda.mimb_instances_bwd(dy3, x, w1, w2, row.contiguous())
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.is_contiguous() and torch.equal(g, w), f"output {i} depends on the table's strides"
+
+
 def test_instances_bwd_equals_scale_backwards(dev):
     """The sum over the instances of the cuda scale backward (v = t[n]), within float32
     reassociation: the contract of csrc/schemas.h."""

@@ -183,7 +183,7 @@ struct Branch : mimb::Tiling {
   float* h;      // [B, Cr] relu(z1)
   float* gz1;    // backward: [B, Cr]
   float* gz2;    // backward: [B, C]
-  float* gt;     // instances backward: [N, B, C] g_a * e (dtable before the sum over b)
+  float* gt;     // instances backward: [N, B, C] g_a, then g_a * e (dtable before the sum over b)
   float* hv;     // mimb_fwd: [B, Ke] embedding hidden
   float* vb;     // mimb_fwd: [B, C] embedding output
   void* dv;      // backward outputs, contiguous, dtypes dv_dt / dw1_dt / dw2_dt
@@ -295,9 +295,17 @@ __device__ void mlp_sample(const Branch& br, int b) {
   float* h = br.h + static_cast<int64_t>(b) * Cr;
   const float hw = static_cast<float>(br.HW);
 
-  // 1. s: the forward's mean (fwd, instances) or the saved s (backward).
+  // 1. s: the forward's mean (fwd, instances) or the saved s (backward); the instances
+  //    backward also gathers every g_a[n, b] into gt here, all threads at once (in step 3
+  //    one lane per channel would chain N * nsp dependent L2 reads).
   for (int c = t; c < C; c += kThreads)
     s[c] = MODE == kBwd ? mat_at(br.s_in, b, c) : sample_sum(br, b, c) / hw;
+  if (MODE == kInstBwd) {
+    for (int64_t i = t; i < static_cast<int64_t>(br.N) * C; i += kThreads) {
+      const int n = static_cast<int>(i / C), c = static_cast<int>(i - static_cast<int64_t>(n) * C);
+      br.gt[(static_cast<int64_t>(n) * B + b) * C + c] = sample_sum(br, b, c, 1 + n);
+    }
+  }
   __syncthreads();
   // 2. h = relu(w1 @ s) (NaN propagates, as torch.relu); the embedding's hidden layer.
   matvec(br.w1, Cr, C, [&](int c) { return __ldcg(s + c); },
@@ -328,7 +336,7 @@ __device__ void mlp_sample(const Branch& br, int b) {
       for (int n = 0; n < br.N; ++n) {
         const int64_t i = (static_cast<int64_t>(n) * B + b) * C + c;
         const float t = mat_at(br.v, n, c, b * br.v_sb);
-        const float ga = sample_sum(br, b, c, 1 + n);
+        const float ga = __ldcg(br.gt + i);  // g_a, gathered in step 1
         br.a[i] = e * t;
         br.gt[i] = ga * e;
         ge += ga * t;
@@ -606,7 +614,9 @@ __device__ __forceinline__ void apply_tile(const Branch& br, const Tile& tl, con
 
 // The instances backward's dx for the thread's vectors: sum_n dy_n * a[n] in order, then
 // + k, each product and sum rounded once (as apply_tile).  Reads each dy_n tile once more
-// (kernel 1 read it for g_a); the scales through the read-only path (written by kernel 1).
+// (kernel 1 read it for g_a); a and k through the read-only path (__ldg: written by kernel
+// 1, a previous launch -- unlike apply_tile's scales, which the single pass writes in the
+// same launch).
 template <class D, int V>
 __device__ __forceinline__ void apply_tile_instances_bwd(const Branch& br, const Tile& tl,
                                                          const ThreadMap& m) {
@@ -625,6 +635,9 @@ __device__ __forceinline__ void apply_tile_instances_bwd(const Branch& br, const
       float acc[V];
 #pragma unroll
       for (int j = 0; j < V; ++j) acc[j] = 0.f;
+      // Unrolled so that several instances' dy loads are in flight at once (the sum's order
+      // over n is unchanged).
+#pragma unroll 4
       for (int n = 0; n < br.N; ++n) {
         const int64_t row = static_cast<int64_t>(n) * br.B + tl.b;
         const Pack<D, V> pd =
@@ -1232,15 +1245,16 @@ int64_t setup_table(Branch& br, const Tensor& table, const Tensor& x, const char
   return N;
 }
 
-// dy's checks (shape [rows, C, H, W] of x's C, H, W and dtype); returns dy in the kernels'
-// layout of x (autograd may hand over another one).
-Tensor kernel_dy(const Tensor& dy_in, const Tensor& x, const Branch& br, int64_t rows,
+// dy's checks (x's shape and dtype; instances >= 0: [instances * B, C, H, W], the
+// instances' blocks stacked); returns dy in the kernels' layout of x (autograd may hand
+// over another one).
+Tensor kernel_dy(const Tensor& dy_in, const Tensor& x, const Branch& br, int64_t instances,
                  const char* op, const std::string& p, int32_t dev) {
-  check_float(dy_in, op, "dy" + p, 4, "[B, C, H, W]", dev);
+  check_float(dy_in, op, "dy" + p, 4, instances >= 0 ? "[N*B, C, H, W]" : "[B, C, H, W]", dev);
   for (int64_t d = 0; d < 4; ++d) {
-    const int64_t want = d == 0 ? rows : x.size(d);
+    const int64_t want = d == 0 && instances >= 0 ? instances * x.size(0) : x.size(d);
     STD_TORCH_CHECK(dy_in.size(d) == want, "mipnet_cuda::", op, ": dy", p, " must have ",
-                    rows == x.size(0) ? "the shape of x" + p : "N * B rows and the C, H, W of x" + p,
+                    instances >= 0 ? "N * B rows and the C, H, W of x" + p : "the shape of x" + p,
                     "; size ", dy_in.size(d), " != ", want, " at dim ", d);
   }
   STD_TORCH_CHECK(dy_in.scalar_type() == x.scalar_type(), "mipnet_cuda::", op, ": dy", p, " is ",
@@ -1322,7 +1336,7 @@ BwdOut scale_bwd(const std::vector<Tensor>& dys, const std::vector<Tensor>& xs,
     setup_excite(br, x, w1s[i], w2s[i], op, p, dev);
     check_bc(vs[i], x, op, "v" + p, dev);
     check_bc(ss[i], x, op, "s" + p, dev);
-    const Tensor dy = kernel_dy(dys[i], x, br, x.size(0), op, p, dev);
+    const Tensor dy = kernel_dy(dys[i], x, br, -1, op, p, dev);
     keep_dy.push_back(dy);
     const Tensor &w1 = w1s[i], &w2 = w2s[i];
     Tensor dx = alloc_4d(x, x.size(0), cl);
@@ -1392,7 +1406,7 @@ BwdOut instances_bwd(const std::vector<Tensor>& dys, const std::vector<Tensor>& 
     const bool cl = setup_x(br, x, op, "x" + p, dev);
     setup_excite(br, x, w1s[i], w2s[i], op, p, dev);
     const int64_t N = setup_table(br, table, x, op, p, dev);
-    const Tensor dy = kernel_dy(dys[i], x, br, N * x.size(0), op, p, dev);
+    const Tensor dy = kernel_dy(dys[i], x, br, N, op, p, dev);
     keep_dy.push_back(dy);
     const Tensor &w1 = w1s[i], &w2 = w2s[i];
     Tensor dx = alloc_4d(x, x.size(0), cl);
@@ -1413,7 +1427,9 @@ BwdOut instances_bwd(const std::vector<Tensor>& dys, const std::vector<Tensor>& 
     if (N * br.B * br.C > 0) {
       run.push_back(br);
       dts.push_back(x.scalar_type());
-    } else {  // no instance or no sample: the sums are empty
+    } else {  // no instance or no sample: the sums are empty (dx = 0 also for non-finite
+              // w1 / w2, where the contract's 0 * w would be NaN; the op layer answers these
+              // cases before calling the kernel)
       torch::stable::zero_(dx);
       torch::stable::zero_(dw1);
       torch::stable::zero_(dw2);
