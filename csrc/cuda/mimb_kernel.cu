@@ -1310,7 +1310,25 @@ std::vector<Tensor> mimb_instances_grouped_cuda(std::vector<Tensor> xs, std::vec
 
 struct BwdOut {
   std::vector<Tensor> dx, dw1, dw2, dv;  // dv: dtable for the instances backward
+  void push(const Tensor& dx_, const Tensor& dw1_, const Tensor& dw2_, const Tensor& dv_) {
+    dx.push_back(dx_);
+    dw1.push_back(dw1_);
+    dw2.push_back(dw2_);
+    dv.push_back(dv_);
+  }
 };
+
+// A backward branch's weight-gradient outputs (contiguous, in the dtypes of w1 / w2), wired
+// into br.
+std::pair<Tensor, Tensor> weight_grad_outputs(Branch& br, const Tensor& w1, const Tensor& w2) {
+  Tensor dw1 = torch::stable::new_empty(w1, {w1.size(0), w1.size(1)});
+  Tensor dw2 = torch::stable::new_empty(w2, {w2.size(0), w2.size(1)});
+  br.dw1 = dw1.data_ptr();
+  br.dw2 = dw2.data_ptr();
+  br.dw1_dt = dt_code(w1.scalar_type());
+  br.dw2_dt = dt_code(w2.scalar_type());
+  return {dw1, dw2};
+}
 
 BwdOut scale_bwd(const std::vector<Tensor>& dys, const std::vector<Tensor>& xs,
                  const std::vector<Tensor>& w1s, const std::vector<Tensor>& w2s,
@@ -1338,21 +1356,15 @@ BwdOut scale_bwd(const std::vector<Tensor>& dys, const std::vector<Tensor>& xs,
     check_bc(ss[i], x, op, "s" + p, dev);
     const Tensor dy = kernel_dy(dys[i], x, br, -1, op, p, dev);
     keep_dy.push_back(dy);
-    const Tensor &w1 = w1s[i], &w2 = w2s[i];
     Tensor dx = alloc_4d(x, x.size(0), cl);
-    Tensor dw1 = torch::stable::new_empty(w1, {w1.size(0), w1.size(1)});
-    Tensor dw2 = torch::stable::new_empty(w2, {w2.size(0), w2.size(1)});
+    auto [dw1, dw2] = weight_grad_outputs(br, w1s[i], w2s[i]);
     Tensor dv = torch::stable::new_empty(vs[i], {x.size(0), x.size(1)});
     br.dy = dy.data_ptr();
     br.out = dx.data_ptr();
     br.v = as_mat(vs[i]);
     br.s_in = as_mat(ss[i]);
     br.dv = dv.data_ptr();
-    br.dw1 = dw1.data_ptr();
-    br.dw2 = dw2.data_ptr();
     br.dv_dt = dt_code(vs[i].scalar_type());
-    br.dw1_dt = dt_code(w1.scalar_type());
-    br.dw2_dt = dt_code(w2.scalar_type());
     if (static_cast<int64_t>(br.B) * br.C > 0) {
       run.push_back(br);
       dts.push_back(x.scalar_type());
@@ -1360,10 +1372,7 @@ BwdOut scale_bwd(const std::vector<Tensor>& dys, const std::vector<Tensor>& xs,
       torch::stable::zero_(dw1);
       torch::stable::zero_(dw2);
     }
-    out.dx.push_back(dx);
-    out.dw1.push_back(dw1);
-    out.dw2.push_back(dw2);
-    out.dv.push_back(dv);
+    out.push(dx, dw1, dw2, dv);
   }
   launch_all<kBwd>(run, dts, xs[0], dev, op);
   return out;
@@ -1408,20 +1417,14 @@ BwdOut instances_bwd(const std::vector<Tensor>& dys, const std::vector<Tensor>& 
     const int64_t N = setup_table(br, table, x, op, p, dev);
     const Tensor dy = kernel_dy(dys[i], x, br, N, op, p, dev);
     keep_dy.push_back(dy);
-    const Tensor &w1 = w1s[i], &w2 = w2s[i];
     Tensor dx = alloc_4d(x, x.size(0), cl);
-    Tensor dw1 = torch::stable::new_empty(w1, {w1.size(0), w1.size(1)});
-    Tensor dw2 = torch::stable::new_empty(w2, {w2.size(0), w2.size(1)});
+    auto [dw1, dw2] = weight_grad_outputs(br, w1s[i], w2s[i]);
     const bool per_sample = table.dim() == 3;
     Tensor dtable = per_sample ? torch::stable::new_empty(table, {N, x.size(0), x.size(1)})
                                : torch::stable::new_empty(table, {N, x.size(1)});
     br.dy = dy.data_ptr();
     br.out = dx.data_ptr();
-    br.dw1 = dw1.data_ptr();
-    br.dw2 = dw2.data_ptr();
     br.dtable = dtable.data_ptr();
-    br.dw1_dt = dt_code(w1.scalar_type());
-    br.dw2_dt = dt_code(w2.scalar_type());
     br.dtable_dt = dt_code(table.scalar_type());
     br.dtable_ps = per_sample ? 1 : 0;
     if (N * br.B * br.C > 0) {
@@ -1435,10 +1438,7 @@ BwdOut instances_bwd(const std::vector<Tensor>& dys, const std::vector<Tensor>& 
       torch::stable::zero_(dw2);
       torch::stable::zero_(dtable);
     }
-    out.dx.push_back(dx);
-    out.dw1.push_back(dw1);
-    out.dw2.push_back(dw2);
-    out.dv.push_back(dtable);
+    out.push(dx, dw1, dw2, dtable);
   }
   launch_all<kInstBwd>(run, dts, xs[0], dev, op);
   return out;
