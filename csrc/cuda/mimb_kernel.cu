@@ -112,6 +112,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -1143,6 +1144,17 @@ void launch_all(std::vector<Branch>& all, const std::vector<ScalarType>& dts, co
 }
 
 // ==================================================================== ops
+// The device of an op's branch lists: xs non-empty and on CUDA, every other list (its
+// length in `others`) as long as xs.  The caller holds a DeviceGuard for it.
+int32_t lists_device(const char* op, const std::vector<Tensor>& xs,
+                     std::initializer_list<size_t> others) {
+  STD_TORCH_CHECK(!xs.empty(), "mipnet_cuda::", op, ": xs must be a non-empty list");
+  for (size_t len : others)
+    STD_TORCH_CHECK(len == xs.size(), "mipnet_cuda::", op, ": the lists must have the same length");
+  STD_TORCH_CHECK(xs[0].is_cuda(), "mipnet_cuda::", op, ": x must be a CUDA tensor");
+  return xs[0].get_device_index();
+}
+
 struct FwdOut {
   std::vector<Tensor> y, s;
 };
@@ -1151,11 +1163,7 @@ struct FwdOut {
 FwdOut scale_fwd(const std::vector<Tensor>& xs, const std::vector<Tensor>& w1s,
                  const std::vector<Tensor>& w2s, const std::vector<Tensor>& vs,
                  const std::vector<Tensor>* embed, const char* op, bool grouped) {
-  STD_TORCH_CHECK(!xs.empty(), "mipnet_cuda::", op, ": xs must be a non-empty list");
-  STD_TORCH_CHECK(w1s.size() == xs.size() && w2s.size() == xs.size() && vs.size() == xs.size(),
-                  "mipnet_cuda::", op, ": the lists must have the same length");
-  STD_TORCH_CHECK(xs[0].is_cuda(), "mipnet_cuda::", op, ": x must be a CUDA tensor");
-  const int32_t dev = xs[0].get_device_index();
+  const int32_t dev = lists_device(op, xs, {w1s.size(), w2s.size(), vs.size()});
   torch::stable::accelerator::DeviceGuard guard(dev);
   FwdOut out;
   std::vector<Branch> run;
@@ -1269,12 +1277,7 @@ Tensor kernel_dy(const Tensor& dy_in, const Tensor& x, const Branch& br, int64_t
 std::vector<Tensor> instances(const std::vector<Tensor>& xs, const std::vector<Tensor>& w1s,
                               const std::vector<Tensor>& w2s, const std::vector<Tensor>& tables,
                               const char* op, bool grouped) {
-  STD_TORCH_CHECK(!xs.empty(), "mipnet_cuda::", op, ": xs must be a non-empty list");
-  STD_TORCH_CHECK(w1s.size() == xs.size() && w2s.size() == xs.size() &&
-                      tables.size() == xs.size(),
-                  "mipnet_cuda::", op, ": the lists must have the same length");
-  STD_TORCH_CHECK(xs[0].is_cuda(), "mipnet_cuda::", op, ": x must be a CUDA tensor");
-  const int32_t dev = xs[0].get_device_index();
+  const int32_t dev = lists_device(op, xs, {w1s.size(), w2s.size(), tables.size()});
   torch::stable::accelerator::DeviceGuard guard(dev);
   std::vector<Tensor> ys;
   std::vector<Branch> run;
@@ -1334,13 +1337,9 @@ BwdOut scale_bwd(const std::vector<Tensor>& dys, const std::vector<Tensor>& xs,
                  const std::vector<Tensor>& w1s, const std::vector<Tensor>& w2s,
                  const std::vector<Tensor>& vs, const std::vector<Tensor>& ss, const char* op,
                  bool grouped) {
-  STD_TORCH_CHECK(!xs.empty(), "mipnet_cuda::", op, ": xs must be a non-empty list");
   const size_t n = xs.size();
-  STD_TORCH_CHECK(dys.size() == n && w1s.size() == n && w2s.size() == n && vs.size() == n &&
-                      ss.size() == n,
-                  "mipnet_cuda::", op, ": the lists must have the same length");
-  STD_TORCH_CHECK(xs[0].is_cuda(), "mipnet_cuda::", op, ": x must be a CUDA tensor");
-  const int32_t dev = xs[0].get_device_index();
+  const int32_t dev =
+      lists_device(op, xs, {dys.size(), w1s.size(), w2s.size(), vs.size(), ss.size()});
   torch::stable::accelerator::DeviceGuard guard(dev);
   BwdOut out;
   std::vector<Tensor> keep_dy;  // dy copies in x's layout, alive until the launch
@@ -1396,12 +1395,8 @@ mimb_scale_grouped_bwd_cuda(std::vector<Tensor> dys, std::vector<Tensor> xs,
 BwdOut instances_bwd(const std::vector<Tensor>& dys, const std::vector<Tensor>& xs,
                      const std::vector<Tensor>& w1s, const std::vector<Tensor>& w2s,
                      const std::vector<Tensor>& tables, const char* op, bool grouped) {
-  STD_TORCH_CHECK(!xs.empty(), "mipnet_cuda::", op, ": xs must be a non-empty list");
   const size_t n = xs.size();
-  STD_TORCH_CHECK(dys.size() == n && w1s.size() == n && w2s.size() == n && tables.size() == n,
-                  "mipnet_cuda::", op, ": the lists must have the same length");
-  STD_TORCH_CHECK(xs[0].is_cuda(), "mipnet_cuda::", op, ": x must be a CUDA tensor");
-  const int32_t dev = xs[0].get_device_index();
+  const int32_t dev = lists_device(op, xs, {dys.size(), w1s.size(), w2s.size(), tables.size()});
   torch::stable::accelerator::DeviceGuard guard(dev);
   BwdOut out;
   std::vector<Tensor> keep_dy;  // dy copies in x's layout, alive until the launch
