@@ -81,7 +81,7 @@ selftest: setup
 # ---------------------------------------------------------------- tests
 # Triton kernels run on CPU under the interpreter when there is no GPU (tests/conftest.py).
 test: setup
-	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q --durations=15 $(PYTEST_ARGS)
 	$(PY) -m pytest benchmarks -q --benchmark-disable $(PYTEST_ARGS)
 
 # Compile every .cu with nvcc (no GPU needed): the CI gate for CUDA code.
