@@ -488,8 +488,13 @@ def test_gradcheck_mimb_instances_grouped(backend, device):
     def fn(x0, x1, a0, a1, b0, b1, t0, t1):
         return tuple(mk.mimb_instances_grouped([x0, x1], [a0, a1], [b0, b1], [t0, t1]))
 
+    # Triton under the interpreter: gradcheck's fast mode (one random projection v^T J u of
+    # the full Jacobian, numerical against analytical; a wrong entry of J shows up with
+    # probability 1) -- the full Jacobian took 212 s of a CI run here.  A 1 % error in one
+    # branch's dtable still fails it (checked when this was changed).  The reference keeps
+    # the full check.
     with mk.use_backend(backend):
-        assert torch.autograd.gradcheck(fn, tuple(leaves))
+        assert torch.autograd.gradcheck(fn, tuple(leaves), fast_mode=backend == "triton")
 
 
 def test_reference_float64_is_exact_spec():
