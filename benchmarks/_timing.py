@@ -30,6 +30,7 @@ Nothing here imports triton; nothing here touches CUDA unless a CUDA tensor is b
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
@@ -189,12 +190,19 @@ def interleaved_rounds(fns, rounds: int, reps: int, warmup: int = 3) -> list[lis
     for fn in tuple(fns) * warmup:
         fn()
     out: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            out[i].append((time.perf_counter() - t0) / reps)
+    gc_was_on = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            for i, fn in enumerate(fns):
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                out[i].append((time.perf_counter() - t0) / reps)
+    finally:
+        if gc_was_on:
+            gc.enable()
     return out
 
 

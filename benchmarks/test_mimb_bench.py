@@ -42,6 +42,9 @@ tests' job).
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -376,10 +379,82 @@ def instances_kernels_vs_scale_kernels(rounds: int = 15, reps: int = 20, layout:
           f"speed-up {total[1] / total[0]:.2f}x")
 
 
+def floor_vs_roof(batch: int = 24, block_s: float = 2e-3, min_rounds: int = 15) -> list[dict]:
+    """Why a ``t/roof`` row of issue 12 cannot reach 1.5: each forward row next to its floor.
+
+    For the W32 branch shapes at ``batch`` (fp32, one thread, the cpu backend), interleaved
+    (:func:`_timing.interleaved_rounds`), medians of per-round ratios to the roof
+    (``x.repeat``: read x, write y):
+
+    * ``t``: the public op (``mimb``: N = 1 with the lambda embedding; ``mimb_instances``:
+      N = 2), as the benchmark rows time it;
+    * ``kernel``: the compiled kernel alone (``torch.ops.mipnet_cpu``), so ``t - kernel`` is
+      the op layer (argument checks, backend selection, ``torch.library``);
+    * ``fixed``: the public op on ``[B, C, 1, 1]``, the same weights: every cost that does
+      not grow with H*W (the op layer, the kernel's set-up, and the squeeze-excite MLP of
+      all B samples, ~2 B C^2 / r multiply-adds);
+    * ``floor = roof + fixed``: the op cannot move its data faster than the roof, and on one
+      thread the MLP of a sample sits between that sample's reduce and apply passes (it
+      needs all of the sample's sums, and the apply needs its result), so it does not
+      overlap the data passes.  The sum counts a per-call cost twice (the roof's own, ~2
+      us), so it over-states the floor by that much.  ``floor/roof > 1.5`` means the row's
+      target is out of reach for any kernel with this MLP and this op layer.  (With more
+      threads the ``[B, C, 1, 1]`` call runs on one thread while the row splits its MLP:
+      not a bound, so the function sets one thread.)
+
+    ``OMP_NUM_THREADS=1 python -m benchmarks.test_mimb_bench --floor``.
+    """
+
+    torch.set_num_threads(1)
+    ops = torch.ops.mipnet_cpu
+    rows = []
+    for C, H, W in W32_256:
+        d = _setup((batch, C, H, W), torch.float32, "cpu")
+        x, lam = d["x"], d["lam"]
+        x1 = x[:, :, :1, :1].contiguous()
+        emb = (d["w1"], d["w2"], d["e1"], d["b1"], d["e2"], d["b2"])
+        w1, w2, table = d["w1"], d["w2"], d["table"]
+        cases = {
+            "mimb": (1, lambda: mipnet_kernels.mimb(x, lam, *emb), lambda: ops.mimb_fwd(x, lam, *emb),
+                     lambda: mipnet_kernels.mimb(x1, lam, *emb)),
+            "mimb_instances": (NUM_INSTANCES, lambda: mipnet_kernels.mimb_instances(x, w1, w2, table),
+                               lambda: ops.mimb_instances(x, w1, w2, table),
+                               lambda: mipnet_kernels.mimb_instances(x1, w1, w2, table)),
+        }
+        for op, (reps_y, t_fn, k_fn, f_fn) in cases.items():
+            def roof(reps_y=reps_y):
+                return x.repeat(reps_y, 1, 1, 1)
+
+            fns = (t_fn, k_fn, f_fn, roof)
+            with torch.no_grad(), use_backend("cpu"):
+                t0 = time.perf_counter()
+                for fn in fns:
+                    fn()
+                one = max(time.perf_counter() - t0, 1e-7)
+                reps = max(1, int(4 * block_s / one) + 1)
+                t, k, f, r = _timing.interleaved_rounds(fns, max(min_rounds, int(0.5 / (reps * one)) + 1), reps)
+            med = statistics.median
+            row = {
+                "shape": f"{batch}x{C}x{H}x{W}", "op": op, "roof_us": med(r) * 1e6,
+                "t_over_roof": med([a / b for a, b in zip(t, r)]),
+                "kernel_over_roof": med([a / b for a, b in zip(k, r)]),
+                "fixed_over_roof": med([a / b for a, b in zip(f, r)]),
+            }
+            row["floor_over_roof"] = 1.0 + row["fixed_over_roof"]
+            rows.append(row)
+            print(f"{row['shape']:>12} {op:<15} roof {row['roof_us']:7.1f} us | t/roof {row['t_over_roof']:.2f} "
+                  f"kernel/roof {row['kernel_over_roof']:.2f} fixed/roof {row['fixed_over_roof']:.2f} "
+                  f"floor/roof {row['floor_over_roof']:.2f}"
+                  + ("  (target 1.5 out of reach)" if row["floor_over_roof"] > 1.5 else ""))
+    return rows
+
+
 if __name__ == "__main__":
     import sys
 
-    if "--kernels" in sys.argv:
+    if "--floor" in sys.argv:
+        floor_vs_roof()
+    elif "--kernels" in sys.argv:
         instances_kernels_vs_scale_kernels(layout="channels_last" if "channels_last" in sys.argv else "contiguous")
     else:
         instances_vs_scale_calls()

@@ -23,7 +23,9 @@
 // kernels (isa.h: the process-wide path, MIPNET_KERNELS_CPU_ISA); all give identical
 // results.  The avx512 path runs the AVX2 code: flip_merge's rows are memory-bound, and a
 // 16-lane build of them measured no faster (48x17x64x48 / 96x72 fp32, 1 thread: 1.12x /
-// 1.15x torch.add against 1.07x / 1.09x with 8 lanes, same process, Zen 5).  Arithmetic
+// 1.15x torch.add against 1.07x / 1.09x with 8 lanes, same process, Zen 5), and a 16-lane
+// build of the argmax scan measured slower (48x17x64x48 fp32, 1 thread, Zen 5: 2.2x
+// torch.amax against 1.3-1.9x with 8 lanes, interleaved in one process).  Arithmetic
 // is float32 after loading (fp16/bf16 converted on load, bit-exactly like c10).  No
 // -ffast-math: the NaN tracking relies on IEEE comparisons; -ffp-contract=off: no FMA, so
 // rounding matches the reference's.

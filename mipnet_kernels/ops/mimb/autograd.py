@@ -93,15 +93,22 @@ def _zeros_if_none(grads, like):
 
 
 # --------------------------------------------------------------------------- scale
+# The ops' bodies once their arguments are checked (built once: a call of a forward builds
+# no closures, and the inference forms check their arguments once, not twice).
+_scale_run = _scale_fwd_branch(lambda x, *a: dispatch("mimb_scale_fwd", x.device, x, *a))
+_scale_bwd_run = _scale_bwd_branch(lambda dy, x, *a: dispatch("mimb_scale_bwd", x.device, dy, x, *a))
+_instances_run = _instances_branch(lambda x, *a: dispatch("mimb_instances", x.device, x, *a))
+
+
 def scale_forward(x: Tensor, w1: Tensor, w2: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     _check_scale_args(x, w1, w2, v)
-    return _scale_fwd_branch(lambda *a: dispatch("mimb_scale_fwd", x.device, *a))(x, w1, w2, v)
+    return _scale_run(x, w1, w2, v)
 
 
 def scale_backward(dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, v: Tensor, s: Tensor
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_bwd_args(dy, x, w1, w2, v, s)
-    return _scale_bwd_branch(lambda *a: dispatch("mimb_scale_bwd", x.device, *a))(dy, x, w1, w2, v, s)
+    return _scale_bwd_run(dy, x, w1, w2, v, s)
 
 
 def _scale_fake(x, w1, w2, v):
@@ -147,7 +154,7 @@ def scale_inference(x: Tensor, w1: Tensor, w2: Tensor, v: Tensor) -> Tensor:
     """The scale primitive's forward when nothing is recorded (``y`` only)."""
     _check_scale_args(x, w1, w2, v)
     _refuse_grad("mimb_scale_inference", x, w1, w2, v)
-    return scale_forward(x, w1, w2, v)[0]
+    return _scale_run(x, w1, w2, v)[0]
 
 
 SCALE_INFERENCE = define_op("mimb_scale_inference", scale_inference,
@@ -335,7 +342,7 @@ class TrainEmbedding(torch.autograd.Function):
 # Saved: x, w1, w2, table only (s = mean_hw(x) is recomputed by the backward).
 def instances_forward(x: Tensor, w1: Tensor, w2: Tensor, table: Tensor) -> Tensor:
     _check_instances_args(x, w1, w2, table)
-    return _instances_branch(lambda *a: dispatch("mimb_instances", x.device, *a))(x, w1, w2, table)
+    return _instances_run(x, w1, w2, table)
 
 
 def _instances_fake(x, w1, w2, table):
@@ -346,6 +353,10 @@ def _instances_fake(x, w1, w2, table):
 def _instances_grouped_forward(xs: list[Tensor], w1s: list[Tensor], w2s: list[Tensor],
                                tables: list[Tensor]) -> list[Tensor]:
     _check_instances_grouped_args(xs, w1s, w2s, tables)
+    return _instances_grouped_run(xs, w1s, w2s, tables)
+
+
+def _instances_grouped_run(xs, w1s, w2s, tables) -> list[Tensor]:
     return list(dispatch("mimb_instances_grouped", xs[0].device, [dense(x) for x in xs], w1s, w2s, tables))
 
 
@@ -435,14 +446,14 @@ INSTANCES_GROUPED = define_op("mimb_instances_grouped", _instances_grouped_forwa
 def _instances_inference(x: Tensor, w1: Tensor, w2: Tensor, table: Tensor) -> Tensor:
     _check_instances_args(x, w1, w2, table)
     _refuse_grad("mimb_instances_inference", x, w1, w2, table)
-    return instances_forward(x, w1, w2, table)
+    return _instances_run(x, w1, w2, table)
 
 
 def _instances_grouped_inference(xs: list[Tensor], w1s: list[Tensor], w2s: list[Tensor],
                                  tables: list[Tensor]) -> list[Tensor]:
     _check_instances_grouped_args(xs, w1s, w2s, tables)
     _refuse_grad("mimb_instances_grouped_inference", *xs, *w1s, *w2s, *tables)
-    return _instances_grouped_forward(xs, w1s, w2s, tables)
+    return _instances_grouped_run(xs, w1s, w2s, tables)
 
 
 INSTANCES_INFERENCE = define_op("mimb_instances_inference", _instances_inference,
