@@ -402,7 +402,7 @@ def floor_vs_roof(batch: int = 24, block_s: float = 2e-3, min_rounds: int = 15) 
       threads the ``[B, C, 1, 1]`` call runs on one thread while the row splits its MLP:
       not a bound, so the function sets one thread.)
 
-    ``OMP_NUM_THREADS=1 python -m benchmarks.test_mimb_bench --floor``.
+    ``OMP_NUM_THREADS=1 python -m benchmarks.test_mimb_bench --floor [--json PATH]``.
     """
 
     torch.set_num_threads(1)
@@ -453,7 +453,15 @@ if __name__ == "__main__":
     import sys
 
     if "--floor" in sys.argv:
-        floor_vs_roof()
+        floor_rows = floor_vs_roof()
+        if "--json" in sys.argv:  # --json PATH: the rows, for benchmarks/results
+            import json
+            import platform
+
+            with open(sys.argv[sys.argv.index("--json") + 1], "w") as fh:
+                json.dump({"command": " ".join(["python -m benchmarks.test_mimb_bench"] + sys.argv[1:]),
+                           "cpu": platform.processor() or platform.machine(),
+                           "cpu_isa": mipnet_kernels.get_cpu_isa(), "rows": floor_rows}, fh, indent=1)
     elif "--kernels" in sys.argv:
         instances_kernels_vs_scale_kernels(layout="channels_last" if "channels_last" in sys.argv else "contiguous")
     else:
