@@ -207,19 +207,27 @@ def interleaved_rounds(fns, rounds: int, reps: int, warmup: int = 3) -> list[lis
 
 
 def cpu_roof_times(fn: Callable[[], object], roof: Callable[[], object], min_time_s: float = 0.3,
-                   min_rounds: int = 15, block_s: float = 2e-3) -> tuple[float, float, float]:
+                   min_rounds: int = 15, block_s: float = 2e-3,
+                   kernel: Callable[[], object] | None = None) -> dict[str, float]:
     """A CPU row against the matching torch read/copy kernel (``t/roof``), interleaved
-    (:func:`interleaved_rounds`, each timed block at least ``block_s``): ``(op median,
-    roof median, median of the per-round ratios)``.  The paired ratio is what the targets of
-    issue 12 are stated in; the two medians are for reading it."""
-    fn()  # warm (first-call costs), then one timed call of each calibrates the blocks
-    roof()
+    (:func:`interleaved_rounds`, each timed block at least ``block_s``): ``op_s`` and
+    ``roof_s`` (medians) and ``t_over_roof`` (the median of the per-round ratios, what the
+    targets of issue 12 are stated in).  With ``kernel`` (the row's compiled kernel op on
+    already converted arguments) in the same rounds, also ``kernel_s`` and
+    ``kernel_over_roof``: ``t_over_roof - kernel_over_roof`` is the op layer's share."""
+    fns = (fn, roof) if kernel is None else (fn, roof, kernel)
+    for f in fns:  # warm (first-call costs), then one timed call of each calibrates the blocks
+        f()
     t0 = time.perf_counter()
     fn()
     roof()
     one = max(time.perf_counter() - t0, 1e-7)
     reps = max(1, math.ceil(2 * block_s / one))
     rounds = max(min_rounds, math.ceil(min_time_s / (reps * one)))
-    t_fn, t_roof = interleaved_rounds((fn, roof), rounds, reps)
-    ratios = [a / b for a, b in zip(t_fn, t_roof)]
-    return statistics.median(t_fn), statistics.median(t_roof), statistics.median(ratios)
+    times = interleaved_rounds(fns, rounds, reps)
+    out = {"op_s": statistics.median(times[0]), "roof_s": statistics.median(times[1]),
+           "t_over_roof": statistics.median([a / b for a, b in zip(times[0], times[1])])}
+    if kernel is not None:
+        out["kernel_s"] = statistics.median(times[2])
+        out["kernel_over_roof"] = statistics.median([a / b for a, b in zip(times[2], times[1])])
+    return out

@@ -38,7 +38,7 @@ import torch
 
 import mipnet_kernels
 from mipnet_kernels import COCO_FLIP_PAIRS, use_backend
-from mipnet_kernels.ops.decode import flip_index_from_pairs
+from mipnet_kernels.ops.decode import _decode_kernel_args, _flip_index, _flip_kernel_args, flip_index_from_pairs
 
 from . import _timing
 from .common import DTYPE_IDS, anchors, anchors_skip_reason, device_name, dtype_name, record, run, shape_id, skip_reason
@@ -177,6 +177,12 @@ def _backend_skip_reason(op: str, backend: str, device: str, args) -> str | None
     return skip_reason(backend, device, {op: args})
 
 
+def _cpu_kernel_op(name: str, args: tuple):
+    """``torch.ops.mipnet_cpu.<name>`` on arguments converted once: the kernel op alone."""
+    op = getattr(torch.ops.mipnet_cpu, name).default
+    return lambda: op(*args)
+
+
 # --------------------------------------------------------------------------- benchmarks
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("mode", MODES)
@@ -215,9 +221,12 @@ def test_decode_heatmaps(benchmark, request, device, dtype, backend, mode, shape
             return mipnet_kernels.decode_heatmaps(hm, mode, affine, BLUR_KERNEL)
 
         roof = ("torch.amax(heatmaps, dim=(2, 3))", lambda: torch.amax(hm, dim=(2, 3)))
+        kernel = None
+        if backend == "cpu":  # the kernel op alone, for the op layer's share of t/roof
+            kernel = _cpu_kernel_op("decode_heatmaps", _decode_kernel_args(hm, mode, affine, BLUR_KERNEL))
         with use_backend(backend):
             coords, scores = run(benchmark, request, device, backend, fn, bytes_read + bytes_written,
-                                  roof=roof)
+                                  roof=roof, kernel=kernel)
 
     ref_coords, ref_scores = _reference(
         "decode_heatmaps", ("decode", mode, shape, dtype, device),
@@ -267,8 +276,12 @@ def test_flip_merge(benchmark, request, device, dtype, backend, shape):
         # allocator's fresh pages, which near the L3 size cost ~15 % (48x17x64x48 fp32, 1
         # thread, Zen 5 VM: torch.add out= 355 us, allocating 410 us).
         roof = ("torch.add(heatmaps, flipped)", lambda: torch.add(hm, flipped))
+        kernel = None
+        if backend == "cpu":
+            kernel = _cpu_kernel_op("flip_merge", _flip_kernel_args(
+                hm, flipped, _flip_index(COCO_FLIP_PAIRS, hm.shape[1]), True))
         with use_backend(backend):
-            out = run(benchmark, request, device, backend, fn, 3 * nbytes, roof=roof)
+            out = run(benchmark, request, device, backend, fn, 3 * nbytes, roof=roof, kernel=kernel)
 
     ref = _reference(
         "flip_merge", ("flip", shape, dtype, device),

@@ -223,6 +223,17 @@ OPS = {
 }
 
 
+def _kernel_op_fn(d, op: str):
+    """The cpu kernel op of an inference row alone (the op layer's share of t/roof)."""
+    ops = torch.ops.mipnet_cpu
+    x, w1, w2 = d["x"], d["w1"], d["w2"]
+    if op == "mimb":
+        args = (x, d["lam"], w1, w2, d["e1"], d["b1"], d["e2"], d["b2"])
+        return lambda: ops.mimb_fwd(*args)
+    table = d["table"]
+    return lambda: ops.mimb_instances(x, w1, w2, table)
+
+
 def _as_tensor(out) -> torch.Tensor:
     return torch.cat(list(out), 0) if isinstance(out, (list, tuple)) else out
 
@@ -279,11 +290,13 @@ def test_mimb_ops(benchmark, request, device, dtype, backend, shape, op):
         # Allocating, as the op allocates y (see test_decode_bench.test_flip_merge).
         x, reps = d["x"], n_written // n_read
         roof = (f"x.repeat({reps}, 1, 1, 1) (read x, write y)", lambda: x.repeat(reps, 1, 1, 1))
+    kernel = _kernel_op_fn(d, op) if backend == "cpu" and roof is not None else None
     if backend in BASELINES:
         out = run(benchmark, request, device, backend, fn, bytes_read + bytes_written)
     else:
         with use_backend(backend):
-            out = run(benchmark, request, device, backend, fn, bytes_read + bytes_written, roof=roof)
+            out = run(benchmark, request, device, backend, fn, bytes_read + bytes_written, roof=roof,
+                      kernel=kernel)
     out = _as_tensor(out).detach()
 
     ref_key = ("ref", op)

@@ -281,6 +281,9 @@ class KernelTable:
     kernels: dict[str, Kernel] = field(default_factory=dict)
     example_inputs: Callable[[torch.device], tuple] | None = None
     _resolved: dict[str, Callable] = field(default_factory=dict, repr=False)
+    # The automatic choice per (device type, dtypes of the tensor arguments), where no
+    # faster backend was ruled out by an op-specific (input-dependent) reason: see _choose.
+    _auto: dict[tuple, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         unknown = set(self.tensor_args) - set(self.args)
@@ -297,6 +300,7 @@ class KernelTable:
         def put(k):
             self.kernels[backend] = k if isinstance(k, Kernel) else Kernel(fn=k, **kw)
             self._resolved.pop(backend, None)
+            self._auto.clear()
             return k
 
         if kernel is None and not kw:
@@ -329,23 +333,44 @@ class KernelTable:
     def reasons(self, backend: str, device: torch.device, *args) -> list[str]:
         """Every reason ``backend`` cannot run this op on these kernel arguments (empty: it
         can), derived from the declarations as listed in the module docstring."""
+        return self._reasons(backend, device, args)[0]
+
+    def _reasons(self, backend: str, device: torch.device, args: tuple) -> tuple[list[str], bool]:
+        """:meth:`reasons`, and whether they follow from the device type and the tensor
+        arguments' dtypes alone (rules 1-4), so hold for any inputs with those."""
         b = BACKEND.get(backend) or _backend(backend)
         why = b.probe() or b.device_reason(device)
         if why is not None:
-            return [why]
+            return [why], True
         if backend not in self._resolved:
             fn, why = self.callable(backend)
             if fn is None:
-                return [why]
+                return [why], True
         if not args:  # only "can it run at all" (info, selftest)
-            return []
+            return [], True
         k = self.kernels[backend]
         dtypes = k.dtypes if k.dtypes is not None else b.dtypes
         if dtypes is not None:
             out = _dtype_reasons(backend, dtypes, self._tensor_pos, args)
             if out:
-                return out
-        return [] if k.reasons is None else list(k.reasons(*args))
+                return out, True
+        if k.reasons is None:
+            return [], True
+        return list(k.reasons(*args)), False
+
+    def _dtype_key(self, args: tuple) -> tuple:
+        """The dtypes of the tensor arguments (per branch for lists): with the device type,
+        all that rules 1-4 depend on."""
+        key = []
+        for i, _ in self._tensor_pos:
+            a = args[i]
+            if isinstance(a, Tensor):
+                key.append(a.dtype)
+            elif isinstance(a, (list, tuple)):
+                key.append(tuple(t.dtype if isinstance(t, Tensor) else None for t in a))
+            else:
+                key.append(None)
+        return tuple(key)
 
 
 def _adapted(fn, adapt, finish):
@@ -559,15 +584,49 @@ def _run(t: KernelTable, name: str, device: torch.device, args: tuple):
         return fn(*args)
 
 
+def _choose(op: str, device: torch.device, args: tuple) -> str:
+    """The backend :func:`select` picks, for :func:`dispatch`.  The automatic choice is
+    remembered per (op, device type, dtypes of the tensor arguments) when every faster
+    backend was ruled out by rules 1-4 of the module docstring alone (which depend on
+    nothing else: backends are probed once per process in practice, and adding a kernel to
+    a table forgets the table's choices); a later call with that key re-checks only the
+    chosen kernel's op-specific reasons, and takes the full selection if they object.  The
+    saving is per call: on a cold cache (after a large kernel has streamed through it) the
+    full selection cost ~10-30 us (issue 12's measurements, docs/ops.md)."""
+    t = _TABLES.get(op) or table(op)
+    if get_backend() is None:
+        key = (device.type, t._dtype_key(args))
+        name = t._auto.get(key)
+        if name is not None:
+            k = t.kernels[name]
+            if k.reasons is None or not k.reasons(*args):
+                return name
+        name, cacheable = _auto_select(t, device, args)
+        if cacheable:
+            t._auto[key] = name
+        return name
+    return select(op, device, *args)[0]
+
+
+def _auto_select(t: KernelTable, device: torch.device, args: tuple) -> tuple[str, bool]:
+    """The automatic choice (as :func:`select`), and whether it may be remembered."""
+    cacheable = True
+    for name in auto_order(device.type):
+        reasons, static = t._reasons(name, device, args)
+        if not reasons:
+            return name, cacheable
+        cacheable = cacheable and static
+    return select(t.name, device, *args)[0], False  # raises with every backend's reasons
+
+
 def dispatch(op: str, device: torch.device, *args):
     """Run ``op`` on the selected backend (a named range when profiling, see the module doc)."""
-    name, _ = select(op, device, *args)
-    return _run(_TABLES[op], name, device, args)
+    return _run(_TABLES[op], _choose(op, device, args), device, args)
 
 
 def dispatch_named(op: str, device: torch.device, *args) -> tuple[str, Any]:
     """:func:`dispatch`, also returning the name of the backend that ran."""
-    name, _ = select(op, device, *args)
+    name = _choose(op, device, args)
     return name, _run(_TABLES[op], name, device, args)
 
 

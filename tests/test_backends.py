@@ -411,6 +411,51 @@ def test_reasons_are_derived_from_the_declarations_in_order():
     assert t.callable("cpu")[0](x32, [x32], 2) == "cpu" and calls == [2]
 
 
+def test_dispatch_remembers_the_automatic_choice_per_dtypes(monkeypatch):
+    """dispatch's remembered choice (_backends._choose) answers as select does: per device
+    type and dtypes, never past a faster backend's input-dependent reason, re-checking the
+    chosen kernel's own, never when a backend is forced, and forgotten when a column changes."""
+    cpu = torch.device("cpu")
+    if not mk.available_backends()["cpu"]["available"]:
+        pytest.skip("needs the cpu backend available")
+    ran = []
+    t = _toy_table(
+        reference=lambda x, xs, k: ran.append("reference") or "reference",
+        cpu=_backends.Kernel(fn=lambda x, xs, k: ran.append("cpu") or "cpu",
+                             reasons=lambda x, xs, k: [] if k < 3 else [f"k = {k} is too large for the toy"]),
+    )
+    t.name = "toy_auto"
+    monkeypatch.setitem(_backends._TABLES, "toy_auto", t)
+    x32, x64 = torch.zeros(2), torch.zeros(2, dtype=torch.float64)
+
+    def run(*args):
+        name, out = _backends.dispatch_named("toy_auto", cpu, *args)
+        assert name == out == mk.select("toy_auto", cpu, *args)[0]
+        return name
+
+    # a faster backend ruled out by an input-dependent reason: the choice is not remembered
+    assert run(x32, [x32], 9) == "reference" and t._auto == {}
+    assert run(x32, [x32], 1) == "cpu"
+    key32 = ("cpu", (torch.float32, (torch.float32,)))
+    assert t._auto == {key32: "cpu"}
+    # a remembered choice still asks the chosen kernel's own reasons
+    assert run(x32, [x32], 9) == "reference" and t._auto == {key32: "cpu"}
+    # the dtypes are part of the key (rule 4 ruled cpu out: remembered)
+    assert run(x32, [x64], 1) == "reference"
+    assert t._auto[("cpu", (torch.float32, (torch.float64,)))] == "reference"
+    assert run(x32, [x32], 2) == "cpu"
+    # a forced backend is never answered from memory
+    with mk.use_backend("reference"):
+        assert _backends.dispatch_named("toy_auto", cpu, x32, [x32], 1)[0] == "reference"
+    monkeypatch.setenv(ENV, "reference")
+    assert _backends.dispatch_named("toy_auto", cpu, x32, [x32], 1)[0] == "reference"
+    monkeypatch.delenv(ENV)
+    # putting a kernel into a column forgets the table's choices
+    t.kernel("cpu", t.kernels["cpu"])
+    assert t._auto == {}
+    assert ran == ["reference", "cpu", "reference", "reference", "cpu", "reference", "reference"]
+
+
 def test_symbol_kernels_resolve_through_the_backend():
     cpu = torch.device("cpu")
     if not mk.available_backends()["cpu"]["available"]:

@@ -353,13 +353,15 @@ def flip_merge_reference(heatmaps: Tensor, flipped: Tensor, flip_index: Sequence
 
 # --------------------------------------------------------------------------- kernel tables
 def _affine_f32(affine: Optional[Tensor]) -> Optional[Tensor]:
-    return None if affine is None else affine.to(torch.float32).contiguous()
+    if affine is None or (affine.dtype is torch.float32 and affine.is_contiguous()):
+        return affine  # the common case, without two calls through torch's argument parser
+    return affine.to(torch.float32).contiguous()
 
 
 def _flip_index_tensor(flip_index: Sequence[int], device: torch.device) -> Tensor:
     """``flip_index`` as an int64 ``[K]`` tensor on ``device`` (capture-safe, cached:
     :func:`_device_constant`)."""
-    return _device_constant(tuple(int(i) for i in flip_index), torch.int64, device)
+    return _device_constant(tuple(flip_index), torch.int64, device)  # ints: the op's int[]
 
 
 def _decode_kernel_args(heatmaps, mode, affine, blur_kernel):
@@ -459,8 +461,12 @@ def decode_heatmaps(
         ``coords [B, K, 2]`` float32 ``(x, y)`` and ``scores [B, K]`` float32 (heatmap maxima).
         See the module docstring for the exact formulas, border guards and NaN behaviour.
     """
-    # Checked here too: torch's argument parser would turn blur_kernel=True into 1.
-    _check_decode_args(heatmaps, mode, affine, blur_kernel)
+    # Arguments that torch's argument parser would refuse with its own message, or convert
+    # (blur_kernel=True into 1), are checked here; the op's forward checks the rest (the
+    # same function: one full check per call, which costs ~5 us on a cold cache).
+    if not (isinstance(heatmaps, Tensor) and isinstance(mode, str) and type(blur_kernel) is int
+            and (affine is None or isinstance(affine, Tensor))):
+        _check_decode_args(heatmaps, mode, affine, blur_kernel)
     return _decode_heatmaps_op(heatmaps, mode, affine, blur_kernel)
 
 
@@ -478,7 +484,8 @@ def flip_merge(heatmaps: Tensor, flipped: Tensor, flip_pairs, shift: bool = True
         ``0.5 * (heatmaps + mirror(flipped))`` in the dtype of ``heatmaps``, contiguous.
         Computed in float32.  Not differentiable (an inference op).
     """
-    _check_heatmaps(heatmaps, "heatmaps")
+    if not (isinstance(heatmaps, Tensor) and heatmaps.dim() == 4):  # the op checks the rest
+        _check_heatmaps(heatmaps, "heatmaps")
     if not isinstance(shift, bool):  # bool('no') is True: refuse rather than guess
         raise TypeError(f"shift must be a bool, got {type(shift).__name__} {shift!r}")
     return _flip_merge_op(heatmaps, flipped, _flip_index(flip_pairs, heatmaps.shape[1]), shift)
