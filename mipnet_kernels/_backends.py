@@ -265,6 +265,46 @@ class Kernel:
     reasons: Callable[..., list[str]] | None = None
 
 
+class _Forgetting(dict):
+    """A dict that calls ``on_change()`` after every change (a kernel table's columns and
+    resolved kernels: the remembered automatic choices depend on them)."""
+
+    def __init__(self, on_change: Callable[[], None], *args, **kw):
+        super().__init__(*args, **kw)
+        self._on_change = on_change
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self._on_change()
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self._on_change()
+
+    def pop(self, *args):
+        out = super().pop(*args)
+        self._on_change()
+        return out
+
+    def popitem(self):
+        out = super().popitem()
+        self._on_change()
+        return out
+
+    def clear(self):
+        super().clear()
+        self._on_change()
+
+    def update(self, *args, **kw):
+        super().update(*args, **kw)
+        self._on_change()
+
+    def setdefault(self, key, default=None):
+        out = super().setdefault(key, default)
+        self._on_change()
+        return out
+
+
 @dataclass
 class KernelTable:
     """The kernels of one op, one per backend, and what is needed to derive reasons.
@@ -290,6 +330,10 @@ class KernelTable:
         if unknown:
             raise ValueError(f"{self.name}: tensor_args {sorted(unknown)} are not among args {self.args}")
         self._tensor_pos = tuple((self.args.index(n), n) for n in self.tensor_args)
+        # Any change to a column or to a resolved kernel (a test's monkeypatch included,
+        # and its undo) forgets the remembered choices.
+        self.kernels = _Forgetting(self._auto.clear, self.kernels)
+        self._resolved = _Forgetting(self._auto.clear, self._resolved)
 
     # the column of each backend -------------------------------------------------------
     def kernel(self, backend: str, kernel: Kernel | Callable | None = None, **kw):
@@ -300,7 +344,6 @@ class KernelTable:
         def put(k):
             self.kernels[backend] = k if isinstance(k, Kernel) else Kernel(fn=k, **kw)
             self._resolved.pop(backend, None)
-            self._auto.clear()
             return k
 
         if kernel is None and not kw:
@@ -588,8 +631,9 @@ def _choose(op: str, device: torch.device, args: tuple) -> str:
     """The backend :func:`select` picks, for :func:`dispatch`.  The automatic choice is
     remembered per (op, device type, dtypes of the tensor arguments) when every faster
     backend was ruled out by rules 1-4 of the module docstring alone (which depend on
-    nothing else: backends are probed once per process in practice, and adding a kernel to
-    a table forgets the table's choices); a later call with that key re-checks only the
+    nothing else: backends are probed once per process in practice, and any change to a
+    table's columns or resolved kernels forgets its choices); a later call with that key
+    re-checks only the
     chosen kernel's op-specific reasons, and takes the full selection if they object.  The
     saving is per call: on a cold cache (after a large kernel has streamed through it) the
     full selection cost ~10-30 us (issue 12's measurements, docs/ops.md)."""

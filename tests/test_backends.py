@@ -450,10 +450,20 @@ def test_dispatch_remembers_the_automatic_choice_per_dtypes(monkeypatch):
     monkeypatch.setenv(ENV, "reference")
     assert _backends.dispatch_named("toy_auto", cpu, x32, [x32], 1)[0] == "reference"
     monkeypatch.delenv(ENV)
-    # putting a kernel into a column forgets the table's choices
+    # any change to a column or a resolved kernel forgets the table's choices (the undo of
+    # a test's monkeypatch included)
     t.kernel("cpu", t.kernels["cpu"])
     assert t._auto == {}
-    assert ran == ["reference", "cpu", "reference", "reference", "cpu", "reference", "reference"]
+    assert run(x32, [x32], 1) == "cpu" and t._auto == {key32: "cpu"}
+    with monkeypatch.context() as m:
+        m.setitem(t.kernels, "cpu", _backends.Kernel(symbol="no_such_kernel"))
+        m.delitem(t._resolved, "cpu")
+        assert t._auto == {}
+        assert run(x32, [x32], 1) == "reference" and t._auto == {key32: "reference"}
+    assert t._auto == {}
+    assert run(x32, [x32], 1) == "cpu"
+    assert ran == ["reference", "cpu", "reference", "reference", "cpu", "reference", "reference",
+                   "cpu", "reference", "cpu"]
 
 
 def test_symbol_kernels_resolve_through_the_backend():
