@@ -413,12 +413,20 @@ def floor_vs_roof(batch: int = 24, block_s: float = 2e-3, min_rounds: int = 15) 
       us), so it over-states the floor by that much.  ``floor/roof > 1.5`` means the row's
       target is out of reach for any kernel with this MLP and this op layer.  (With more
       threads the ``[B, C, 1, 1]`` call runs on one thread while the row splits its MLP:
-      not a bound, so the function sets one thread.)
+      not a bound, so the function runs on one thread, then restores the count.)
 
     ``OMP_NUM_THREADS=1 python -m benchmarks.test_mimb_bench --floor [--json PATH]``.
     """
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _floor_rows(batch, block_s, min_rounds)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _floor_rows(batch: int, block_s: float, min_rounds: int) -> list[dict]:
     ops = torch.ops.mipnet_cpu
     rows = []
     for C, H, W in W32_256:
