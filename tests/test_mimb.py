@@ -1046,3 +1046,26 @@ def test_sigmoid_far_left_tail(backend, device, z):
         y = mk.mimb_scale(x.to(dev), w1.to(dev), w2.to(dev), v.to(dev)).cpu()
     want = torch.sigmoid(torch.tensor(z))  # float32: 1 / (1 + exp(-z)), 0 once exp(-z) overflows
     torch.testing.assert_close(y.flatten(), want.expand(2), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("op", ["mimb_scale_fwd", "mimb_scale_bwd", "mimb_instances", "mimb_instances_bwd",
+                                "mimb_scale_grouped_fwd", "mimb_scale_grouped_bwd", "mimb_instances_grouped",
+                                "mimb_instances_grouped_bwd"])
+def test_cuda_columns_refuse_samples_past_int32_offsets(op, monkeypatch):
+    """Every cuda column of the MIMB tables names a sample too large for int32 offsets, on
+    its ``x`` argument (after ``dy`` in the backwards) and per branch in the grouped forms.
+    Size-only, so checked here on CPU tensors with the limit lowered."""
+    monkeypatch.setattr(MIMB_KERNELS, "_SAMPLE_ELEMS", 100)
+    reasons = table(op).kernels["cuda"].reasons
+    big, small = torch.zeros(2, 8, 4, 4), torch.zeros(2, 4, 2, 2)  # 128 and 16 per sample
+    x_at = 1 if op.endswith("bwd") else 0
+    grouped = "grouped" in op
+
+    def args(x):
+        out = [small] * len(table(op).args)
+        out[x_at] = x
+        return [[t] for t in out] if grouped else out
+
+    (why,) = reasons(*args(big))
+    assert "C*H*W = 128 elements per sample" in why and why.startswith("branch 0: ") == grouped
+    assert reasons(*args(small)) == []

@@ -72,6 +72,15 @@ def _cuda_x_reasons(x: Tensor) -> list[str]:
     return []
 
 
+def _cuda_reasons(x_at: int, grouped: bool = False) -> Callable:
+    """The cuda kernels' reasons (:func:`_cuda_x_reasons`) on the kernel argument at
+    ``x_at`` (``x``: 0, or 1 after ``dy``), per branch of list arguments when ``grouped``."""
+    def single(*args) -> list[str]:
+        return _cuda_x_reasons(args[x_at])
+
+    return _per_branch(single) if grouped else single
+
+
 def _per_branch(single):
     """``single``'s reasons for each branch of list arguments, prefixed by the branch."""
     def reasons(*lists) -> list[str]:
@@ -138,15 +147,15 @@ def _example_scale_bwd(device):
 SCALE_FWD = define_kernels(
     "mimb_scale_fwd", _SCALE_FWD_ARGS, tensor_args=_SCALE_FWD_ARGS, example_inputs=_example_scale,
     reference=mimb_scale_fwd_reference,
-    **_symbols("mimb_scale_fwd", lambda x, *_: _cuda_x_reasons(x)))
+    **_symbols("mimb_scale_fwd", _cuda_reasons(0)))
 SCALE_BWD = define_kernels(
     "mimb_scale_bwd", _SCALE_BWD_ARGS, tensor_args=_SCALE_BWD_ARGS, example_inputs=_example_scale_bwd,
     reference=mimb_scale_bwd_reference,
-    **_symbols("mimb_scale_bwd", lambda dy, x, *_: _cuda_x_reasons(x)))
+    **_symbols("mimb_scale_bwd", _cuda_reasons(1)))
 INSTANCES = define_kernels(
     "mimb_instances", _INSTANCES_ARGS, tensor_args=_INSTANCES_ARGS, example_inputs=_example_scale,
     reference=mimb_instances_reference,
-    **_symbols("mimb_instances", lambda x, *_: _cuda_x_reasons(x)))
+    **_symbols("mimb_instances", _cuda_reasons(0)))
 
 
 # --------------------------------------------------------------------------- grouped forms
@@ -178,7 +187,7 @@ def _grouped_table(name: str, single: str, args: tuple, example) -> None:
         reference=_grouped_loop(single, "reference"),
         cpu=Kernel(fn=_grouped_loop(single, "cpu"), reasons=cpu_reasons),
         cuda=Kernel(symbol=name, finish=_listed,
-                    reasons=_per_branch(lambda *a: _cuda_x_reasons(a[x_at]))),
+                    reasons=_cuda_reasons(x_at, grouped=True)),
         triton=Kernel(symbol=f"{name}_triton"),
     )
 
@@ -220,7 +229,7 @@ def _instances_bwd_composite(backend: str) -> Callable:
 
 def _instances_bwd_column(backend: str, fused: str | None) -> Kernel:
     if fused is not None:
-        return Kernel(symbol=fused, reasons=(lambda dy, x, *_: _cuda_x_reasons(x)) if backend == "cuda" else None)
+        return Kernel(symbol=fused, reasons=_cuda_reasons(1) if backend == "cuda" else None)
     grouped = _instances_bwd_composite(backend)
     return Kernel(fn=lambda *args: tuple(o[0] for o in grouped(*([a] for a in args))),
                   reasons=_block_reasons("mimb_scale_bwd", backend, _scale_bwd_pick))
@@ -229,7 +238,7 @@ def _instances_bwd_column(backend: str, fused: str | None) -> Kernel:
 def _instances_grouped_bwd_column(backend: str, fused: str | None, grouped: str | None) -> Kernel:
     if grouped is not None:  # a one-launch grouped kernel
         return Kernel(symbol=grouped, finish=_listed,
-                      reasons=_per_branch(lambda *a: _cuda_x_reasons(a[1])) if backend == "cuda" else None)
+                      reasons=_cuda_reasons(1, grouped=True) if backend == "cuda" else None)
     if fused is None:  # one grouped scale backward over every (branch, instance)
         return Kernel(fn=_instances_bwd_composite(backend), reasons=_per_branch(
             _block_reasons("mimb_scale_bwd", backend, _scale_bwd_pick)))
