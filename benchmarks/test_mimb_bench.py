@@ -392,7 +392,8 @@ def instances_kernels_vs_scale_kernels(rounds: int = 15, reps: int = 20, layout:
           f"speed-up {total[1] / total[0]:.2f}x")
 
 
-def floor_vs_roof(batch: int = 24, block_s: float = 2e-3, min_rounds: int = 15) -> list[dict]:
+def floor_vs_roof(batch: int = 24, block_s: float = 2e-3, min_rounds: int = 15,
+                  time_s: float = 0.5) -> list[dict]:
     """Why a ``t/roof`` row of issue 12 cannot reach 1.5: each forward row next to its floor.
 
     For the W32 branch shapes at ``batch`` (fp32, one thread, the cpu backend), interleaved
@@ -415,18 +416,19 @@ def floor_vs_roof(batch: int = 24, block_s: float = 2e-3, min_rounds: int = 15) 
       threads the ``[B, C, 1, 1]`` call runs on one thread while the row splits its MLP:
       not a bound, so the function runs on one thread, then restores the count.)
 
+    Each row gets at least ``min_rounds`` rounds and about ``time_s`` seconds.
     ``OMP_NUM_THREADS=1 python -m benchmarks.test_mimb_bench --floor [--json PATH]``.
     """
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _floor_rows(batch, block_s, min_rounds)
+        return _floor_rows(batch, block_s, min_rounds, time_s)
     finally:
         torch.set_num_threads(threads)
 
 
-def _floor_rows(batch: int, block_s: float, min_rounds: int) -> list[dict]:
+def _floor_rows(batch: int, block_s: float, min_rounds: int, time_s: float) -> list[dict]:
     ops = torch.ops.mipnet_cpu
     rows = []
     for C, H, W in W32_256:
@@ -453,7 +455,7 @@ def _floor_rows(batch: int, block_s: float, min_rounds: int) -> list[dict]:
                     fn()
                 one = max(time.perf_counter() - t0, 1e-7)
                 reps = max(1, int(4 * block_s / one) + 1)
-                t, k, f, r = _timing.interleaved_rounds(fns, max(min_rounds, int(0.5 / (reps * one)) + 1), reps)
+                t, k, f, r = _timing.interleaved_rounds(fns, max(min_rounds, int(time_s / (reps * one)) + 1), reps)
             med = statistics.median
             row = {
                 "shape": f"{batch}x{C}x{H}x{W}", "op": op, "roof_us": med(r) * 1e6,

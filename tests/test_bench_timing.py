@@ -57,3 +57,35 @@ def test_cpu_roof_times_records_the_kernel_in_the_same_rounds():
     assert seen.count("op") == seen.count("roof") == seen.count("kernel") + 1 > 3
     without = _timing.cpu_roof_times(fns["op"], fns["roof"], min_time_s=0.0, min_rounds=3, block_s=1e-6)
     assert set(without) == {"op_s", "roof_s", "t_over_roof"}
+
+
+def test_op_overhead_row():
+    from benchmarks import op_overhead
+
+    row = op_overhead.overhead("toy", lambda: sum(range(50)), lambda: None, rounds=3, reps=2)
+    assert set(row) == {"call", "public_us", "kernel_us", "overhead_us", "ratio"} and row["call"] == "toy"
+    assert row["public_us"] > 0 and row["kernel_us"] > 0
+
+
+def test_floor_rows_and_thread_count_restored():
+    """test_mimb_bench --floor on a tiny budget: every W32 forward row, floor = roof + fixed,
+    and the caller's thread count back afterwards."""
+    import torch
+
+    import mipnet_kernels as mk
+    from benchmarks import test_mimb_bench
+    from benchmarks.common import anchors_skip_reason
+
+    if not mk.available_backends()["cpu"]["available"]:
+        pytest.skip("needs the cpu backend")
+    why = anchors_skip_reason()
+    if why:
+        pytest.skip(why)
+    threads = torch.get_num_threads()
+    rows = test_mimb_bench.floor_vs_roof(batch=2, block_s=1e-5, min_rounds=2, time_s=0.0)
+    assert torch.get_num_threads() == threads
+    assert [(r["shape"].split("x")[1], r["op"]) for r in rows] == [
+        (str(c), op) for c, _, _ in test_mimb_bench.W32_256 for op in ("mimb", "mimb_instances")]
+    for r in rows:
+        assert r["floor_over_roof"] == pytest.approx(1.0 + r["fixed_over_roof"])
+        assert min(r["t_over_roof"], r["kernel_over_roof"], r["fixed_over_roof"], r["roof_us"]) > 0
