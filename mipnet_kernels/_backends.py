@@ -628,15 +628,16 @@ def _run(t: KernelTable, name: str, device: torch.device, args: tuple):
 
 
 def _choose(op: str, device: torch.device, args: tuple) -> str:
-    """The backend :func:`select` picks, for :func:`dispatch`.  The automatic choice is
-    remembered per (op, device type, dtypes of the tensor arguments) when every faster
-    backend was ruled out by rules 1-4 of the module docstring alone (which depend on
-    nothing else: backends are probed once per process in practice, and any change to a
-    table's columns or resolved kernels forgets its choices); a later call with that key
-    re-checks only the
-    chosen kernel's op-specific reasons, and takes the full selection if they object.  The
-    saving is per call: on a cold cache (after a large kernel has streamed through it) the
-    full selection cost ~10-30 us (issue 12's measurements, docs/ops.md)."""
+    """The backend :func:`select` picks, for :func:`dispatch`.
+
+    The automatic choice is remembered per (op, device type, dtypes of the tensor
+    arguments) when every faster backend was ruled out by rules 1-4 of the module docstring
+    alone, which depend on nothing else (backends are probed once per process in practice,
+    and any change to a table's columns or resolved kernels forgets its choices).  A later
+    call with that key re-checks only the chosen kernel's op-specific reasons, and takes the
+    full selection if they object.  The saving is per call: on a cold cache (after a large
+    kernel has streamed through it) the full selection cost ~10-30 us (issue 12's
+    measurements, docs/ops.md)."""
     t = _TABLES.get(op) or table(op)
     if get_backend() is None:
         key = (device.type, t._dtype_key(args))
