@@ -1122,12 +1122,29 @@ void launch_group(Group& g, const Tensor& like, int32_t dev, const char* op) {
   check_launch(op);
 }
 
+// The branches of one op call that have work, and their x dtypes (launch_all groups runs
+// of one dtype).  add() enlists a branch that has work; a branch without any gets the
+// outputs its sums would fill zeroed instead (and nothing to launch).
+struct Launch {
+  std::vector<Branch> run;
+  std::vector<ScalarType> dts;
+  void add(const Branch& br, ScalarType dt, bool work,
+           std::initializer_list<Tensor> zero_if_empty = {}) {
+    if (work) {
+      run.push_back(br);
+      dts.push_back(dt);
+      return;
+    }
+    for (Tensor t : zero_if_empty) torch::stable::zero_(t);
+  }
+};
 
-// Launches every non-empty branch of `all`, in groups of up to kMaxBranches consecutive
+// Launches every enlisted branch of `l`, in groups of up to kMaxBranches consecutive
 // branches with the same x dtype.
 template <int MODE>
-void launch_all(std::vector<Branch>& all, const std::vector<ScalarType>& dts, const Tensor& like,
-                int32_t dev, const char* op) {
+void launch_all(const Launch& l, const Tensor& like, int32_t dev, const char* op) {
+  const std::vector<Branch>& all = l.run;
+  const std::vector<ScalarType>& dts = l.dts;
   torch::stable::accelerator::DeviceGuard guard(dev);
   size_t i = 0;
   while (i < all.size()) {
@@ -1166,8 +1183,7 @@ FwdOut scale_fwd(const std::vector<Tensor>& xs, const std::vector<Tensor>& w1s,
   const int32_t dev = lists_device(op, xs, {w1s.size(), w2s.size(), vs.size()});
   torch::stable::accelerator::DeviceGuard guard(dev);
   FwdOut out;
-  std::vector<Branch> run;
-  std::vector<ScalarType> dts;
+  Launch launch;
   for (size_t i = 0; i < xs.size(); ++i) {
     const std::string p = grouped ? "s[" + std::to_string(i) + "]" : "";
     const Tensor& x = xs[i];
@@ -1206,14 +1222,11 @@ FwdOut scale_fwd(const std::vector<Tensor>& xs, const std::vector<Tensor>& w1s,
     }
     br.out = y.data_ptr();
     br.s = static_cast<float*>(s.data_ptr());
-    if (static_cast<int64_t>(br.B) * br.C > 0) {
-      run.push_back(br);
-      dts.push_back(x.scalar_type());
-    }
+    launch.add(br, x.scalar_type(), static_cast<int64_t>(br.B) * br.C > 0);
     out.y.push_back(y);
     out.s.push_back(s);
   }
-  launch_all<kFwd>(run, dts, xs[0], dev, op);
+  launch_all<kFwd>(launch, xs[0], dev, op);
   return out;
 }
 
@@ -1280,8 +1293,7 @@ std::vector<Tensor> instances(const std::vector<Tensor>& xs, const std::vector<T
   const int32_t dev = lists_device(op, xs, {w1s.size(), w2s.size(), tables.size()});
   torch::stable::accelerator::DeviceGuard guard(dev);
   std::vector<Tensor> ys;
-  std::vector<Branch> run;
-  std::vector<ScalarType> dts;
+  Launch launch;
   for (size_t i = 0; i < xs.size(); ++i) {
     const std::string p = grouped ? "s[" + std::to_string(i) + "]" : "";
     const Tensor& x = xs[i];
@@ -1291,13 +1303,10 @@ std::vector<Tensor> instances(const std::vector<Tensor>& xs, const std::vector<T
     const int64_t N = setup_table(br, tables[i], x, op, p, dev);
     Tensor y = alloc_4d(x, N * x.size(0), cl);
     br.out = y.data_ptr();
-    if (N * br.B * br.C > 0) {
-      run.push_back(br);
-      dts.push_back(x.scalar_type());
-    }
+    launch.add(br, x.scalar_type(), N * br.B * br.C > 0);
     ys.push_back(y);
   }
-  launch_all<kInst>(run, dts, xs[0], dev, op);
+  launch_all<kInst>(launch, xs[0], dev, op);
   return ys;
 }
 
@@ -1343,8 +1352,7 @@ BwdOut scale_bwd(const std::vector<Tensor>& dys, const std::vector<Tensor>& xs,
   torch::stable::accelerator::DeviceGuard guard(dev);
   BwdOut out;
   std::vector<Tensor> keep_dy;  // dy copies in x's layout, alive until the launch
-  std::vector<Branch> run;
-  std::vector<ScalarType> dts;
+  Launch launch;
   for (size_t i = 0; i < n; ++i) {
     const std::string p = grouped ? "s[" + std::to_string(i) + "]" : "";
     const Tensor& x = xs[i];
@@ -1364,16 +1372,10 @@ BwdOut scale_bwd(const std::vector<Tensor>& dys, const std::vector<Tensor>& xs,
     br.s_in = as_mat(ss[i]);
     br.dv = dv.data_ptr();
     br.dv_dt = dt_code(vs[i].scalar_type());
-    if (static_cast<int64_t>(br.B) * br.C > 0) {
-      run.push_back(br);
-      dts.push_back(x.scalar_type());
-    } else {
-      torch::stable::zero_(dw1);
-      torch::stable::zero_(dw2);
-    }
+    launch.add(br, x.scalar_type(), static_cast<int64_t>(br.B) * br.C > 0, {dw1, dw2});
     out.push(dx, dw1, dw2, dv);
   }
-  launch_all<kBwd>(run, dts, xs[0], dev, op);
+  launch_all<kBwd>(launch, xs[0], dev, op);
   return out;
 }
 
@@ -1400,8 +1402,7 @@ BwdOut instances_bwd(const std::vector<Tensor>& dys, const std::vector<Tensor>& 
   torch::stable::accelerator::DeviceGuard guard(dev);
   BwdOut out;
   std::vector<Tensor> keep_dy;  // dy copies in x's layout, alive until the launch
-  std::vector<Branch> run;
-  std::vector<ScalarType> dts;
+  Launch launch;
   for (size_t i = 0; i < n; ++i) {
     const std::string p = grouped ? "s[" + std::to_string(i) + "]" : "";
     const Tensor& x = xs[i];
@@ -1422,20 +1423,13 @@ BwdOut instances_bwd(const std::vector<Tensor>& dys, const std::vector<Tensor>& 
     br.dtable = dtable.data_ptr();
     br.dtable_dt = dt_code(table.scalar_type());
     br.dtable_ps = per_sample ? 1 : 0;
-    if (N * br.B * br.C > 0) {
-      run.push_back(br);
-      dts.push_back(x.scalar_type());
-    } else {  // no instance or no sample: the sums are empty (dx = 0 also for non-finite
-              // w1 / w2, where the contract's 0 * w would be NaN; the op layer answers these
-              // cases before calling the kernel)
-      torch::stable::zero_(dx);
-      torch::stable::zero_(dw1);
-      torch::stable::zero_(dw2);
-      torch::stable::zero_(dtable);
-    }
+    // No instance or no sample: the sums are empty (dx = 0 also for non-finite w1 / w2,
+    // where the contract's 0 * w would be NaN; the op layer answers these cases before
+    // calling the kernel).
+    launch.add(br, x.scalar_type(), N * br.B * br.C > 0, {dx, dw1, dw2, dtable});
     out.push(dx, dw1, dw2, dtable);
   }
-  launch_all<kInstBwd>(run, dts, xs[0], dev, op);
+  launch_all<kInstBwd>(launch, xs[0], dev, op);
   return out;
 }
 
